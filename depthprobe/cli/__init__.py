@@ -1,0 +1,72 @@
+"""The `depthprobe` command line: one thin click command per module in this package.
+
+Every command parses options, calls the Python API, prints and writes. A
+:class:`~depthprobe.errors.DepthprobeError` becomes ``Error: <one line>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from depthprobe.errors import DepthprobeError
+
+# command name -> module in depthprobe.cli that defines `command`; imported lazily so
+# `depthprobe --help` stays fast and one broken command cannot break the others.
+COMMANDS = {
+    "analyze": "analyze",
+    "prune": "prune",
+    "train": "train",
+    "compare": "compare",
+    "convert": "convert",
+    "report": "report",
+    "check": "check",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, mod in COMMANDS.items() if _has_module(mod)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _has_module(COMMANDS[name]):
+            return None
+        return importlib.import_module(f"depthprobe.cli.{COMMANDS[name]}").command
+
+
+def _has_module(mod: str) -> bool:
+    return importlib.util.find_spec(f"depthprobe.cli.{mod}") is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="depthprobe")
+def cli() -> None:
+    """depthprobe: does every layer of a transformer earn its place?
+
+    \b
+    Examples:
+      depthprobe analyze smollm2 --out runs/smol
+      depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16
+      depthprobe prune smollm2 --num-layers 6 --strategy greedy --out runs/smol-24
+      depthprobe report runs/smol runs/smol-24
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes exit 2 with one line, never a traceback."""
+    try:
+        rv = cli.main(args=argv, prog_name="depthprobe", standalone_mode=False)
+    except DepthprobeError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,67 @@
+"""Options shared by several commands, defined once (model source, calibration data, output)."""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from depthprobe.model.load import DTYPES
+
+
+def _stack(*decorators):
+    def apply(func):
+        for dec in reversed(decorators):
+            func = dec(func)
+        return func
+
+    return apply
+
+
+model_options = _stack(
+    click.argument("model"),
+    click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or hub repo)."),
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True),
+    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
+    click.option("--device-map", default=None, help="transformers device_map, e.g. 'auto' for multi-GPU."),
+    click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
+    click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own code (off by default)."),
+    click.option("--layers-path", default=None, help="Dotted path of the block list, e.g. model.layers."),
+)
+
+data_options = _stack(
+    click.option("--text-file", type=click.Path(dir_okay=False), default=None, help="Calibration text file."),
+    click.option("--dataset", default=None, help="datasets name NAME[:CONFIG[:SPLIT]] or a local folder."),
+    click.option("--num-sequences", type=int, default=8, show_default=True, help="Number of windows N."),
+    click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per window T."),
+    click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass."),
+)
+
+common_options = _stack(
+    click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table."),
+    click.option("-v", "--verbose", is_flag=True, help="Log what depthprobe does."),
+)
+
+
+def load_from_options(opts: dict):
+    """(model, tokenizer) from the parsed ``model_options``."""
+    from depthprobe.model.load import load_model
+
+    return load_model(
+        opts["model"],
+        gguf_file=opts["gguf_file"],
+        dtype=opts["dtype"],
+        device=opts["device"],
+        device_map=opts["device_map"],
+        revision=opts["revision"],
+        trust_remote_code=opts["trust_remote_code"],
+    )
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()

