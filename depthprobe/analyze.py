@@ -241,7 +241,6 @@ def _main_pass(
     """One forward (+ backward for ``grad``) over all windows with streaming block hooks."""
     wanted = set(config.metrics)
     num_layers = len(stack)
-    device = stack.device
     do_angular = "angular" in wanted
     do_variance = "variance" in wanted
     do_lens = "lens" in wanted

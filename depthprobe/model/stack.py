@@ -108,7 +108,6 @@ FAMILIES: dict[str, Family] = {
         blocks="layers",
         embed="embed_in",
         final_norm="final_layer_norm",
-        head="embed_out",
         attn=("input_layernorm", "attention"),
         mlp=("post_attention_layernorm", "mlp"),
         attn_out="attention",
@@ -219,6 +218,8 @@ class LayerStack:
             embed = _get(model, prefix + spec.embed)
             final_norm = _get(model, prefix + spec.final_norm) if spec.final_norm else None
             head = _get(model, spec.head) if spec.head else None
+            if head is None and spec.head and hasattr(model, "get_output_embeddings"):
+                head = model.get_output_embeddings()
             return cls(model, model_type, path, blocks, embed, final_norm, head, spec, spec.extra_per_layer_config)
         # Generic fallback: the first embedding, the output embeddings, and a norm that sits
         # beside the blocks in the same parent (e.g. `model.norm` next to `model.layers`).

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models of every family, and the real packaged models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.tiny_models import DECODER_FAMILIES, FAMILY_NAMES, save_tiny
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(family) -> folder`` with a saved tiny random model, made once per session."""
+    made: dict[str, object] = {}
+
+    def make(family: str):
+        if family not in made:
+            made[family] = save_tiny(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return made[family]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (GGUF de-quantized to fp32), loaded once per session."""
+    import depthprobe
+
+    return depthprobe.load_model("smollm2", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 BERT encoder, loaded once per session."""
+    import depthprobe
+
+    return depthprobe.load_model("minilm", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def calibration_file(tmp_path_factory):
+    """A text file of English prose (the built-in corpus), as users pass with --text-file."""
+    from depthprobe.data import builtin_text
+
+    path = tmp_path_factory.mktemp("text") / "calibration.txt"
+    path.write_text(builtin_text()[:200_000])
+    return path
+
+
+__all__ = ["DECODER_FAMILIES", "FAMILY_NAMES"]
