@@ -232,11 +232,9 @@ def test_options_are_listed_in_help(pytester):
 
 
 @pytest.mark.slow
-def test_fixture_on_smollm2(depthprobe_analyze, smollm2):
+def test_fixture_on_smollm2(depthprobe_analyze):
     result = depthprobe_analyze("smollm2", metrics="angular,grad", num_sequences=1, seq_len=32)
-    direct = depthprobe.analyze(*smollm2, metrics="angular,grad", num_sequences=1, seq_len=32, progress=False)
-    pd.testing.assert_frame_equal(result.layers, direct.layers, rtol=1e-6, atol=1e-9)
-    assert result.num_layers == 30
+    assert result.num_layers == 30 and result.summary["model"] == "smollm2"
     assert_no_nan(result)
     lowest = result.layers.nsmallest(3, "angular_distance")
     threshold = float(lowest["angular_distance"].max()) * (1 + 1e-6)
@@ -244,3 +242,8 @@ def test_fixture_on_smollm2(depthprobe_analyze, smollm2):
         assert_layers_contribute(result, min_angular_distance=threshold)
     named = sorted(int(m) for m in re.findall(r"layer (\d+): angular_distance", str(exc.value)))
     assert named == sorted(lowest["layer"].astype(int))
+    grads = result.layers["grad_norm"]
+    ratio = grads.max() / grads.min()
+    assert_grad_norm_ratio(result, max_ratio=ratio * 1.001)
+    with pytest.raises(AssertionError, match=f"largest at layer {int(grads.idxmax())} "):
+        assert_grad_norm_ratio(result, max_ratio=ratio * 0.999)

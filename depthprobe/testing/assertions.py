@@ -40,6 +40,7 @@ def assert_no_nan(result: AnalysisResult, metrics: str | Sequence[str] | None = 
     ``grad_norm_attn`` where a family has no separate attention module) and are skipped
     unless named in ``metrics``.
     """
+    __tracebackhide__ = True  # pytest shows the user's line, not this one
     columns = _columns(result, metrics)
     if metrics is None:
         columns = [c for c in columns if not result.layers[c].isna().all()]
@@ -68,6 +69,7 @@ def assert_layers_contribute(
     (0: the block passes its input through unchanged, a dead layer). Any other per-layer
     column can be checked with ``metric=`` (e.g. ``block_influence``).
     """
+    __tracebackhide__ = True
     values = _column(result, metric)
     rows = result.layers if layers is None else _rows(result, layers)
     v = values.loc[rows.index].to_numpy(float)
@@ -86,6 +88,7 @@ def assert_grad_norm_ratio(result: AnalysisResult, max_ratio: float = 10.0, metr
     ``grad_norm`` of block l is the L2 norm of the gradients of all its parameters for the
     mean-token LM loss (``analyze(metrics="grad")``). A zero or non-finite norm fails.
     """
+    __tracebackhide__ = True
     values = _column(result, metric).to_numpy(float)
     if np.isnan(values).all():
         raise DepthprobeError(f"{metric} is empty in {_name(result)}; the model has no LM head to take gradients of")
@@ -123,6 +126,7 @@ def assert_matches_baseline(
         the comparison table (see :func:`~depthprobe.testing.compare.compare_runs`), or None
         after an update.
     """
+    __tracebackhide__ = True
     folder = Path(baseline_dir)
     if update:
         save_baseline(result, folder)

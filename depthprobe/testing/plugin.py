@@ -152,6 +152,7 @@ def depthprobe_baseline(request: pytest.FixtureRequest) -> Callable[..., object]
         atol: float = DEFAULT_ATOL,
         metrics: str | Sequence[str] | None = None,
     ):
+        __tracebackhide__ = True
         path = Path(folder)
         path = path if path.is_absolute() else here / path
         table = assert_matches_baseline(result, path, rtol=rtol, atol=atol, metrics=metrics, update=state.update_baseline)
