@@ -1,0 +1,1 @@
+"""pytest plugin (built by the regression-checks issue)."""
