@@ -191,9 +191,17 @@ def analyze(
             timings[name] = out.seconds or (time.perf_counter() - t0)
 
     layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in columns.items()}})
-    bad = [c for c in layers.columns if c != "layer" and not np.isfinite(layers[c]).all()]
-    if bad:
-        notes.append(f"non-finite values in {', '.join(bad)}: the model produced NaN/inf activations or losses")
+    nonfinite = {
+        c: [int(i) for i in layers["layer"][~np.isfinite(layers[c])]]
+        for c in layers.columns
+        if c != "layer" and not np.isfinite(layers[c]).all()
+    }
+    if nonfinite:
+        first = min(min(v) for v in nonfinite.values())
+        notes.append(
+            f"non-finite values from layer {first} on in {', '.join(nonfinite)}: the model produced NaN/inf "
+            "activations (check the weights, or use --dtype float32)"
+        )
     summary = {
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "architecture": type(model).__name__,
@@ -215,6 +223,7 @@ def analyze(
         "timings_s": timings,
         "versions": versions(),
         "notes": notes,
+        "nonfinite": nonfinite,
         "config": dataclasses.asdict(config),
         **summary_extra,
     }

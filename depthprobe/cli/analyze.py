@@ -13,6 +13,7 @@ from depthprobe.cli.options import (
     model_options,
     setup_logging,
 )
+from depthprobe.errors import DepthprobeError
 
 
 @click.command("analyze")
@@ -65,6 +66,9 @@ def command(**opts) -> None:
         if not opts["no_report"]:
             _write_report(result, out)
         click.echo(f"Results written to {out}/", err=True)
+    if result.summary["nonfinite"]:
+        where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
+        raise DepthprobeError(result.summary["notes"][-1] + where)
 
 
 def _write_report(result, out: Path) -> None:
