@@ -181,10 +181,17 @@ def analyze(
     tables: dict[str, pd.DataFrame] = {}
     summary_extra: dict = {}
     ctx = SweepContext(stack, windows, config, objective, stats.base_loss, stats.window_nll, progress)
+    interrupted = None
     for name in config.metrics:
         if name in SWEEPS:
             t0 = time.perf_counter()
-            out = SWEEPS[name](ctx)
+            try:
+                out = SWEEPS[name](ctx)
+            except KeyboardInterrupt:
+                # keep the main pass and the finished sweeps; the caller saves and reports
+                interrupted = name
+                notes.append(f"interrupted during the {name} sweep; the metrics before it are complete")
+                break
             columns.update(out.columns)
             tables.update(out.tables)
             summary_extra.update(out.summary)
@@ -224,6 +231,7 @@ def analyze(
         "versions": versions(),
         "notes": notes,
         "nonfinite": nonfinite,
+        "interrupted": interrupted,
         "config": dataclasses.asdict(config),
         **summary_extra,
     }

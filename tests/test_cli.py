@@ -127,3 +127,25 @@ def test_nan_activations_save_results_then_exit_2(tiny_dir, tmp_path, capsys):
     layers = pd.read_csv(out / "layers.csv")  # nothing computed is lost
     assert np.isfinite(layers.loc[:1, "activation_variance"]).all()
     assert layers.loc[2:, "activation_variance"].isna().all()
+
+
+def test_interrupted_sweep_keeps_main_pass(tiny_dir, tmp_path, capsys, monkeypatch):
+    import sys
+
+    analyze_mod = sys.modules["depthprobe.analyze"]  # the module (depthprobe.analyze is the function)
+
+    def interrupted_sweep(ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(analyze_mod.SWEEPS, "drop", interrupted_sweep)
+    out = tmp_path / "run"
+    code, _, err = run_cli(
+        ["analyze", str(tiny_dir("llama")), "--seq-len", "16", "--num-sequences", "2", "--metrics",
+         "angular,drop", "--out", str(out), "--quiet", "--no-report"],
+        capsys,
+    )
+    assert code == 2
+    assert [line for line in err.splitlines() if line.startswith("Error:")] == [
+        f"Error: interrupted during the drop sweep; the metrics finished before it are saved in {out}"
+    ]
+    assert np.isfinite(pd.read_csv(out / "layers.csv")["angular_distance"]).all()

@@ -66,6 +66,10 @@ def command(**opts) -> None:
         if not opts["no_report"]:
             _write_report(result, out)
         click.echo(f"Results written to {out}/", err=True)
+    if result.summary["interrupted"]:
+        where = f"saved in {opts['out_dir']}" if opts["out_dir"] else "not saved (no --out)"
+        raise DepthprobeError(f"interrupted during the {result.summary['interrupted']} sweep; the metrics "
+                              f"finished before it are {where}")
     if result.summary["nonfinite"]:
         where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
         raise DepthprobeError(result.summary["notes"][-1] + where)
