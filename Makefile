@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check depthprobe tests benchmarks analyses
+	$(VENV)/bin/ruff check .
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
