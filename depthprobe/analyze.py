@@ -318,10 +318,7 @@ def _main_pass(
                     nll, count = M.next_token_nll_sum(logits, batch_ids)
                     nll_sum += float(nll.detach())
                     with torch.no_grad():
-                        per_tok = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].float().transpose(1, 2), batch_ids[:, 1:], reduction="none"
-                        )
-                        window_nll.extend(per_tok.mean(1).tolist())
+                        window_nll.extend(M.per_sequence_nll(logits.detach(), batch_ids).tolist())
                     if do_grad:
                         (nll / total_pred).backward()
                     del logits, out

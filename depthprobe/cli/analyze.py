@@ -25,7 +25,14 @@ from depthprobe.errors import DepthprobeError
     show_default=True,
     help="Comma list of angular,variance,grad,lens,drop,attribution.",
 )
+@click.option(
+    "--block-sizes",
+    default="2,4,8",
+    show_default=True,
+    help="With drop: sizes n of contiguous blocks l..l+n-1 to drop ('' to skip).",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
 def command(**opts) -> None:
@@ -45,6 +52,15 @@ def command(**opts) -> None:
 
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
+    options = {"block_sizes": _int_list(opts["block_sizes"], "--block-sizes")}
+    if opts["resume"] and not opts["out_dir"]:
+        raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
+    if opts["out_dir"] and "drop" in metrics:
+        # finished batches of the drop sweep are appended here, so Ctrl-C loses nothing
+        progress_file = Path(opts["out_dir"]) / DROP_PROGRESS
+        if progress_file.exists() and not opts["resume"]:
+            progress_file.unlink()
+        options["progress_file"] = str(progress_file)
     model, tokenizer = load_from_options(opts)
     result = analyze(
         model,
@@ -58,6 +74,7 @@ def command(**opts) -> None:
         layers_path=opts["layers_path"],
         model_name=opts["model"],
         progress=not opts["quiet"],
+        options=options,
     )
     if not opts["quiet"]:
         click.echo(format_table(result))
@@ -66,13 +83,26 @@ def command(**opts) -> None:
         if not opts["no_report"]:
             _write_report(result, out)
         click.echo(f"Results written to {out}/", err=True)
+        if not result.summary["interrupted"]:
+            (out / DROP_PROGRESS).unlink(missing_ok=True)
     if result.summary["interrupted"]:
         where = f"saved in {opts['out_dir']}" if opts["out_dir"] else "not saved (no --out)"
+        resume = " (rerun with --resume to continue the drop sweep)" if opts["out_dir"] else ""
         raise DepthprobeError(f"interrupted during the {result.summary['interrupted']} sweep; the metrics "
-                              f"finished before it are {where}")
+                              f"finished before it are {where}{resume}")
     if result.summary["nonfinite"]:
         where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
         raise DepthprobeError(result.summary["notes"][-1] + where)
+
+
+DROP_PROGRESS = "drop_progress.jsonl"
+
+
+def _int_list(value: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise DepthprobeError(f"{flag} takes comma-separated integers like 2,4,8 (got {value!r})") from exc
 
 
 def _write_report(result, out: Path) -> None:
