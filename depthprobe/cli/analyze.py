@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import (
+    analysis_kwargs,
     common_options,
     data_options,
     load_from_options,
@@ -49,6 +50,7 @@ def command(**opts) -> None:
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
     """
     from depthprobe.analyze import analyze, parse_metrics
+    from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
@@ -62,26 +64,13 @@ def command(**opts) -> None:
             progress_file.unlink()
         options["progress_file"] = str(progress_file)
     model, tokenizer = load_from_options(opts)
-    result = analyze(
-        model,
-        tokenizer,
-        metrics=metrics,
-        num_sequences=opts["num_sequences"],
-        seq_len=opts["seq_len"],
-        batch_size=opts["batch_size"],
-        text_file=opts["text_file"],
-        dataset=opts["dataset"],
-        layers_path=opts["layers_path"],
-        model_name=opts["model"],
-        progress=not opts["quiet"],
-        options=options,
-    )
+    result = analyze(model, tokenizer, metrics=metrics, options=options, **analysis_kwargs(opts))
     if not opts["quiet"]:
         click.echo(format_table(result))
     if opts["out_dir"]:
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
-            _write_report(result, out)
+            write_report([result], out / "report.html")
         click.echo(f"Results written to {out}/", err=True)
         if not result.summary["interrupted"]:
             (out / DROP_PROGRESS).unlink(missing_ok=True)
@@ -103,14 +92,6 @@ def _int_list(value: str, flag: str) -> list[int]:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError as exc:
         raise DepthprobeError(f"{flag} takes comma-separated integers like 2,4,8 (got {value!r})") from exc
-
-
-def _write_report(result, out: Path) -> None:
-    try:
-        from depthprobe.report import write_report
-    except ImportError:  # report package not built yet
-        return
-    write_report([result], out / "report.html")
 
 
 def format_table(result) -> str:

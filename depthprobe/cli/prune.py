@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from depthprobe.cli.options import (
+    analysis_kwargs,
     common_options,
     data_options,
     load_from_options,
@@ -54,6 +55,7 @@ def command(**opts) -> None:
       depthprobe prune ./my-model --num-layers 8 --strategy block --text-file corpus.txt --out pruned/
     """
     from depthprobe.prune import prune
+    from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
     remove = _layer_list(opts["remove"])
@@ -69,14 +71,7 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
-        progress=not opts["quiet"],
-        num_sequences=opts["num_sequences"],
-        seq_len=opts["seq_len"],
-        batch_size=opts["batch_size"],
-        text_file=opts["text_file"],
-        dataset=opts["dataset"],
-        layers_path=opts["layers_path"],
-        model_name=opts["model"],
+        **analysis_kwargs(opts),
     )
     s = result.summary()
     click.echo(f"removed blocks {s['removed']} ({s['num_layers_before']} -> {s['num_layers_after']})")
@@ -90,10 +85,5 @@ def command(**opts) -> None:
     if result.curve is not None and not opts["quiet"]:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if not opts["no_report"]:
-        try:
-            from depthprobe.report import write_report
-        except ImportError:
-            write_report = None
-        if write_report is not None:
-            write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
+        write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)
