@@ -130,9 +130,7 @@ def test_nan_activations_save_results_then_exit_2(tiny_dir, tmp_path, capsys):
 
 
 def test_interrupted_sweep_keeps_main_pass(tiny_dir, tmp_path, capsys, monkeypatch):
-    import sys
-
-    analyze_mod = sys.modules["depthprobe.analyze"]  # the module (depthprobe.analyze is the function)
+    from depthprobe import analysis as analyze_mod
 
     def interrupted_sweep(ctx):
         raise KeyboardInterrupt

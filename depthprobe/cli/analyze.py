@@ -49,7 +49,7 @@ def command(**opts) -> None:
       depthprobe analyze ./my-model --text-file corpus.txt --metrics drop --out runs/mine
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
     """
-    from depthprobe.analyze import analyze, parse_metrics
+    from depthprobe.analysis import analyze, parse_metrics
     from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])

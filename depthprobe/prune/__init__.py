@@ -87,7 +87,7 @@ def prune(
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
     """
-    from depthprobe.analyze import analyze, max_positions
+    from depthprobe.analysis import analyze, max_positions
     from depthprobe.data import make_windows
     from depthprobe.model.stack import LayerStack
 

@@ -107,7 +107,7 @@ def drop_sweep(ctx) -> object:
     Options (``ctx.config.options``): ``block_sizes`` (default 2,4,8 below L; empty to skip),
     ``sublayers`` (default True), ``progress_file`` (append finished batches; resume from it).
     """
-    from depthprobe.analyze import SweepOutput
+    from depthprobe.analysis import SweepOutput
 
     options = ctx.config.options
     sizes = options.get("block_sizes", DEFAULT_BLOCK_SIZES)

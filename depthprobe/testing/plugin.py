@@ -104,7 +104,7 @@ def depthprobe_analyze(pytestconfig: pytest.Config) -> Iterator[Callable[..., An
         gguf_file: str | None = None,
         layers_path: str | None = None,
     ) -> AnalysisResult:
-        from depthprobe.analyze import DEFAULT_METRICS, analyze, parse_metrics
+        from depthprobe.analysis import DEFAULT_METRICS, analyze, parse_metrics
         from depthprobe.model.load import load_model
 
         metrics = parse_metrics(metrics if metrics is not None else DEFAULT_METRICS)
