@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
+import json
 import shutil
 import subprocess
 from pathlib import Path
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
-
-
-#: Chromium's own background traffic (time sync, updates, accounts), not the page's
-BROWSER_OWN = r"https?://([a-z0-9-]+\.)*(google\.com|googleapis\.com|gvt1\.com|gstatic\.com)/"
 
 
 def chromium() -> str | None:
@@ -30,8 +26,26 @@ def render(html_file: Path, work: Path) -> dict:
     dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
     shot = work / "shot.png"
     subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, text=True, timeout=120)
-    # the log is written incrementally and may lack its closing brackets: scan for URLs
-    text = netlog.read_text(errors="replace") if netlog.is_file() else ""
-    urls = set(re.findall(r'"url":"([^"]+)"', text))
-    page_urls = {u for u in urls if not re.match(BROWSER_OWN, u)}
+    page_urls = page_requests(netlog) if netlog.is_file() else set()
     return {"dom": dom.stdout, "stderr": dom.stderr, "screenshot": shot, "urls": page_urls}
+
+
+def page_requests(netlog: Path) -> set[str]:
+    """URLs in a Chromium net log that the page requested (not the browser itself).
+
+    Chromium's own traffic (update checks, sign-in) carries the initiator "not an origin",
+    whatever its host; a page's requests carry its origin ("null" for a file:// page).
+    """
+    text = netlog.read_text(encoding="utf-8", errors="replace").rstrip().rstrip(",")
+    if not text.endswith("}"):  # the browser may exit before closing the JSON
+        text = text.rstrip("]").rstrip().rstrip(",") + "]}"
+    log = json.loads(text)
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    urls = set()
+    for event in log.get("events", []):
+        params = event.get("params") or {}
+        if event.get("type") == start_job and params.get("initiator") != "not an origin":
+            url = params.get("url", "")
+            if url and not url.startswith(("data:", "file:")):
+                urls.add(url)
+    return urls
