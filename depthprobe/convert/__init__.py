@@ -6,7 +6,14 @@
 """
 
 from depthprobe.convert.fold import CONFIG_KEY, KINDS, convert, convert_to_crmsnorm, convert_to_rmsnorm
-from depthprobe.convert.io import LogitDelta, load_converted, logit_delta, save_converted
+from depthprobe.convert.io import (
+    TOLERANCES,
+    LogitDelta,
+    load_converted,
+    logit_delta,
+    save_converted,
+    tolerance,
+)
 from depthprobe.convert.norms import CRMSNorm, RMSNorm
 
 __all__ = [
@@ -15,10 +22,12 @@ __all__ = [
     "KINDS",
     "LogitDelta",
     "RMSNorm",
+    "TOLERANCES",
     "convert",
     "convert_to_crmsnorm",
     "convert_to_rmsnorm",
     "load_converted",
     "logit_delta",
     "save_converted",
+    "tolerance",
 ]

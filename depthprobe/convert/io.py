@@ -111,6 +111,23 @@ class LogitDelta:
     num_tokens: int
 
 
+#: dtype -> ("abs" | "rel", limit) that a faithful conversion stays within (``depthprobe convert --check``)
+TOLERANCES = {
+    "float64": ("abs", 1e-10),
+    "float32": ("rel", 1e-4),
+    "bfloat16": ("rel", 5e-2),  # weights are rounded to 8 bits of mantissa after folding
+    "float16": ("rel", 1e-2),
+}
+
+
+def tolerance(dtype: str | torch.dtype) -> tuple[str, float]:
+    """The ``(kind, limit)`` a conversion in ``dtype`` must meet (kind: ``abs`` or ``rel``)."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in TOLERANCES:
+        raise DepthprobeError(f"no conversion tolerance for dtype {name}; use one of {', '.join(TOLERANCES)}")
+    return TOLERANCES[name]
+
+
 @torch.no_grad()
 def logit_delta(reference: nn.Module, candidate: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> LogitDelta:
     """Largest logit difference between two models on the same ``(N, T)`` token windows."""
