@@ -42,6 +42,7 @@ from transformers.pytorch_utils import Conv1D
 from depthprobe.convert.norms import NORMS
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import FAMILIES, LayerStack
+from depthprobe.model.stack import _get as _submodule  # submodule at a dotted path, or None
 
 log = logging.getLogger(__name__)
 
@@ -186,15 +187,6 @@ def _refusal(model: nn.Module, stack: LayerStack) -> str:
     if any("RMSNorm" in n for n in names) and not any(n == "LayerNorm" for n in names):
         return f"{stack.family} already uses RMSNorm; there is nothing to convert"
     return f"no Pre-LN conversion table for model family {stack.family!r}; supported: {supported}"
-
-
-def _submodule(root: nn.Module, path: str | None) -> nn.Module | None:
-    if not path:
-        return None
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
 
 
 def _require(root: nn.Module, path: str, where: str) -> nn.Module:

@@ -53,8 +53,9 @@ class CRMSNorm(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         zf = z.float() if z.dtype in _LOW_PRECISION else z
-        square_sum = zf.pow(2).sum(-1, keepdim=True) + zf.sum(-1, keepdim=True).pow(2)  # (..., 1)
-        return (zf * torch.rsqrt(square_sum / self.dim + self.eps)).to(z.dtype)
+        norm = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)  # (..., 1): one fused pass for sum z_i^2
+        total = zf.sum(-1, keepdim=True)  # (..., 1)
+        return (zf * torch.rsqrt((norm * norm + total * total) / self.dim + self.eps)).to(z.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim - 1} of {self.dim}, eps={self.eps}"
