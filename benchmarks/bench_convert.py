@@ -23,6 +23,7 @@ from torch import nn
 
 from depthprobe.convert import CRMSNorm, RMSNorm, convert_to_crmsnorm, convert_to_rmsnorm
 
+DEVICE = torch.device("cpu")  # set by --device
 SIZES = {"d256-L6": (256, 6, 4), "d768-L12": (768, 12, 12)}  # (hidden, layers, heads)
 
 
@@ -34,18 +35,21 @@ def gpt2(hidden: int, layers: int, heads: int) -> nn.Module:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     torch.manual_seed(0)
-    return GPT2LMHeadModel(config).eval()
+    return GPT2LMHeadModel(config).to(DEVICE).eval()
 
 
 def timed(fn, repeats: int, models: dict[str, object]) -> dict[str, tuple[float, float]]:
     """(min, median) seconds of ``fn(model)`` per entry, entries timed in turns, one warm-up each."""
     for model in models.values():
         fn(model)
+    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
+            sync()
             start = time.perf_counter()
             fn(model)
+            sync()
             times[name].append(time.perf_counter() - start)
     return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
@@ -58,7 +62,7 @@ def ratios(seconds: dict[str, tuple[float, float]], name: str, unit: float = 1e3
 def bench_size(label: str, hidden: int, layers: int, heads: int, batch: int, seq: int, repeats: int) -> None:
     original = gpt2(hidden, layers, heads)
     models = {"layernorm": original, "rmsnorm": convert_to_rmsnorm(original), "crmsnorm": convert_to_crmsnorm(original)}
-    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 50257, (batch, seq), generator=torch.Generator().manual_seed(0)).to(DEVICE)
 
     @torch.no_grad()
     def forward(model):
@@ -85,9 +89,9 @@ def bench_size(label: str, hidden: int, layers: int, heads: int, batch: int, seq
 
 def bench_norms(hidden: int, batch: int, seq: int, repeats: int) -> None:
     """One norm call alone on a (batch, seq, d) stream: where the difference comes from."""
-    x = torch.randn(batch, seq, hidden)
+    x = torch.randn(batch, seq, hidden, device=DEVICE)
     cases = {  # name -> (norm, its input); CRMSNorm reads the d-1 stored coordinates
-        "layernorm": (nn.LayerNorm(hidden), x),
+        "layernorm": (nn.LayerNorm(hidden).to(DEVICE), x),
         "rmsnorm": (RMSNorm(hidden, 1e-5), x),
         "crmsnorm": (CRMSNorm(hidden, 1e-5), x[..., :-1].contiguous()),
     }
@@ -111,9 +115,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {DEVICE}")
     sizes = dict(list(SIZES.items())[:1]) if args.quick else SIZES
     for label, (hidden, layers, heads) in sizes.items():
         bench_norms(hidden, args.batch, args.seq, repeats)
