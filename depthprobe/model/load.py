@@ -166,6 +166,22 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
         a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])
     )
     auto = AutoModel if is_encoder else AutoModelForCausalLM
+    if getattr(config, "depthprobe_norm", None):  # written by `depthprobe convert`: its own loader
+        from depthprobe.convert import load_converted
+
+        model = load_converted(source, config, torch_dtype)
+    else:
+        model = _auto_from_pretrained(auto, source, torch_dtype, device_map, kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
+    return model, tokenizer
+
+
+def _auto_from_pretrained(auto, source, torch_dtype, device_map, kwargs):
+    from transformers import AutoModel, AutoModelForCausalLM
+
     try:
         model = auto.from_pretrained(source, dtype=torch_dtype, device_map=device_map, **kwargs)
     except ValueError as exc:
@@ -178,11 +194,7 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
             raise _load_error(source, exc) from exc
     except OSError as exc:
         raise _load_error(source, exc) from exc
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
-    return model, tokenizer
+    return model
 
 
 def _load_error(source: str, exc: Exception) -> DepthprobeError:

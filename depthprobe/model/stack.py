@@ -27,6 +27,29 @@ from depthprobe.errors import DepthprobeError
 
 
 @dataclass(frozen=True)
+class StreamSpec:
+    """How a Pre-LN family reads and writes its residual stream (used by ``depthprobe.convert``).
+
+    Block-relative paths unless said otherwise. ``readers`` maps each LayerNorm in a block to
+    the linears that read its output (a parallel-residual block simply has two norms that read
+    the same stream, or one norm that feeds both sublayers). ``writers`` are the linears whose
+    outputs are added into the stream. ``embeds`` (relative to the base model) are embeddings
+    added into the stream; one narrower than the stream (OPT's ``word_embed_proj_dim``) is not
+    in the stream itself and reaches it through ``base_writers`` (OPT's ``project_in``).
+    ``final_reader`` (relative to the base model) is the linear the final norm feeds when it
+    is not the LM head (OPT's ``project_out``). ``pre_ln`` names config attributes that must
+    hold the given value for the blocks to be Pre-LN (OPT ``do_layer_norm_before=True``).
+    """
+
+    readers: tuple[tuple[str, tuple[str, ...]], ...]
+    writers: tuple[str, ...]
+    embeds: tuple[str, ...]
+    base_writers: tuple[str, ...] = ()
+    final_reader: str | None = None
+    pre_ln: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
 class Family:
     """Where one family keeps its parts, as paths relative to its base model.
 
@@ -49,6 +72,8 @@ class Family:
     #: positional ("pre", "post", "peri", "parallel") norm placement, for reports
     norm_placement: str = "pre"
     extra_per_layer_config: tuple[str, ...] = ()
+    #: for Pre-LN (LayerNorm) families: who reads and writes the residual stream
+    stream: StreamSpec | None = None
 
 
 _LLAMA_LIKE = Family(base="model", blocks="layers", embed="embed_tokens", final_norm="norm")
@@ -93,6 +118,11 @@ FAMILIES: dict[str, Family] = {
         attn=("self_attn",),
         mlp=("mlp",),
         norm_placement="parallel",
+        stream=StreamSpec(
+            readers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),),
+            writers=("self_attn.dense", "mlp.fc2"),
+            embeds=("embed_tokens",),
+        ),
     ),
     "gpt2": Family(
         base="transformer",
@@ -102,6 +132,11 @@ FAMILIES: dict[str, Family] = {
         attn=("ln_1", "attn"),
         mlp=("ln_2", "mlp"),
         attn_out="attn",
+        stream=StreamSpec(
+            readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+            writers=("attn.c_proj", "mlp.c_proj"),
+            embeds=("wte", "wpe"),
+        ),
     ),
     "gpt_neox": Family(
         base="gpt_neox",
@@ -111,6 +146,14 @@ FAMILIES: dict[str, Family] = {
         attn=("input_layernorm", "attention"),
         mlp=("post_attention_layernorm", "mlp"),
         attn_out="attention",
+        stream=StreamSpec(
+            readers=(
+                ("input_layernorm", ("attention.query_key_value",)),
+                ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+            ),
+            writers=("attention.dense", "mlp.dense_4h_to_h"),
+            embeds=("embed_in",),
+        ),
     ),
     "opt": Family(
         base="model.decoder",
@@ -120,6 +163,17 @@ FAMILIES: dict[str, Family] = {
         attn=("self_attn_layer_norm", "self_attn"),
         mlp=("final_layer_norm", "fc1", "fc2"),
         mlp_out="fc2",
+        stream=StreamSpec(
+            readers=(
+                ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("final_layer_norm", ("fc1",)),
+            ),
+            writers=("self_attn.out_proj", "fc2"),
+            embeds=("embed_tokens", "embed_positions"),
+            base_writers=("project_in",),
+            final_reader="project_out",
+            pre_ln=(("do_layer_norm_before", True),),
+        ),
     ),
     "bert": Family(
         base="bert",
