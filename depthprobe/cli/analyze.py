@@ -24,6 +24,12 @@ from depthprobe.cli.options import (
     show_default=True,
     help="Comma list of angular,variance,grad,lens,drop,attribution.",
 )
+@click.option(
+    "--attribution-steps",
+    type=int,
+    default=None,
+    help="Path points - 1 for --metrics attribution (default 8); cost is steps+1 forward+backward passes.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
@@ -39,11 +45,16 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,variance,grad --num-sequences 4 --seq-len 256
       depthprobe analyze ./my-model --text-file corpus.txt --metrics drop --out runs/mine
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
+      depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
     """
     from depthprobe.analyze import analyze, parse_metrics
 
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
+    if opts["attribution_steps"] is not None:  # check before the model loads
+        from depthprobe.probes.attribution import AttributionConfig
+
+        AttributionConfig(steps=opts["attribution_steps"])
     model, tokenizer = load_from_options(opts)
     result = analyze(
         model,
@@ -57,9 +68,12 @@ def command(**opts) -> None:
         layers_path=opts["layers_path"],
         model_name=opts["model"],
         progress=not opts["quiet"],
+        options={"attribution_steps": opts["attribution_steps"]} if opts["attribution_steps"] is not None else None,
     )
     if not opts["quiet"]:
         click.echo(format_table(result))
+        if result.summary.get("proxy_verdict"):
+            click.echo(result.summary["proxy_verdict"])
     if opts["out_dir"]:
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
