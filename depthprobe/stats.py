@@ -348,7 +348,7 @@ def add_proxy_statistics(
         return result
     ci = drop_delta_interval(tables["drop_windows"], n_boot, level, seed)
     for col in (f"{TRUTH}_lo", f"{TRUTH}_hi"):
-        layers[col] = layers["layer"].map(dict(zip(ci["layer"], ci[col])))
+        layers[col] = layers["layer"].map(dict(zip(ci["layer"], ci[col], strict=True)))
     result.summary["bootstrap"] = {"resamples": n_boot, "level": level, "seed": seed, "over": "windows"}
     if proxy_values(layers):
         table = proxy_table(

@@ -43,7 +43,7 @@ def test_matches_captum_layer_conductance_block_by_block(llama):
 
     model, stack = llama
     ids = random_ids(3, 12, seed=1)
-    ours = block_conductance(stack, ids, steps=STEPS, batch_size=2)
+    ours = block_conductance(stack, ids, steps=STEPS, batch_size=2, rule="left")
     embeds, baseline = _embeds_and_baseline(model, ids)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -68,20 +68,20 @@ def test_matches_captum_layer_conductance_block_by_block(llama):
 
 def test_matches_hand_rolled_path_loop_on_one_block(llama):
     """Plain autograd: capture block 2's output at each path point, accumulate
-    grad(alpha_k) * (y(alpha_{k+1}) - y(alpha_k))."""
+    w_k * (y(alpha_{k+1}) - y(alpha_k)) with w_k the left or the trapezoid gradient."""
     model, stack = llama
     ids = random_ids(2, 10, seed=2)
     layer = 2
     embeds, baseline = _embeds_and_baseline(model, ids)
     grads, outs = [], []
+    captured = {}
+
+    def hook(module, args, output):
+        output.retain_grad()
+        captured["y"] = output
+
     for k in range(STEPS + 1):
         point = baseline + (k / STEPS) * (embeds - baseline)
-        captured = {}
-
-        def hook(module, args, output):
-            output.retain_grad()
-            captured["y"] = output
-
         handle = stack.blocks[layer].register_forward_hook(hook)
         try:
             logits = model(inputs_embeds=point).logits[:, :-1]
@@ -92,11 +92,15 @@ def test_matches_hand_rolled_path_loop_on_one_block(llama):
         grads.append(captured["y"].grad.double())
         outs.append(captured["y"].detach().double())
     model.zero_grad(set_to_none=True)
-    conductance = sum(grads[k] * (outs[k + 1] - outs[k]) for k in range(STEPS))
-    ours = block_conductance(stack, ids, steps=STEPS, batch_size=1)
-    np.testing.assert_allclose(ours.conductance[layer], conductance.abs().sum((1, 2)), rtol=1e-4)
-    np.testing.assert_allclose(ours.signed[layer], conductance.sum((1, 2)), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(ours.gxa[layer], (grads[-1] * outs[-1]).abs().sum((1, 2)), rtol=1e-4)
+    for rule, weight in (
+        ("left", lambda k: grads[k]),
+        ("trapezoid", lambda k: (grads[k] + grads[k + 1]) / 2),
+    ):
+        conductance = sum(weight(k) * (outs[k + 1] - outs[k]) for k in range(STEPS))
+        ours = block_conductance(stack, ids, steps=STEPS, batch_size=1, rule=rule)
+        np.testing.assert_allclose(ours.conductance[layer], conductance.abs().sum((1, 2)), rtol=1e-4)
+        np.testing.assert_allclose(ours.signed[layer], conductance.sum((1, 2)), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(ours.gxa[layer], (grads[-1] * outs[-1]).abs().sum((1, 2)), rtol=1e-4)
 
 
 def test_target_is_the_models_own_log_likelihood(llama):
@@ -112,9 +116,15 @@ def test_target_is_the_models_own_log_likelihood(llama):
 def test_convergence_delta_shrinks_with_steps(llama):
     _, stack = llama
     ids = random_ids(2, 10, seed=4)
-    deltas = [np.abs(block_conductance(stack, ids, steps=s).convergence_delta).max() for s in (2, 8, 32)]
-    assert deltas[0] > deltas[1] > deltas[2]
-    assert deltas[2] < 0.4 * deltas[1]  # a left Riemann sum: error ~ 1/steps (ratio 0.25 ideally)
+    def delta(steps, rule):
+        return np.abs(block_conductance(stack, ids, steps=steps, rule=rule).convergence_delta).max()
+
+    left = [delta(s, "left") for s in (2, 8, 32)]
+    assert left[0] > left[1] > left[2]
+    assert left[2] < 0.4 * left[1]  # left Riemann sum: error ~ 1/steps (ratio 0.25 ideally)
+    trap = [delta(s, "trapezoid") for s in (8, 32)]
+    assert trap[1] < 0.15 * trap[0]  # trapezoid rule: error ~ 1/steps^2 (ratio 1/16 ideally)
+    assert trap[0] < left[1]
 
 
 def test_gradient_x_activation_matches_captum(llama):
