@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from depthprobe.analyze import analyze
+from depthprobe.analysis import analyze
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.attribution import (

@@ -13,7 +13,7 @@ import pytest
 import scipy.stats as sps
 import torch
 
-from depthprobe.analyze import SWEEPS, SweepOutput, analyze
+from depthprobe.analysis import SWEEPS, SweepOutput, analyze
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.stats import (

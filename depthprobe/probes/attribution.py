@@ -250,7 +250,7 @@ def attribution_sweep(ctx) -> object:
     ``attribution_windows`` (layer, window, attribution, attribution_gxa: un-normalised L1
     masses per window, for bootstrap statistics), summary ``attribution_convergence_delta``
     (max over blocks and windows of |delta| / |f(e) - f(e')|)."""
-    from depthprobe.analyze import SweepOutput
+    from depthprobe.analysis import SweepOutput
 
     t0 = time.perf_counter()
     options = ctx.config.options
