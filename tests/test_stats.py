@@ -309,7 +309,7 @@ def test_smollm2_proxies_csv(smollm2, calibration_file, tmp_path):
         num_sequences=4,
         seq_len=256,
         text_file=calibration_file,
-        options={"attribution_steps": 2},
+        options={"attribution_steps": 2, "block_sizes": [], "sublayers": False},  # single-block drops only
         progress=False,
     )
     out = result.save(tmp_path / "smol")
