@@ -235,11 +235,19 @@ def analyze(
         "config": dataclasses.asdict(config),
         **summary_extra,
     }
-    return AnalysisResult(
+    result = AnalysisResult(
         layers=layers,
         summary=summary,
         angular_distance=angular_matrix_frame(stats.angular_matrix) if stats.angular_matrix is not None else None,
         tables=tables,
+    )
+    # drop intervals, proxies.csv and the verdict, when the drop sweep ran (else unchanged)
+    from depthprobe.stats import add_proxy_statistics
+
+    return add_proxy_statistics(
+        result,
+        n_boot=int(config.options.get("bootstrap_samples", 1000)),
+        seed=int(config.options.get("bootstrap_seed", 0)),
     )
 
 

@@ -32,6 +32,12 @@ from depthprobe.errors import DepthprobeError
     show_default=True,
     help="With drop: sizes n of contiguous blocks l..l+n-1 to drop ('' to skip).",
 )
+@click.option(
+    "--attribution-steps",
+    type=int,
+    default=None,
+    help="Path points - 1 for --metrics attribution (default 8); cost is steps+1 forward+backward passes.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
@@ -48,6 +54,7 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,variance,grad --num-sequences 4 --seq-len 256
       depthprobe analyze ./my-model --text-file corpus.txt --metrics drop --out runs/mine
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
+      depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
     """
     from depthprobe.analysis import analyze, parse_metrics
     from depthprobe.report import write_report
@@ -55,6 +62,10 @@ def command(**opts) -> None:
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
     options = {"block_sizes": _int_list(opts["block_sizes"], "--block-sizes")}
+    if opts["attribution_steps"] is not None:  # check before the model loads
+        from depthprobe.probes.attribution import AttributionConfig
+
+        options["attribution_steps"] = AttributionConfig(steps=opts["attribution_steps"]).steps
     if opts["resume"] and not opts["out_dir"]:
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
     if opts["out_dir"] and "drop" in metrics:
@@ -67,6 +78,8 @@ def command(**opts) -> None:
     result = analyze(model, tokenizer, metrics=metrics, options=options, **analysis_kwargs(opts))
     if not opts["quiet"]:
         click.echo(format_table(result))
+        if result.summary.get("proxy_verdict"):
+            click.echo(result.summary["proxy_verdict"])
     if opts["out_dir"]:
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:

@@ -1,0 +1,362 @@
+"""Statistics over calibration windows: how sure is a drop delta, and which cheap proxy
+ranks layers like the real damage does.
+
+Pruning papers rank layers by cheap proxies instead of the loss of actually removing
+them. This module measures, on one model and one calibration set, how well each proxy
+agrees with the truth, with bootstrap intervals over windows.
+
+**Truth.** ``drop_delta_loss[l]``: mean-token LM loss without block ``l`` minus the full
+model's (cosine drift for encoders). From the ``drop_windows`` table (columns ``layer``,
+``window``, ``delta_loss`` = that window's mean-token loss delta), the per-layer truth is
+the mean over windows (equal to the pooled delta, since windows have equal token counts).
+
+**Proxies** (columns of ``layers.csv``; all oriented "larger = the block matters more"):
+
+============================ ===================================================================
+``angular_distance``         mean_t arccos(cos(x_l, x_{l+1})) / pi (Gromov et al. 2024)
+``block_influence``          1 - mean_t cos(x_l, x_{l+1}) (ShortGPT, Men et al. 2024)
+``grad_norm``                L2 norm of block l's parameter gradients of the LM loss
+``attribution``              L1 mass of captum layer conductance of block l's output, share of all blocks
+``attribution_gxa``          L1 mass of gradient x activation of block l's output, share
+``logit_lens_gain``          ``logit_lens_loss[l-1] - logit_lens_loss[l]``: how much the lens loss falls
+                             across block l; undefined for block 0 (no lens at the embeddings), so
+                             that proxy is scored on blocks 1..L-1 (``n_layers`` says so)
+============================ ===================================================================
+
+**Agreement.** Spearman's rho and Kendall's tau-b (``scipy.stats``) between a proxy and the
+truth over the layers where both are finite.
+
+**Bootstrap over windows** (percentile intervals, ``n_boot`` resamples, seeded). Each
+resample draws ``N`` windows with replacement from the ``N`` calibration windows, recomputes
+the per-layer truth as the mean of the drawn windows' deltas and, for proxies measured per
+window (a ``<proxy>`` column in the ``proxy_windows`` table, e.g. ``attribution_windows``),
+recomputes the proxy as the sum over the drawn windows; proxies measured only pooled over
+all windows (angular distance, block influence, gradient norm, lens) are held fixed. The
+same resamples serve every proxy, so intervals are paired. Resamples where a vector is
+constant (rho undefined) are left out of the percentiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from depthprobe.errors import DepthprobeError
+
+log = logging.getLogger(__name__)
+
+#: proxy column -> plain-language name, in report order
+PROXIES: dict[str, str] = {
+    "angular_distance": "angular distance",
+    "block_influence": "block influence",
+    "grad_norm": "gradient norm",
+    "attribution": "attribution (layer conductance)",
+    "attribution_gxa": "gradient x activation",
+    "logit_lens_gain": "logit-lens gain",
+}
+
+TRUTH = "drop_delta_loss"
+DEFAULT_BOOT = 1000
+DEFAULT_LEVEL = 0.95
+
+
+# ---------------------------------------------------------------------------- small pieces
+def logit_lens_gain(lens_loss: Sequence[float]) -> np.ndarray:
+    """``gain[l] = lens[l-1] - lens[l]`` for l >= 1, ``gain[0] = NaN``  ``(L,) -> (L,)``."""
+    lens = np.asarray(lens_loss, float)
+    return np.concatenate([[np.nan], lens[:-1] - lens[1:]])
+
+
+def window_matrix(table: pd.DataFrame, value: str) -> np.ndarray:
+    """A long ``(layer, window, value)`` table as a ``(L, N)`` matrix, rows by layer, columns
+    by window (both sorted). Raises if a (layer, window) pair is missing."""
+    missing = {"layer", "window", value} - set(table.columns)
+    if missing:
+        raise DepthprobeError(f"per-window table lacks column(s) {', '.join(sorted(missing))}")
+    wide = table.pivot_table(index="layer", columns="window", values=value, aggfunc="mean").sort_index()
+    if wide.isna().to_numpy().any():
+        raise DepthprobeError(f"per-window table has missing (layer, window) values of {value}")
+    return wide.to_numpy(float)
+
+
+def bootstrap_indices(n: int, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> np.ndarray:
+    """``(n_boot, n)`` window indices drawn with replacement (``numpy`` PCG64, ``seed``)."""
+    if n < 1 or n_boot < 1:
+        raise DepthprobeError(f"bootstrap needs at least one window and one resample (got {n}, {n_boot})")
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def percentile_interval(samples: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval over axis 0, ignoring NaN resamples: ``((1-level)/2, (1+level)/2)``."""
+    if not 0 < level < 1:
+        raise DepthprobeError(f"confidence level must be between 0 and 1 (got {level})")
+    tail = 100 * (1 - level) / 2
+    with warnings.catch_warnings():  # all-NaN columns (undefined rho everywhere) give NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        lo, hi = np.nanpercentile(samples, [tail, 100 - tail], axis=0)
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------- rank correlation
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho of two vectors (``scipy.stats.spearmanr``); NaN if either is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(sps.spearmanr(x, y).statistic)
+
+
+def kendall(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two vectors (``scipy.stats.kendalltau``); NaN if either is constant."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(sps.kendalltau(x, y).statistic)
+
+
+def spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Spearman rho of ``(B, L)`` arrays (average ranks for ties): Pearson of ranks."""
+    rx = sps.rankdata(np.atleast_2d(x), axis=-1)
+    ry = sps.rankdata(np.atleast_2d(y), axis=-1)
+    rx = rx - rx.mean(-1, keepdims=True)
+    ry = ry - ry.mean(-1, keepdims=True)
+    with np.errstate(all="ignore"):
+        return (rx * ry).sum(-1) / np.sqrt((rx**2).sum(-1) * (ry**2).sum(-1))
+
+
+def kendall_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise Kendall tau-b of ``(B, L)`` arrays:
+    ``sum_{i<j} s_x s_y / sqrt(#{i<j: s_x != 0} * #{i<j: s_y != 0})`` with
+    ``s = sign(v_j - v_i)`` (the same statistic as ``scipy.stats.kendalltau``)."""
+    x, y = np.atleast_2d(x), np.atleast_2d(y)
+    iu = np.triu_indices(x.shape[-1], k=1)
+    sx = np.sign(x[:, :, None] - x[:, None, :])[:, iu[0], iu[1]]
+    sy = np.sign(y[:, :, None] - y[:, None, :])[:, iu[0], iu[1]]
+    with np.errstate(all="ignore"):
+        return (sx * sy).sum(-1) / np.sqrt((sx != 0).sum(-1) * (sy != 0).sum(-1))
+
+
+# ---------------------------------------------------------------------------- drop intervals
+def drop_delta_interval(
+    drop_windows: pd.DataFrame, n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL, seed: int = 0
+) -> pd.DataFrame:
+    """Bootstrap interval of each layer's drop delta over windows.
+
+    Args:
+        drop_windows: long table with columns ``layer``, ``window``, ``delta_loss``.
+
+    Returns:
+        DataFrame ``layer, drop_delta_loss (mean over windows), drop_delta_loss_lo,
+        drop_delta_loss_hi`` (percentile interval of the mean over resampled windows).
+    """
+    deltas = window_matrix(drop_windows, "delta_loss")  # (L, N)
+    idx = bootstrap_indices(deltas.shape[1], n_boot, seed)
+    boot = deltas[:, idx].mean(-1).T  # (B, L)
+    lo, hi = percentile_interval(boot, level)
+    return pd.DataFrame(
+        {
+            "layer": np.sort(drop_windows["layer"].unique()),
+            TRUTH: deltas.mean(1),
+            f"{TRUTH}_lo": lo,
+            f"{TRUTH}_hi": hi,
+        }
+    )
+
+
+# ---------------------------------------------------------------------------- proxy table
+def proxy_values(layers: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The proxies present in a ``layers`` table, ``column -> (L,)`` (``logit_lens_gain``
+    derived from ``logit_lens_loss``). Columns that are entirely NaN count as absent."""
+    found: dict[str, np.ndarray] = {}
+    for name in PROXIES:
+        if name == "logit_lens_gain" and "logit_lens_loss" in layers:
+            values = logit_lens_gain(layers["logit_lens_loss"])
+        elif name in layers:
+            values = layers[name].to_numpy(float)
+        else:
+            continue
+        if np.isfinite(values).any():
+            found[name] = values
+    return found
+
+
+def proxy_table(
+    layers: pd.DataFrame,
+    drop_windows: pd.DataFrame,
+    proxy_windows: pd.DataFrame | None = None,
+    *,
+    proxies: Sequence[str] | None = None,
+    n_boot: int = DEFAULT_BOOT,
+    level: float = DEFAULT_LEVEL,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Rank agreement of each proxy with the real drop damage, with bootstrap intervals.
+
+    Args:
+        layers: per-layer table (``layer`` and proxy columns, see :data:`PROXIES`).
+        drop_windows: ``layer, window, delta_loss`` (the truth, per window).
+        proxy_windows: optional ``layer, window, <proxy>...`` per-window proxy values;
+            proxies found there are recomputed in each resample (sum over drawn windows).
+        proxies: which proxy columns (default: every one present in ``layers``).
+
+    Returns:
+        One row per proxy: ``proxy, name, spearman, spearman_lo, spearman_hi, kendall,
+        kendall_lo, kendall_hi, n_layers, n_windows, resampled ("windows"|"fixed"), text``,
+        sorted by Spearman rho, best first. ``text`` is a ready sentence fragment.
+    """
+    values = proxy_values(layers)
+    if proxies is not None:
+        unknown = [p for p in proxies if p not in values]
+        if unknown:
+            raise DepthprobeError(f"proxy column(s) {', '.join(unknown)} not in the table; have {', '.join(values)}")
+        values = {p: values[p] for p in proxies}
+    deltas = window_matrix(drop_windows, "delta_loss")  # (L, N)
+    if deltas.shape[0] != len(layers):
+        raise DepthprobeError(f"drop_windows has {deltas.shape[0]} layers but the table has {len(layers)}")
+    truth = deltas.mean(1)
+    idx = bootstrap_indices(deltas.shape[1], n_boot, seed)
+    truth_boot = deltas[:, idx].mean(-1).T  # (B, L)
+    rows = []
+    for name, proxy in values.items():
+        per_window = proxy_windows is not None and name in proxy_windows.columns
+        if per_window:
+            pw = window_matrix(proxy_windows, name)
+            if pw.shape != deltas.shape:
+                raise DepthprobeError(f"{name} per-window table is {pw.shape}, drop_windows is {deltas.shape}")
+            proxy_boot = pw[:, idx].sum(-1).T
+        else:
+            proxy_boot = np.broadcast_to(proxy, truth_boot.shape)
+        keep = np.isfinite(proxy) & np.isfinite(truth)
+        rho, tau = spearman(proxy[keep], truth[keep]), kendall(proxy[keep], truth[keep])
+        rho_lo, rho_hi = percentile_interval(spearman_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+        tau_lo, tau_hi = percentile_interval(kendall_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+        row = {
+            "proxy": name,
+            "name": PROXIES[name],
+            "spearman": rho,
+            "spearman_lo": float(rho_lo),
+            "spearman_hi": float(rho_hi),
+            "kendall": tau,
+            "kendall_lo": float(tau_lo),
+            "kendall_hi": float(tau_hi),
+            "n_layers": int(keep.sum()),
+            "n_windows": deltas.shape[1],
+            "resampled": "windows" if per_window else "fixed",
+        }
+        row["text"] = agreement_text(row)
+        rows.append(row)
+    columns = [
+        "proxy", "name", "spearman", "spearman_lo", "spearman_hi", "kendall", "kendall_lo", "kendall_hi",
+        "n_layers", "n_windows", "resampled", "text",
+    ]  # fmt: skip
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values("spearman", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def agreement_text(row: dict | pd.Series) -> str:
+    """``"angular distance: rho = 0.91 [0.85, 0.95], tau = 0.76 [0.70, 0.82] over 30 layers"``."""
+    return (
+        f"{row['name']}: rho = {_fmt(row['spearman'])} [{_fmt(row['spearman_lo'])}, {_fmt(row['spearman_hi'])}], "
+        f"tau = {_fmt(row['kendall'])} [{_fmt(row['kendall_lo'])}, {_fmt(row['kendall_hi'])}] "
+        f"over {int(row['n_layers'])} layers"
+    )
+
+
+def _fmt(value: float) -> str:
+    return "nan" if value is None or not np.isfinite(value) else f"{value:.2f}"
+
+
+def verdict(proxies: pd.DataFrame, level: float = DEFAULT_LEVEL) -> str:
+    """One plain-language sentence (or two) from a :func:`proxy_table`.
+
+    Example: ``"On this model, angular distance ranks layers closest to the real damage,
+    rho = 0.91 [0.85, 0.95] (95% bootstrap interval over 8 windows, 30 layers)."`` followed,
+    when the runner-up's interval reaches the winner's, by a sentence saying the data do
+    not separate them; or, when the winner's interval includes 0, that no proxy ranks
+    layers reliably.
+    """
+    ranked = proxies[np.isfinite(proxies["spearman"])].sort_values("spearman", ascending=False, kind="stable")
+    if ranked.empty:
+        return "No proxy could be compared with the real damage (every rank correlation is undefined)."
+    best = ranked.iloc[0]
+    interval = f"rho = {_fmt(best['spearman'])} [{_fmt(best['spearman_lo'])}, {_fmt(best['spearman_hi'])}]"
+    where = f"{round(100 * level)}% bootstrap interval over {int(best['n_windows'])} windows, {int(best['n_layers'])} layers"
+    if not best["spearman_lo"] > 0:
+        return (
+            f"On this model no proxy ranks layers reliably by their real damage: the best, {best['name']}, "
+            f"has {interval} ({where}), an interval that includes 0."
+        )
+    text = f"On this model, {best['name']} ranks layers closest to the real damage, {interval} ({where})."
+    if len(ranked) > 1:
+        second = ranked.iloc[1]
+        if second["spearman_hi"] >= best["spearman_lo"]:
+            text += (
+                f" Its interval overlaps that of {second['name']} (rho = {_fmt(second['spearman'])} "
+                f"[{_fmt(second['spearman_lo'])}, {_fmt(second['spearman_hi'])}]), so these windows do not "
+                "separate the two."
+            )
+    return text
+
+
+# ---------------------------------------------------------------------------- pruning curves
+def prune_excess(curve: pd.DataFrame, reference: str = "greedy") -> pd.DataFrame:
+    """Loss after removing the K layers each strategy picks, against the greedy choice.
+
+    Args:
+        curve: ``prune_curve`` table with columns ``strategy, num_removed, loss`` (others
+            ignored); ``reference`` rows are the truly least harmful K layers found greedily.
+
+    Returns:
+        ``strategy, K, loss, greedy_loss, excess`` (``excess = loss - greedy_loss``), one row
+        per non-reference strategy and K that the reference also has, sorted by strategy, K.
+    """
+    missing = {"strategy", "num_removed", "loss"} - set(curve.columns)
+    if missing:
+        raise DepthprobeError(f"prune curve lacks column(s) {', '.join(sorted(missing))}")
+    ref = curve[curve["strategy"] == reference]
+    if ref.empty:
+        have = ", ".join(sorted(map(str, curve["strategy"].unique())))
+        raise DepthprobeError(f"prune curve has no {reference!r} rows to compare against (strategies: {have})")
+    ref = ref.groupby("num_removed", as_index=False)["loss"].min().rename(columns={"loss": "greedy_loss"})
+    others = curve.loc[curve["strategy"] != reference, ["strategy", "num_removed", "loss"]]
+    table = others.merge(ref, on="num_removed", how="inner").rename(columns={"num_removed": "K"})
+    table["excess"] = table["loss"] - table["greedy_loss"]
+    table = table[["strategy", "K", "loss", "greedy_loss", "excess"]]
+    return table.sort_values(["strategy", "K"], kind="stable").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------- wiring
+def add_proxy_statistics(
+    result, n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL, seed: int = 0
+):
+    """Add drop intervals, ``tables["proxies"]`` and the verdict to an analysis result.
+
+    Runs only when the result has ``drop_delta_loss`` and a ``drop_windows`` table (from the
+    drop sweep); otherwise returns ``result`` unchanged. Adds columns
+    ``drop_delta_loss_lo``/``_hi`` to ``result.layers``; when at least one proxy is present,
+    ``tables["proxies"]`` (-> ``proxies.csv``) and ``summary["proxy_verdict"]``; when a
+    ``prune_curve`` table with a greedy strategy is present, ``tables["prune_excess"]``.
+    Per-window proxies come from ``tables["attribution_windows"]`` when present.
+    """
+    layers, tables = result.layers, result.tables
+    if TRUTH not in layers or "drop_windows" not in tables:
+        return result
+    ci = drop_delta_interval(tables["drop_windows"], n_boot, level, seed)
+    for col in (f"{TRUTH}_lo", f"{TRUTH}_hi"):
+        layers[col] = layers["layer"].map(dict(zip(ci["layer"], ci[col], strict=True)))
+    result.summary["bootstrap"] = {"resamples": n_boot, "level": level, "seed": seed, "over": "windows"}
+    if proxy_values(layers):
+        table = proxy_table(
+            layers, tables["drop_windows"], tables.get("attribution_windows"), n_boot=n_boot, level=level, seed=seed
+        )
+        tables["proxies"] = table
+        result.summary["proxy_verdict"] = verdict(table, level)
+    curve = tables.get("prune_curve")
+    if curve is not None and "strategy" in curve and (curve["strategy"] == "greedy").any():
+        tables["prune_excess"] = prune_excess(curve)
+    return result
