@@ -356,9 +356,9 @@ class DepthprobeLMForCausalLM(DepthprobeLMPreTrainedModel):
         logits = self.lm_head(self.model(input_ids))  # (B, T, V)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+            pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+            pred = pred.to(torch.promote_types(pred.dtype, torch.float32))  # bf16 logits: loss in fp32
+            loss = F.cross_entropy(pred, labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
 

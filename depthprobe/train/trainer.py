@@ -295,6 +295,7 @@ class Trainer:
         if self.ddp is not None:
             dist.all_reduce(loss_sum)  # SUM: gloo has no AVG
             loss_sum /= self.dist.world
+        layer_rows = self._layer_rows(step + 1, acts) if diagnose else []  # before clipping
         params = list(self.model.parameters())
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
@@ -306,23 +307,23 @@ class Trainer:
             self.diverged = True
             self.optimizer.zero_grad(set_to_none=True)
             return {**row, "grad_norm": grad_norm, "tokens_per_s": math.nan}
-        if diagnose:
-            self._record_layers(step + 1, acts)
+        self.layer_rows.extend(layer_rows)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
         return {**row, "grad_norm": grad_norm, "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds}
 
-    def _record_layers(self, step: int, acts: dict[int, list[float]]) -> None:
-        """Per-block gradient norms (pre-clipping) and the activation sums of micro-batch 0."""
+    def _layer_rows(self, step: int, acts: dict[int, list[float]]) -> list[dict]:
+        """Per-block gradient norms and the activation statistics of micro-batch 0."""
+        rows = []
         for layer, block in enumerate(self.stack.blocks):
             var_sum, ang_sum, n = acts.get(layer, (math.nan, math.nan, 1))
             sub = {
                 kind: M.grad_l2([p for m in self.stack.sublayer_modules(layer, kind) for p in m.parameters()])
                 for kind in ("attn", "mlp")
             }
-            self.layer_rows.append(
+            rows.append(
                 {
                     "step": step,
                     "layer": layer,
@@ -333,6 +334,7 @@ class Trainer:
                     "angular_distance": ang_sum / n,
                 }
             )
+        return rows
 
     @torch.no_grad()
     def evaluate(self) -> float:
