@@ -2,8 +2,8 @@
 over transformers' LlamaForCausalLM of the same size, batch and data, in one run.
 
 Both train with AdamW and gradient clipping on the same batches; the depthprobe side runs
-its whole :meth:`Trainer.fit` (schedule, NaN checks, per-layer diagnostics at steps 1, 50,
-100, final validation on 4 windows). Measurements alternate A/B and the medians are compared.
+its whole :meth:`Trainer.fit` (schedule, NaN checks, per-layer diagnostics at step 1, every
+50 steps and the last, final validation on 4 windows). Measurements alternate A/B and the medians are compared.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_train.py [--preset cpu-small] [--steps 100] [--repeats 3]
 """
@@ -56,7 +56,7 @@ def depthprobe_tokens_per_s(spec: ModelConfig, cfg: TrainConfig, data) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="cpu-small", choices=list(PRESETS))
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
