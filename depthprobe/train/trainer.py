@@ -286,8 +286,8 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             start = (self.dist.rank * cfg.grad_accum + micro) * self.micro_batch
             ids = self.data.batch(step, cfg.batch_size, slice(start, start + self.micro_batch)).to(self.device)
-            watch = watch_blocks(self.stack, _activation_recorder(acts)) if diagnose and micro == 0 else _null()
-            sync = module.no_sync() if self.ddp is not None and micro < cfg.grad_accum - 1 else _null()
+            watch = watch_blocks(self.stack, _activation_recorder(acts)) if diagnose and micro == 0 else contextlib.nullcontext()
+            sync = module.no_sync() if self.ddp is not None and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync, watch, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = module(input_ids=ids, labels=ids).loss / cfg.grad_accum
                 loss.backward()
@@ -480,10 +480,6 @@ def _activation_recorder(acts: dict[int, list[float]]):
         acts[layer] = [M.variance_sum(x_out), M.angular_sum(x_in, x_out), n]
 
     return record
-
-
-class _null(contextlib.nullcontext):
-    pass
 
 
 def _numpy_state() -> dict:
