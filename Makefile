@@ -4,9 +4,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
 
-.PHONY: install test demo compare-demo bench lint clean
+.PHONY: install test demo compare-demo bench lint clean chromium screenshot
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Debian's Chromium renders reports headless in the browser tests (no browser downloads).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "warning: could not install chromium; browser tests will be skipped"
 
 # torch is pinned and installed first: this version comes from the local disk in seconds,
 # any other (or an unpinned one pulled by a dependency) downloads several GB.
@@ -19,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check depthprobe tests benchmarks analyses
+	$(VENV)/bin/ruff check .
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
@@ -31,6 +37,18 @@ demo: install
 compare-demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe compare --variants pre,post,mix,peri,lns --seeds 2 \
 		--preset cpu-small --steps 120 --out out/compare-demo
+
+# A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.
+screenshot: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 \
+	  --metrics angular,variance,grad,lens,drop --block-sizes 2,4,8 --out reports/smollm2 --quiet
+	rm -rf /tmp/depthprobe-chromium
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	  --disable-sync --no-first-run --hide-scrollbars --user-data-dir=/tmp/depthprobe-chromium \
+	  --window-size=1200,2200 --screenshot=docs/report-smollm2.png "file://$(CURDIR)/reports/smollm2/report.html"
+	# 256 colours: plots and text need no more, and the committed PNG stays small
+	$(PY) -c "from PIL import Image; im = Image.open('docs/report-smollm2.png').convert('RGB'); \
+	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
 
 bench: install
 	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done

@@ -6,7 +6,7 @@ The flow, module by module::
     model/stack.py  LayerStack: embed -> blocks -> final norm -> head (the only family table)
     data.py         calibration text -> N windows of T tokens
     probes/         hooks and pure metric functions
-    analyze.py      one streaming pass (+ sweeps) -> AnalysisResult
+    analysis.py     analyze(): one streaming pass (+ sweeps) -> AnalysisResult
     results.py      the per-layer table, summary, save/load
     report/ prune/ stats.py testing/ train/ convert/   consumers of that table
     cli/            thin click commands over this API
@@ -20,21 +20,36 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+
+from depthprobe.errors import DepthprobeError
+
 __version__ = "0.1.0"
 
-from depthprobe.analyze import ProbeConfig, analyze
-from depthprobe.data import Windows, make_windows
-from depthprobe.errors import DepthprobeError
-from depthprobe.model import LayerStack, load_model
-from depthprobe.results import AnalysisResult
+# Public names, imported on first use: `import depthprobe` (and so the pytest plugin, which
+# pytest loads in every session) stays cheap until torch is actually needed.
+_EXPORTS = {
+    "analyze": "depthprobe.analysis",
+    "ProbeConfig": "depthprobe.analysis",
+    "AnalysisResult": "depthprobe.results",
+    "LayerStack": "depthprobe.model.stack",
+    "load_model": "depthprobe.model.load",
+    "Windows": "depthprobe.data",
+    "make_windows": "depthprobe.data",
+}
 
-__all__ = [
-    "AnalysisResult",
-    "DepthprobeError",
-    "LayerStack",
-    "ProbeConfig",
-    "Windows",
-    "analyze",
-    "load_model",
-    "make_windows",
-]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'depthprobe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["AnalysisResult", "DepthprobeError", "LayerStack", "ProbeConfig", "Windows", "analyze", "load_model",
+           "make_windows"]

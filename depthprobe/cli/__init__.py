@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     except DepthprobeError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Error: interrupted (Ctrl-C); work finished before it was saved where the command writes", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)

@@ -7,12 +7,14 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import (
+    analysis_kwargs,
     common_options,
     data_options,
     load_from_options,
     model_options,
     setup_logging,
 )
+from depthprobe.errors import DepthprobeError
 
 
 @click.command("analyze")
@@ -24,7 +26,14 @@ from depthprobe.cli.options import (
     show_default=True,
     help="Comma list of angular,variance,grad,lens,drop,attribution.",
 )
+@click.option(
+    "--block-sizes",
+    default="2,4,8",
+    show_default=True,
+    help="With drop: sizes n of contiguous blocks l..l+n-1 to drop ('' to skip).",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
 def command(**opts) -> None:
@@ -40,39 +49,49 @@ def command(**opts) -> None:
       depthprobe analyze ./my-model --text-file corpus.txt --metrics drop --out runs/mine
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
     """
-    from depthprobe.analyze import analyze, parse_metrics
+    from depthprobe.analysis import analyze, parse_metrics
+    from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
+    options = {"block_sizes": _int_list(opts["block_sizes"], "--block-sizes")}
+    if opts["resume"] and not opts["out_dir"]:
+        raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
+    if opts["out_dir"] and "drop" in metrics:
+        # finished batches of the drop sweep are appended here, so Ctrl-C loses nothing
+        progress_file = Path(opts["out_dir"]) / DROP_PROGRESS
+        if progress_file.exists() and not opts["resume"]:
+            progress_file.unlink()
+        options["progress_file"] = str(progress_file)
     model, tokenizer = load_from_options(opts)
-    result = analyze(
-        model,
-        tokenizer,
-        metrics=metrics,
-        num_sequences=opts["num_sequences"],
-        seq_len=opts["seq_len"],
-        batch_size=opts["batch_size"],
-        text_file=opts["text_file"],
-        dataset=opts["dataset"],
-        layers_path=opts["layers_path"],
-        model_name=opts["model"],
-        progress=not opts["quiet"],
-    )
+    result = analyze(model, tokenizer, metrics=metrics, options=options, **analysis_kwargs(opts))
     if not opts["quiet"]:
         click.echo(format_table(result))
     if opts["out_dir"]:
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
-            _write_report(result, out)
+            write_report([result], out / "report.html")
         click.echo(f"Results written to {out}/", err=True)
+        if not result.summary["interrupted"]:
+            (out / DROP_PROGRESS).unlink(missing_ok=True)
+    if result.summary["interrupted"]:
+        where = f"saved in {opts['out_dir']}" if opts["out_dir"] else "not saved (no --out)"
+        resume = " (rerun with --resume to continue the drop sweep)" if opts["out_dir"] else ""
+        raise DepthprobeError(f"interrupted during the {result.summary['interrupted']} sweep; the metrics "
+                              f"finished before it are {where}{resume}")
+    if result.summary["nonfinite"]:
+        where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
+        raise DepthprobeError(result.summary["notes"][-1] + where)
 
 
-def _write_report(result, out: Path) -> None:
+DROP_PROGRESS = "drop_progress.jsonl"
+
+
+def _int_list(value: str, flag: str) -> list[int]:
     try:
-        from depthprobe.report import write_report
-    except ImportError:  # report package not built yet
-        return
-    write_report([result], out / "report.html")
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise DepthprobeError(f"{flag} takes comma-separated integers like 2,4,8 (got {value!r})") from exc
 
 
 def format_table(result) -> str:

@@ -58,6 +58,21 @@ def load_from_options(opts: dict):
     )
 
 
+def analysis_kwargs(opts: dict) -> dict:
+    """Keyword arguments for ``depthprobe.analyze`` (and ``prune``) from the parsed
+    ``data_options`` and ``model_options``."""
+    return {
+        "num_sequences": opts["num_sequences"],
+        "seq_len": opts["seq_len"],
+        "batch_size": opts["batch_size"],
+        "text_file": opts["text_file"],
+        "dataset": opts["dataset"],
+        "layers_path": opts["layers_path"],
+        "model_name": opts["model"],
+        "progress": not opts["quiet"],
+    }
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:

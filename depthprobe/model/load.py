@@ -189,15 +189,15 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
 
 def _load_error(source: str, exc: Exception) -> DepthprobeError:
     msg = _first_line(exc)
+    lower = str(exc).lower()
+    if "model type" in lower or "unrecognized model" in lower or "does not recognize this architecture" in lower:
+        return DepthprobeError(
+            f"{source}: unknown architecture ({msg[:160]}); upgrade transformers, or pass --trust-remote-code "
+            "if you trust the repo's own code"
+        )
     if Path(source).is_dir():
         return DepthprobeError(f"cannot load a model from {source}: {msg}")
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-    lower = str(exc).lower()
-    if "model_type" in lower or "unrecognized model" in lower or "does not recognize this architecture" in lower:
-        return DepthprobeError(
-            f"{source}: unknown architecture ({msg}); upgrade transformers or pass --trust-remote-code "
-            "if you trust the repo's code"
-        )
     reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached or has no such repo"
     return DepthprobeError(f"cannot load {source!r}: {reason} and it is not in the local cache; {OFFLINE_HINT}")
 

@@ -321,15 +321,21 @@ class LayerStack:
         config = getattr(self.model, "config", None)
         saved = {name: getattr(config, name) for name in self._per_layer_config if getattr(config, name, None)}
         saved_n = getattr(config, "num_hidden_layers", None)
+        # modules that carry their block's position (attention `layer_idx`, used to index the
+        # KV cache) are renumbered to their new position, then restored
+        saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
         setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
         try:
             for name, values in saved.items():
                 setattr(config, name, [values[i] for i in keep])
             if saved_n is not None:
                 config.num_hidden_layers = len(keep)
+            renumber_layer_idx(getattr(parent, attr))
             yield
         finally:
             setattr(parent, attr, self.blocks)
+            for module, idx in saved_idx:
+                module.layer_idx = idx
             for name, values in saved.items():
                 setattr(config, name, values)
             if saved_n is not None:
@@ -365,6 +371,14 @@ class LayerStack:
             parent_path, attr = self.blocks_path.rsplit(".", 1)
             return self.model.get_submodule(parent_path), attr
         return self.model, self.blocks_path
+
+
+def renumber_layer_idx(blocks: nn.ModuleList) -> None:
+    """Set every ``layer_idx`` attribute inside block i to i (what a KV cache indexes by)."""
+    for i, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = i
 
 
 def block_output(output) -> torch.Tensor:

@@ -81,6 +81,19 @@ def next_token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[t
     return F.cross_entropy(pred, target, reduction="sum"), target.numel()
 
 
+def per_sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL of each sequence, ``(B, T, V), (B, T) -> (B,)`` float64.
+
+    Computed on flattened ``(B*(T-1), V)`` rows: cross-entropy over a strided class dim
+    (``(B, V, T)``) drifts by ~1e-4 from the model's own loss on CPU.
+    """
+    batch, length = input_ids.shape
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    target = input_ids[:, 1:].reshape(-1).to(pred.device)
+    nll = F.cross_entropy(pred, target, reduction="none").view(batch, length - 1)
+    return nll.double().mean(1)
+
+
 def cosine_drift_sum(hidden: torch.Tensor, reference: torch.Tensor) -> float:
     """sum over tokens of 1 - cos(hidden_t, reference_t): the encoder stand-in for LM loss."""
     return float((1 - (unit(hidden) * unit(reference)).sum(-1).clamp(-1, 1)).sum())

@@ -181,19 +181,34 @@ def analyze(
     tables: dict[str, pd.DataFrame] = {}
     summary_extra: dict = {}
     ctx = SweepContext(stack, windows, config, objective, stats.base_loss, stats.window_nll, progress)
+    interrupted = None
     for name in config.metrics:
         if name in SWEEPS:
             t0 = time.perf_counter()
-            out = SWEEPS[name](ctx)
+            try:
+                out = SWEEPS[name](ctx)
+            except KeyboardInterrupt:
+                # keep the main pass and the finished sweeps; the caller saves and reports
+                interrupted = name
+                notes.append(f"interrupted during the {name} sweep; the metrics before it are complete")
+                break
             columns.update(out.columns)
             tables.update(out.tables)
             summary_extra.update(out.summary)
             timings[name] = out.seconds or (time.perf_counter() - t0)
 
     layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in columns.items()}})
-    bad = [c for c in layers.columns if c != "layer" and not np.isfinite(layers[c]).all()]
-    if bad:
-        notes.append(f"non-finite values in {', '.join(bad)}: the model produced NaN/inf activations or losses")
+    nonfinite = {
+        c: [int(i) for i in layers["layer"][~np.isfinite(layers[c])]]
+        for c in layers.columns
+        if c != "layer" and not np.isfinite(layers[c]).all()
+    }
+    if nonfinite:
+        first = min(min(v) for v in nonfinite.values())
+        notes.append(
+            f"non-finite values from layer {first} on in {', '.join(nonfinite)}: the model produced NaN/inf "
+            "activations (check the weights, or use --dtype float32)"
+        )
     summary = {
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "architecture": type(model).__name__,
@@ -215,6 +230,8 @@ def analyze(
         "timings_s": timings,
         "versions": versions(),
         "notes": notes,
+        "nonfinite": nonfinite,
+        "interrupted": interrupted,
         "config": dataclasses.asdict(config),
         **summary_extra,
     }
@@ -301,10 +318,7 @@ def _main_pass(
                     nll, count = M.next_token_nll_sum(logits, batch_ids)
                     nll_sum += float(nll.detach())
                     with torch.no_grad():
-                        per_tok = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].float().transpose(1, 2), batch_ids[:, 1:], reduction="none"
-                        )
-                        window_nll.extend(per_tok.mean(1).tolist())
+                        window_nll.extend(M.per_sequence_nll(logits.detach(), batch_ids).tolist())
                     if do_grad:
                         (nll / total_pred).backward()
                     del logits, out

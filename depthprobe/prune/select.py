@@ -1,0 +1,170 @@
+"""Choosing which blocks to remove, and the pruning curve of every strategy.
+
+Strategies (K = number of blocks to remove):
+
+- ``drop``: the K blocks with the smallest single-block ``drop_delta_loss``.
+- ``greedy``: remove one block at a time, each time the one whose removal hurts least given
+  the blocks already removed (re-measured after each removal, prefix cache reused).
+- ``angular``: the K blocks with the smallest angular distance d(x_l, x_{l+1}).
+- ``block-influence``: the K blocks with the smallest 1 − cos(x_l, x_{l+1}) (ShortGPT).
+- ``block``: the contiguous run l..l+K−1 with the smallest d(x_l, x_{l+K}) (Gromov et al.).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from depthprobe.errors import DepthprobeError
+from depthprobe.model.stack import LayerStack
+from depthprobe.prune.sweep import BatchScorer, capture_states, forward
+
+STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
+#: ranked strategies: the per-layer column whose smallest values are removed first
+RANK_COLUMNS = {"drop": "drop_delta_loss", "angular": "angular_distance", "block-influence": "block_influence"}
+
+
+def validate_removal(stack: LayerStack, remove: Sequence[int]) -> list[int]:
+    """Check a user's ``--remove`` list: in range, no duplicates, at least one block kept."""
+    remove = list(remove)
+    if len(set(remove)) != len(remove):
+        dupes = sorted({i for i in remove if remove.count(i) > 1})
+        raise DepthprobeError(f"--remove lists layer(s) {dupes} more than once")
+    remove = [stack.check_index(i) for i in remove]
+    if len(set(remove)) >= len(stack):
+        raise DepthprobeError(f"cannot remove all {len(stack)} blocks; keep at least one")
+    return sorted(set(remove))
+
+
+def validate_k(stack: LayerStack, k: int) -> int:
+    if not 1 <= k < len(stack):
+        raise DepthprobeError(f"--num-layers must be between 1 and {len(stack) - 1} for this {len(stack)}-block model")
+    return k
+
+
+class Evaluator:
+    """Mean objective (LM loss or drift) of the model with some blocks removed, on fixed windows."""
+
+    def __init__(self, stack: LayerStack, input_ids: torch.Tensor, batch_size: int = 4, lm: bool | None = None):
+        self.stack = stack
+        self.input_ids = input_ids
+        self.batch_size = batch_size
+        self.lm = stack.is_causal_lm if lm is None else lm
+        self.device = next(stack.embed.parameters()).device if stack.embed is not None else stack.device
+        self._reference: list[torch.Tensor] = []  # encoders: the full model's final hidden states
+
+    def _batches(self):
+        for start in range(0, self.input_ids.shape[0], self.batch_size):
+            yield start // self.batch_size, self.input_ids[start : start + self.batch_size].to(self.device)
+
+    def _scorer(self, b: int, ids: torch.Tensor) -> BatchScorer:
+        if not self.lm and len(self._reference) <= b:
+            self._reference.append(forward(self.stack, ids, False).last_hidden_state)
+        return BatchScorer(self.stack, ids, self.lm, None if self.lm else self._reference[b])
+
+    @torch.no_grad()
+    def loss(self, removed: Sequence[int] = ()) -> float:
+        """Objective of the model without blocks ``removed``."""
+        keep = [i for i in range(len(self.stack)) if i not in set(removed)]
+        values = []
+        for b, ids in self._batches():
+            scorer = self._scorer(b, ids)
+            with self.stack.keep_blocks(keep):
+                values.append(scorer.from_output(forward(self.stack, ids, self.lm)))
+        return float(np.concatenate(values).mean())
+
+    @torch.no_grad()
+    def removal_losses(self, removed: Sequence[int], candidates: Sequence[int]) -> dict[int, float]:
+        """Objective after removing ``removed`` plus each one of ``candidates``, using one
+        prefix pass of the current model per batch (cached block inputs)."""
+        removed = set(removed)
+        keep = [i for i in range(len(self.stack)) if i not in removed]
+        sums = {c: [] for c in candidates}
+        for b, ids in self._batches():
+            scorer = self._scorer(b, ids)
+            states, _ = capture_states(self.stack, ids, self.lm, keep=keep)
+            for c in candidates:
+                rest = [i for i in keep if i > c]
+                sums[c].append(scorer.run(c, states[c], keep=rest))
+        return {c: float(np.concatenate(v).mean()) for c, v in sums.items()}
+
+
+@dataclass
+class PruneStep:
+    num_removed: int
+    removed: list[int]
+    loss: float
+
+
+def greedy(evaluator: Evaluator, k: int, progress: bool = True) -> list[PruneStep]:
+    """Remove ``k`` blocks one at a time, each time the cheapest given those already removed."""
+    removed: list[int] = []
+    steps = [PruneStep(0, [], evaluator.loss())]
+    for _ in tqdm(range(k), desc="greedy prune", disable=not progress, leave=False):
+        candidates = [i for i in range(len(evaluator.stack)) if i not in removed]
+        losses = evaluator.removal_losses(removed, candidates)
+        best = min(losses, key=losses.get)
+        removed.append(best)
+        steps.append(PruneStep(len(removed), sorted(removed), losses[best]))
+    return steps
+
+
+def rank_by(scores: Sequence[float]) -> list[int]:
+    """Block indices from least to most important (smallest score first; NaN last)."""
+    arr = np.asarray(scores, float)
+    arr = np.where(np.isfinite(arr), arr, np.inf)
+    return [int(i) for i in np.argsort(arr, kind="stable")]
+
+
+def best_block(angular_matrix: pd.DataFrame, k: int) -> list[int]:
+    """The contiguous run l..l+k−1 whose ends are closest: argmin over l of d(x_l, x_{l+k})."""
+    column = angular_matrix[k].dropna()
+    start = int(column.idxmin())
+    return list(range(start, start + k))
+
+
+def choose(strategy: str, k: int, layers: pd.DataFrame, angular_matrix: pd.DataFrame | None,
+           evaluator: Evaluator | None = None, progress: bool = True) -> list[int]:
+    """The ``k`` blocks ``strategy`` removes (see module docs)."""
+    if strategy == "greedy":
+        return greedy(evaluator, k, progress)[-1].removed
+    if strategy == "block":
+        return best_block(angular_matrix, k)
+    return sorted(rank_by(layers[RANK_COLUMNS[strategy]])[:k])
+
+
+def prune_curve(
+    evaluator: Evaluator,
+    layers: pd.DataFrame,
+    angular_matrix: pd.DataFrame,
+    max_removed: int,
+    strategies: Sequence[str] = STRATEGIES,
+    greedy_steps: list[PruneStep] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Loss and perplexity against the number of removed blocks, for each strategy.
+
+    Columns: strategy, num_removed, removed (``"3;7"``), loss, perplexity.
+    """
+    rows = []
+    base = evaluator.loss()
+    for strategy in strategies:
+        if strategy == "greedy":
+            steps = greedy_steps or greedy(evaluator, max_removed, progress)
+            rows += [(strategy, s.num_removed, s.removed, s.loss) for s in steps[: max_removed + 1]]
+            continue
+        order = rank_by(layers[RANK_COLUMNS[strategy]]) if strategy in RANK_COLUMNS else None
+        rows.append((strategy, 0, [], base))
+        for k in tqdm(range(1, max_removed + 1), desc=f"curve {strategy}", disable=not progress, leave=False):
+            removed = best_block(angular_matrix, k) if strategy == "block" else sorted(order[:k])
+            rows.append((strategy, k, removed, evaluator.loss(removed)))
+    frame = pd.DataFrame(rows, columns=["strategy", "num_removed", "removed", "loss"])
+    frame["removed"] = frame["removed"].map(lambda r: ";".join(str(i) for i in r))
+    frame["perplexity"] = [math.exp(v) if evaluator.lm else math.nan for v in frame["loss"]]
+    return frame
