@@ -36,7 +36,7 @@ def command(**opts) -> None:
       depthprobe compare --variants pre,post,mix,peri,lns --seeds 3 --preset tiny --steps 200 --out runs/cmp
       depthprobe compare --variants pre,lns --seeds 5 --preset cpu-small --steps 300 --out runs/lns
     """
-    from depthprobe.analyze import parse_metrics
+    from depthprobe.analysis import parse_metrics
     from depthprobe.train.compare import compare
 
     setup_logging(opts["verbose"])

@@ -117,5 +117,5 @@ def _report(trainer, opts: dict) -> None:
     from depthprobe.train.compare import analyze_run
 
     result = analyze_run(trainer.model, trainer.data, metrics="angular,variance,grad,lens", progress=not opts["quiet"])
-    out = result.save(f"{opts['out_dir']}/analysis")
-    write_report([result], out.parent / "report.html")
+    out = result.save(f"{opts['out_dir']}/analysis").parent
+    write_report([out], out / "report.html")  # the run folder: analysis plus training curves

@@ -65,7 +65,7 @@ def analyze_run(
     model, data: TokenData, metrics: str | Sequence[str] = DEFAULT_METRICS, progress: bool = False, name: str = ""
 ) -> AnalysisResult:
     """:func:`depthprobe.analyze` of a trained model on its held-out windows."""
-    from depthprobe.analyze import analyze
+    from depthprobe.analysis import analyze
 
     windows = Windows(data.val, f"{data.source} (held out)")
     return analyze(model, None, metrics=metrics, windows=windows, batch_size=8, progress=progress, model_name=name)
@@ -213,8 +213,8 @@ def _write(cmp: Comparison, out: Path, model_config, train_config, data_config) 
         from depthprobe.report import write_report
     except ImportError:  # the report package is not built yet
         return
-    firsts = {}
-    for (variant, _seed), analysis in cmp.analyses.items():
-        firsts.setdefault(variant, analysis)
+    firsts: dict[str, Path] = {}  # one run folder per variant: its analysis and training curves
+    for variant, seed in cmp.analyses:
+        firsts.setdefault(variant, out / variant / f"seed{seed}")
     if firsts:
-        write_report(list(firsts.values()), out / "report.html")
+        write_report(list(firsts.values()), out / "report.html", title="depthprobe compare")
