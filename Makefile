@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
 
-.PHONY: install test demo bench lint clean chromium screenshot
+.PHONY: install test demo compare-demo bench lint clean chromium screenshot
 
 install: $(STAMP) chromium
 
@@ -32,6 +32,11 @@ test: install lint
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 --out $(OUT)
+
+# 5 norm placements x 2 seeds at cpu-small: about 15 minutes on 2 CPU cores (docs/train.md).
+compare-demo: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe compare --variants pre,post,mix,peri,lns --seeds 2 \
+		--preset cpu-small --steps 120 --out out/compare-demo
 
 # A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.
 screenshot: install

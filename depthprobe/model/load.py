@@ -150,6 +150,8 @@ def load_model(
 def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    import depthprobe.train  # noqa: F401  (registers depthprobe_lm, the trainer's model type)
+
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -189,6 +189,19 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 FAMILIES["roberta"] = dataclasses.replace(FAMILIES["bert"], base="roberta")
+# depthprobe's own trainer model (depthprobe.train.model): norms absent from a placement
+# are nn.Identity, so every name exists; the contribution of a sublayer is its norm_out.
+FAMILIES["depthprobe_lm"] = Family(
+    base="model",
+    blocks="layers",
+    embed="embed_tokens",
+    final_norm="norm",
+    attn=("attn_norm_in", "self_attn", "attn_norm_out", "attn_norm_post"),
+    mlp=("mlp_norm_in", "mlp", "mlp_norm_out", "mlp_norm_post"),
+    attn_out="attn_norm_out",
+    mlp_out="mlp_norm_out",
+    norm_placement="config",  # read from config.norm_placement
+)
 
 #: model types that are encoders (no causal LM objective): drop and lens use cosine drift
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet"})
@@ -299,6 +312,8 @@ class LayerStack:
 
     @property
     def norm_placement(self) -> str:
+        if self.spec is not None and self.spec.norm_placement == "config":
+            return str(getattr(self.model.config, "norm_placement", "unknown"))
         return self.spec.norm_placement if self.spec else "unknown"
 
     @property
