@@ -18,6 +18,7 @@ CASES = {
     "gpt_neox-parallel": {"use_parallel_residual": True},
     "opt": {},
     "phi": {},
+    "depthprobe_lm": {},
 }
 KINDS = ("rmsnorm", "crmsnorm")
 
@@ -154,6 +155,8 @@ def test_inplace_converts_the_given_model():
         ("opt", {"do_layer_norm_before": False}, "Post-LN"),
         ("llama", {}, "already uses RMSNorm"),
         ("gemma2", {}, "already uses RMSNorm"),
+        ("depthprobe_lm", {"norm_type": "rms"}, "already uses RMSNorm"),
+        ("depthprobe_lm", {"norm_placement": "peri"}, "is not Pre-LN"),
     ],
 )
 def test_refuses_non_pre_ln(family, overrides, phrase):
@@ -200,7 +203,10 @@ def test_cli_refuses_post_ln_opt_and_full_out(tmp_path, tiny_dir, capsys):
 
 
 # ---------------------------------------------------------------------------- CLI and reload
-@pytest.mark.parametrize(("family", "kind"), [("gpt2", "crmsnorm"), ("opt", "rmsnorm"), ("gpt_neox", "crmsnorm")])
+@pytest.mark.parametrize(
+    ("family", "kind"),
+    [("gpt2", "crmsnorm"), ("opt", "rmsnorm"), ("gpt_neox", "crmsnorm"), ("depthprobe_lm", "crmsnorm")],
+)
 def test_cli_writes_a_folder_that_reloads_with_same_logits(family, kind, tiny_dir, tmp_path, capsys):
     out = tmp_path / "converted"
     code, stdout, _ = _run(["convert", str(tiny_dir(family)), "--to", kind, "--out", str(out), "--check"], capsys)

@@ -18,6 +18,8 @@ _COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=1, pad_token_id=1)
 def _configs():
     import transformers as tf
 
+    from depthprobe.train import DepthprobeLMConfig, DepthprobeLMForCausalLM
+
     decoder = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         max_position_embeddings=128, **_COMMON,
@@ -58,6 +60,14 @@ def _configs():
                 max_position_embeddings=128, **_COMMON,
             ),
             tf.BertModel,
+        ),
+        # the trainer's own model; Pre-LN with LayerNorm so that it also converts
+        "depthprobe_lm": (
+            DepthprobeLMConfig(
+                vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                max_position_embeddings=128, norm_type="layer", norm_placement="pre",
+            ),
+            DepthprobeLMForCausalLM,
         ),
     }
 

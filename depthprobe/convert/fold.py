@@ -135,12 +135,9 @@ def _plan(model: nn.Module) -> _Plan:
     spec = stack.spec.stream if stack.spec is not None else None
     if spec is None:
         raise DepthprobeError(_refusal(model, stack))
-    for attr, wanted in spec.pre_ln:
+    for attr, wanted, why in spec.pre_ln:
         if getattr(config, attr, wanted) != wanted:
-            raise DepthprobeError(
-                f"{stack.family} model with {attr}={getattr(config, attr)!r} is Post-LN: the residual stream is "
-                "normalized in place, so there is no Pre-RMSNorm equivalent; only Pre-LN models convert"
-            )
+            raise DepthprobeError(f"{stack.family} model with {attr}={getattr(config, attr)!r} {why}")
     base = _submodule(model, stack.spec.base) or model
     if stack.final_norm is None:
         raise DepthprobeError(

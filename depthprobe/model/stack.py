@@ -37,8 +37,9 @@ class StreamSpec:
     added into the stream; one narrower than the stream (OPT's ``word_embed_proj_dim``) is not
     in the stream itself and reaches it through ``base_writers`` (OPT's ``project_in``).
     ``final_reader`` (relative to the base model) is the linear the final norm feeds when it
-    is not the LM head (OPT's ``project_out``). ``pre_ln`` names config attributes that must
-    hold the given value for the blocks to be Pre-LN (OPT ``do_layer_norm_before=True``).
+    is not the LM head (OPT's ``project_out``). ``pre_ln`` lists ``(config attribute, value
+    it must hold, why a model without it cannot convert)`` for families whose blocks are only
+    Pre-LN with LayerNorm under some settings (OPT ``do_layer_norm_before=True``).
     """
 
     readers: tuple[tuple[str, tuple[str, ...]], ...]
@@ -46,7 +47,7 @@ class StreamSpec:
     embeds: tuple[str, ...]
     base_writers: tuple[str, ...] = ()
     final_reader: str | None = None
-    pre_ln: tuple[tuple[str, object], ...] = ()
+    pre_ln: tuple[tuple[str, object, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ class Family:
     #: for Pre-LN (LayerNorm) families: who reads and writes the residual stream
     stream: StreamSpec | None = None
 
+
+_POST_LN_REFUSAL = (
+    "is Post-LN: the residual stream is normalized in place, so there is no Pre-RMSNorm equivalent; "
+    "only Pre-LN models convert"
+)
 
 _LLAMA_LIKE = Family(base="model", blocks="layers", embed="embed_tokens", final_norm="norm")
 
@@ -172,7 +178,7 @@ FAMILIES: dict[str, Family] = {
             embeds=("embed_tokens", "embed_positions"),
             base_writers=("project_in",),
             final_reader="project_out",
-            pre_ln=(("do_layer_norm_before", True),),
+            pre_ln=(("do_layer_norm_before", True, _POST_LN_REFUSAL),),
         ),
     ),
     "bert": Family(
@@ -201,6 +207,18 @@ FAMILIES["depthprobe_lm"] = Family(
     attn_out="attn_norm_out",
     mlp_out="mlp_norm_out",
     norm_placement="config",  # read from config.norm_placement
+    stream=StreamSpec(  # convertible when trained with --norm pre and LayerNorm
+        readers=(
+            ("attn_norm_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("mlp_norm_in", ("mlp.gate_proj", "mlp.up_proj")),
+        ),
+        writers=("self_attn.o_proj", "mlp.down_proj"),
+        embeds=("embed_tokens",),
+        pre_ln=(
+            ("norm_type", "layer", "already uses RMSNorm; there is nothing to convert"),
+            ("norm_placement", "pre", "is not Pre-LN; only Pre-LN models convert"),
+        ),
+    ),
 )
 
 #: model types that are encoders (no causal LM objective): drop and lens use cosine drift
