@@ -288,18 +288,7 @@ def test_analyze_without_drop_is_unchanged(tiny_llama):
     assert "drop_delta_loss_lo" not in result.layers
 
 
-def _drop_sweep_importable() -> bool:
-    try:
-        import depthprobe.prune.sweep  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not _drop_sweep_importable(), reason="the drop sweep (depthprobe.prune.sweep) cannot be imported on this branch"
-)
 def test_smollm2_proxies_csv(smollm2, calibration_file, tmp_path):
     model, tokenizer = smollm2
     result = analyze(

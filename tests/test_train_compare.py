@@ -72,9 +72,15 @@ def test_cli_compare_trains_every_variant_on_equal_terms(tmp_path, capsys):
         assert a == b
     layers = pd.read_csv(out / "comparison_layers.csv")
     assert len(layers) == 4 * 4 and {"angular_distance", "activation_variance"} <= set(layers.columns)
-    notes = json.loads((out / "summary.json").read_text())["notes"]
-    has_drop = "drop_delta_loss" in layers.columns
-    assert has_drop or any(n.startswith("drop: skipped") for n in notes)
+    assert "drop_delta_loss" in layers.columns
+    # the report holds the first seed of each variant side by side, with the summary table
+    from depthprobe.report import load_runs
+
+    shown = load_runs(out)
+    assert [r.summary["label"] for r in shown] == ["pre (seed 0)", "lns (seed 0)"]
+    pd.testing.assert_frame_equal(shown[0].tables["comparison"], pd.read_csv(out / "comparison_summary.csv"))
+    html = (out / "report.html").read_text()
+    assert "Comparison" in html and "lns (seed 0)" in html and "Training loss" in html
 
 
 def test_cli_compare_unknown_variant_is_exit_2(tmp_path, capsys):

@@ -22,6 +22,7 @@ from depthprobe.cli.train import configs_from_options, train_options
     help="What to analyze on every final model.",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Comparison folder.")
+@click.option("--no-report", is_flag=True, help="Do not write OUT/report.html.")
 @common_options
 def command(**opts) -> None:
     """Train each variant for each seed, analyze every final model, compare.
@@ -51,6 +52,7 @@ def command(**opts) -> None:
         opts["out_dir"],
         metrics=parse_metrics(opts["metrics"]),
         progress=not opts["quiet"],
+        report=not opts["no_report"],
     )
     if not opts["quiet"]:
         import pandas as pd

@@ -110,10 +110,7 @@ def command(**opts) -> None:
 
 
 def _report(trainer, opts: dict) -> None:
-    try:
-        from depthprobe.report import write_report
-    except ImportError:  # the report package is not built yet
-        return
+    from depthprobe.report import write_report
     from depthprobe.train.compare import analyze_run
 
     result = analyze_run(trainer.model, trainer.data, metrics="angular,variance,grad,lens", progress=not opts["quiet"])

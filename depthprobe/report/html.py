@@ -5,7 +5,8 @@ the file works offline and cannot leak anything. Every user-supplied string is e
 Run folders it reads (``load_run``): an ``analyze --out`` folder; a ``prune --out`` folder
 (``analysis/`` + ``prune.json`` + ``prune_curve.csv``); a ``train --out`` folder
 (``metrics.csv``, ``train_layers.csv``, ``analysis/``); a ``compare --out`` folder
-(``comparison.csv`` and one training folder per variant and seed).
+(``comparison.csv`` and one training folder per variant and seed), which ``load_runs``
+expands into the first analyzed seed of each variant, carrying the comparison summary.
 """
 
 from __future__ import annotations
@@ -60,8 +61,28 @@ window.addEventListener('error',function(e){document.body.dataset.jsError=String
 """
 
 
+def load_runs(path: str | Path) -> list[AnalysisResult]:
+    """The runs in one output folder: one, or one per variant for a ``compare`` folder."""
+    folder = Path(path)
+    if not (folder / "comparison.csv").is_file():
+        return [load_run(folder)]
+    runs_table = pd.read_csv(folder / "comparison.csv")
+    runs: dict[str, AnalysisResult] = {}
+    for row in runs_table.itertuples(index=False):
+        run_dir = folder / str(row.variant) / f"seed{row.seed}"
+        if row.variant not in runs and (run_dir / "analysis" / SUMMARY_JSON).is_file():
+            runs[row.variant] = load_run(run_dir)
+            runs[row.variant].summary["label"] = f"{row.variant} (seed {row.seed})"
+    if not runs:
+        raise DepthprobeError(f"{path}: no run of this comparison was analyzed (all diverged?); nothing to report")
+    first = next(iter(runs.values()))
+    summary_csv = folder / "comparison_summary.csv"
+    first.tables["comparison"] = pd.read_csv(summary_csv if summary_csv.is_file() else folder / "comparison.csv")
+    return list(runs.values())
+
+
 def load_run(path: str | Path) -> AnalysisResult:
-    """An ``AnalysisResult`` from any depthprobe output folder (see module docs)."""
+    """An ``AnalysisResult`` from one depthprobe output folder (see module docs)."""
     folder = Path(path)
     if not folder.is_dir():
         raise DepthprobeError(f"run folder not found: {path}")
@@ -210,7 +231,7 @@ def write_report(runs: Sequence[AnalysisResult | str | Path], path: str | Path, 
     Example:
         >>> write_report(["runs/smol", "runs/smol-24"], "compare.html")   # doctest: +SKIP
     """
-    loaded = [r if isinstance(r, AnalysisResult) else load_run(r) for r in runs]
+    loaded = [run for r in runs for run in ([r] if isinstance(r, AnalysisResult) else load_runs(r))]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(loaded, title), encoding="utf-8")

@@ -15,8 +15,8 @@ Outputs in ``out_dir``:
 - ``comparison_summary.csv``: per variant, mean and sd over seeds of the final validation
   loss and perplexity, and a paired test against ``pre`` across seeds (``scipy.stats``
   ``ttest_rel`` and ``wilcoxon`` on the per-seed losses; diverged seeds are left out).
-- ``summary.json``: the same summary plus configs and notes; ``report.html`` when the
-  report package is available.
+- ``summary.json``: the same summary plus configs and notes; ``report.html`` (first
+  analyzed seed of each variant side by side, with the summary table) unless ``report=False``.
 
 Example:
     >>> cmp = compare(["pre", "post", "mix"], num_seeds=3, model_config=ModelConfig(**PRESETS["tiny"]),
@@ -27,7 +27,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 from collections.abc import Sequence
@@ -71,13 +70,6 @@ def analyze_run(
     return analyze(model, None, metrics=metrics, windows=windows, batch_size=8, progress=progress, model_name=name)
 
 
-def available_metrics(metrics: Sequence[str]) -> tuple[tuple[str, ...], list[str]]:
-    """Drop ``drop`` when its sweep module is not installed, with a note saying so."""
-    if "drop" in metrics and importlib.util.find_spec("depthprobe.prune.sweep") is None:
-        return tuple(m for m in metrics if m != "drop"), ["drop: skipped, depthprobe.prune.sweep is not available"]
-    return tuple(metrics), []
-
-
 def compare(
     variants: Sequence[str],
     num_seeds: int,
@@ -88,6 +80,7 @@ def compare(
     *,
     metrics: Sequence[str] = DEFAULT_METRICS,
     progress: bool = True,
+    report: bool = True,
 ) -> Comparison:
     """Train every variant for seeds ``train_config.seed + 0 .. num_seeds-1``, analyze, summarize.
 
@@ -101,7 +94,7 @@ def compare(
         raise DepthprobeError(f"--seeds must be at least 1 (got {num_seeds})")
     data_config = data_config or DataConfig()
     out = Path(out_dir) if out_dir is not None else None
-    metrics, notes = available_metrics(metrics)
+    metrics, notes = tuple(metrics), []
     tokenizer = load_tokenizer(data_config.tokenizer)
     ids, source = token_stream(data_config, tokenizer)
 
@@ -148,7 +141,7 @@ def compare(
         layers = layers[["variant", "seed", *[c for c in layers.columns if c not in ("variant", "seed")]]]
     comparison = Comparison(runs, summary, layers, analyses, notes)
     if out is not None:
-        _write(comparison, out, model_config, train_config, data_config)
+        _write(comparison, out, model_config, train_config, data_config, report)
     return comparison
 
 
@@ -189,7 +182,7 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _write(cmp: Comparison, out: Path, model_config, train_config, data_config) -> None:
+def _write(cmp: Comparison, out: Path, model_config, train_config, data_config, report: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cmp.runs.to_csv(out / "comparison.csv", index=False, float_format="%.8g")
     cmp.summary.to_csv(out / "comparison_summary.csv", index=False, float_format="%.6g")
@@ -209,12 +202,7 @@ def _write(cmp: Comparison, out: Path, model_config, train_config, data_config) 
             },
         },
     )
-    try:
+    if report and cmp.analyses:
         from depthprobe.report import write_report
-    except ImportError:  # the report package is not built yet
-        return
-    firsts: dict[str, Path] = {}  # one run folder per variant: its analysis and training curves
-    for variant, seed in cmp.analyses:
-        firsts.setdefault(variant, out / variant / f"seed{seed}")
-    if firsts:
-        write_report(list(firsts.values()), out / "report.html", title="depthprobe compare")
+
+        write_report([out], out / "report.html", title="depthprobe compare")  # expands to one run per variant
