@@ -120,6 +120,12 @@ def test_export_reloads_with_plain_transformers(family, tiny_dir, tmp_path, caps
     assert greedy_rows.loc[2, "loss"] == pytest.approx(info["loss_after"], abs=1e-9)
     # greedy's first step is the best single drop: no strategy beats it at K=1
     assert greedy_rows.loc[1, "loss"] <= curve[curve.num_removed == 1]["loss"].min() + 1e-9
+    # prune_excess.csv: each other strategy's curve loss minus greedy's at the same K
+    excess = pd.read_csv(out / "prune_excess.csv")
+    assert len(excess) == 4 * 3  # 4 strategies x K = 0, 1, 2
+    for row in excess.itertuples(index=False):
+        mine = curve[(curve.strategy == row.strategy) & (curve.num_removed == row.K)]["loss"].item()
+        assert row.excess == pytest.approx(mine - greedy_rows.loc[row.K, "loss"], abs=1e-9)
 
 
 @pytest.mark.parametrize(

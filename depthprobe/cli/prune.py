@@ -46,7 +46,8 @@ def command(**opts) -> None:
 
     The folder loads with plain transformers (AutoModelForCausalLM.from_pretrained) and holds
     prune.json (what was removed, loss before/after), prune_curve.csv (loss against the
-    number of removed blocks for each strategy) and analysis/ (the per-layer table).
+    number of removed blocks for each strategy), prune_excess.csv (each strategy's loss
+    minus greedy's at the same K) and analysis/ (the per-layer table).
 
     \b
     Examples:
@@ -84,6 +85,9 @@ def command(**opts) -> None:
         click.echo(f"final-state cosine drift {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
     if result.curve is not None and not opts["quiet"]:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
+        click.echo("loss above greedy's at K = " + ", ".join(
+            f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
     if not opts["no_report"]:
         write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)

@@ -2,6 +2,7 @@
 
     sweep.py   drop_delta_loss (block, attention, MLP) and contiguous-block drops, prefix-cached
     select.py  strategies drop | greedy | angular | block-influence | block, pruning curves
+               (and ``depthprobe.stats.prune_excess``: each strategy's loss against greedy's)
     export.py  remove blocks for good, save a model that loads with from_pretrained
 
 :func:`prune` wires them: analyze -> choose -> curve -> remove -> verify -> save.
@@ -29,6 +30,7 @@ from depthprobe.prune.select import (
     validate_removal,
 )
 from depthprobe.results import AnalysisResult, write_json
+from depthprobe.stats import prune_excess
 
 __all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
 
@@ -42,6 +44,8 @@ class PruneResult:
     objective: str
     curve: pd.DataFrame | None
     analysis: AnalysisResult
+    #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
+    excess: pd.DataFrame | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -134,12 +138,14 @@ def prune(
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
     remove_blocks(stack, remove)
+    excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis)
+                         analysis, excess)
     if out_dir is not None:
         out = save_model(model, tokenizer, out_dir)
         write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
         if table is not None:
             table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
+            excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
         analysis.save(out / "analysis")
     return result

@@ -92,7 +92,7 @@ def load_run(path: str | Path) -> AnalysisResult:
         result = AnalysisResult.load(folder / "analysis")
     else:
         raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
-    for name in ("prune_curve", "metrics", "train_layers", "comparison"):
+    for name in ("prune_curve", "prune_excess", "metrics", "train_layers", "comparison"):
         csv = folder / f"{name}.csv"
         if csv.is_file() and name not in result.tables:
             result.tables[name] = pd.read_csv(csv)
@@ -202,7 +202,9 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     for heading, fig, caption in sections:
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
-    for name, heading in (("proxies", "Which proxy predicts the real damage"), ("comparison", "Comparison")):
+    for name, heading in (("proxies", "Which proxy predicts the real damage"),
+                          ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice"),
+                          ("comparison", "Comparison")):
         tables = [(r, r.tables[name]) for r in runs if name in r.tables]
         for run, table in tables:
             parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>" + table_html(table))
