@@ -203,11 +203,16 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
-                          ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice"),
-                          ("comparison", "Comparison")):
-        tables = [(r, r.tables[name]) for r in runs if name in r.tables]
-        for run, table in tables:
-            parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>" + table_html(table))
+                          ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
+        for run in runs:
+            if name in run.tables:
+                parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>"
+                             + table_html(run.tables[name]))
+    for run in runs:  # a comparison's summary belongs to all its runs: shown once, unlabeled
+        if "comparison" in run.tables:
+            parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
+                         "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
+                         + table_html(run.tables["comparison"]))
     frames = []
     for run in runs:
         frame = run.layers.copy()
