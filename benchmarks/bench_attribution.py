@@ -8,14 +8,18 @@ by block (the straightforward baseline). Same numbers (rule="left"), L times few
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.tiny_models, from any folder
 
-from depthprobe.model.stack import LayerStack
-from depthprobe.probes.attribution import block_conductance, lm_target, mean_embedding
-from tests.tiny_models import build_tiny, random_ids
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from depthprobe.model.stack import LayerStack  # noqa: E402
+from depthprobe.probes.attribution import block_conductance, lm_target, mean_embedding  # noqa: E402
+from tests.tiny_models import build_tiny, random_ids  # noqa: E402
 
 
 def baseline(model, stack, ids, steps):
