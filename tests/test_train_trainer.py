@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import depthprobe
 from depthprobe.cli import main
 from depthprobe.train.data import DataConfig, TokenData, byte_tokenizer, load_data, token_stream
 from depthprobe.train.model import PRESETS, ModelConfig, build_model, rotary
@@ -108,6 +110,27 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data):
     assert all(torch.equal(a[k], b[k]) for k in a)
     on_disk = pd.read_csv(tmp_path / "cut" / "metrics.csv")
     assert on_disk.step.tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(tmp_path, data):
+    whole = Trainer(MODEL, small(), DATA, tmp_path / "whole", data=data, progress=False).fit()
+    trainer = Trainer(MODEL, small(ckpt_every=100), DATA, tmp_path / "cut", data=data, progress=False)
+    real_step = trainer._train_step
+
+    def step_then_ctrl_c():  # Ctrl-C arrives in the middle of step 3
+        row = real_step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return row
+
+    trainer._train_step = step_then_ctrl_c
+    with pytest.raises(depthprobe.DepthprobeError, match="after step 3.*--resume"):
+        trainer.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert torch.load(tmp_path / "cut" / CHECKPOINT, weights_only=True)["step"] == 3
+    resumed = Trainer(MODEL, small(), DATA, tmp_path / "cut", resume=True, data=data, progress=False).fit()
+    assert resumed.metrics.train_loss.tolist() == whole.metrics.train_loss.tolist()
+    assert resumed.final_val_loss == whole.final_val_loss
 
 
 def test_nan_loss_marks_diverged_and_keeps_last_checkpoint(tmp_path, data):

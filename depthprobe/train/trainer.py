@@ -38,6 +38,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,29 +252,35 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self._write_config()
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not self.progress, leave=False)
-        try:
-            while self.step < end and not self.diverged:
-                row = self._train_step()
-                if self.diverged:
-                    log.warning("loss or gradient is not finite at step %d: run marked diverged", self.step + 1)
+        ctrl_c = threading.Event()
+        # DDP ranks could see Ctrl-C at different steps and wait on each other: graceful stop alone
+        with _stop_at_step_boundary(ctrl_c, enabled=self.dist.world == 1):
+            try:
+                while self.step < end and not self.diverged and not ctrl_c.is_set():
+                    row = self._train_step()
+                    if self.diverged:
+                        log.warning("loss or gradient is not finite at step %d: run marked diverged", self.step + 1)
+                        self.metric_rows.append(row)
+                        break
+                    self.step += 1
+                    last = self.step == cfg.steps
+                    if self.dist.main and _due(self.step, cfg.eval_every, last):
+                        row["val_loss"] = self.evaluate()
                     self.metric_rows.append(row)
-                    break
-                self.step += 1
-                last = self.step == cfg.steps
-                if self.dist.main and _due(self.step, cfg.eval_every, last):
-                    row["val_loss"] = self.evaluate()
-                self.metric_rows.append(row)
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-                if _due(self.step, cfg.ckpt_every, last) or self.step == end:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['train_loss']:.3f}")
+                    if _due(self.step, cfg.ckpt_every, last) or self.step == end or ctrl_c.is_set():
+                        self.save_checkpoint()
+            finally:
+                bar.close()
         result = self._result(time.perf_counter() - t_start)
         if self.dist.main and self.out_dir is not None:
             self._write_outputs(result, finished=self.step == cfg.steps)
         if self._own_pg:
             dist.destroy_process_group()
+        if ctrl_c.is_set() and self.step < end:
+            where = f"; checkpoint in {self.out_dir}/, continue with --resume" if self.out_dir is not None else ""
+            raise DepthprobeError(f"interrupted (Ctrl-C) after step {self.step}{where}")
         return result
 
     def _train_step(self) -> dict:
@@ -485,3 +493,24 @@ def _activation_recorder(acts: dict[int, list[float]]):
 def _numpy_state() -> dict:
     _, keys, pos, *_ = np.random.get_state()
     return {"keys": keys.tolist(), "pos": int(pos)}
+
+
+@contextlib.contextmanager
+def _stop_at_step_boundary(flag: threading.Event, enabled: bool):
+    """While training, the first Ctrl-C sets ``flag`` (the loop finishes its step, saves a
+    checkpoint and stops); a second one interrupts at once, as usual."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def first_ctrl_c(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit now)")
+
+    previous = signal.signal(signal.SIGINT, first_ctrl_c)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is first_ctrl_c:
+            signal.signal(signal.SIGINT, previous)
