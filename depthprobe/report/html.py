@@ -2,11 +2,12 @@
 of inline JS for the sortable table. A Content-Security-Policy forbids every request, so
 the file works offline and cannot leak anything. Every user-supplied string is escaped.
 
-Run folders it reads (``load_run``): an ``analyze --out`` folder; a ``prune --out`` folder
-(``analysis/`` + ``prune.json`` + ``prune_curve.csv``); a ``train --out`` folder
-(``metrics.csv``, ``train_layers.csv``, ``analysis/``); a ``compare --out`` folder
-(``comparison.csv`` and one training folder per variant and seed), which ``load_runs``
-expands into the first analyzed seed of each variant, carrying the comparison summary.
+Run folders ``load_run`` reads: an ``analyze --out`` folder; a ``prune --out`` folder
+(``analysis/`` + ``prune.json`` + ``prune_curve.csv`` + ``prune_excess.csv``); a ``train
+--out`` folder (``metrics.csv``, ``train_layers.csv``, ``analysis/``). ``load_runs`` also
+takes a ``compare --out`` folder (``comparison.csv`` and one training folder per variant and
+seed) and expands it into the first analyzed seed of each variant, the first carrying the
+comparison summary.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def load_run(path: str | Path) -> AnalysisResult:
         result = AnalysisResult.load(folder / "analysis")
     else:
         raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
-    for name in ("prune_curve", "prune_excess", "metrics", "train_layers", "comparison"):
+    for name in ("prune_curve", "prune_excess", "metrics", "train_layers"):
         csv = folder / f"{name}.csv"
         if csv.is_file() and name not in result.tables:
             result.tables[name] = pd.read_csv(csv)

@@ -269,16 +269,19 @@ class Trainer:
                     self.metric_rows.append(row)
                     bar.update(1)
                     bar.set_postfix(loss=f"{row['train_loss']:.3f}")
-                    if _due(self.step, cfg.ckpt_every, last) or self.step == end or ctrl_c.is_set():
+                    if _due(self.step, cfg.ckpt_every, last) or self.step == end:
                         self.save_checkpoint()
             finally:
                 bar.close()
+        stopped_early = ctrl_c.is_set() and self.step < end and not self.diverged
+        if stopped_early:  # here, not in the loop: the flag may be set after the loop's last save check
+            self.save_checkpoint()
         result = self._result(time.perf_counter() - t_start)
         if self.dist.main and self.out_dir is not None:
             self._write_outputs(result, finished=self.step == cfg.steps)
         if self._own_pg:
             dist.destroy_process_group()
-        if ctrl_c.is_set() and self.step < end:
+        if stopped_early:
             where = f"; checkpoint in {self.out_dir}/, continue with --resume" if self.out_dir is not None else ""
             raise DepthprobeError(f"interrupted (Ctrl-C) after step {self.step}{where}")
         return result
