@@ -51,6 +51,7 @@ screenshot: install
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
 
 bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 clean:

@@ -6,11 +6,13 @@ import click
 
 from depthprobe.cli.options import common_options, setup_logging
 from depthprobe.cli.train import configs_from_options, train_options
+from depthprobe.results import parse_list
+from depthprobe.train.model import PLACEMENT_NAMES
 
 
 @click.command("compare")
 @click.option(
-    "--variants", default="pre,post,mix,peri,lns", show_default=True, help="Comma list of pre,post,mix,peri,lns,deepnorm."
+    "--variants", default="pre,post,mix,peri,lns", show_default=True, help=f"Comma list of {','.join(PLACEMENT_NAMES)}."
 )
 @click.option("--seeds", "num_seeds", type=int, default=3, show_default=True, help="Seeds per variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed (seed index i uses seed+i).")
@@ -41,7 +43,7 @@ def command(**opts) -> None:
     from depthprobe.train.compare import compare
 
     setup_logging(opts["verbose"])
-    variants = [v.strip() for v in opts["variants"].split(",") if v.strip()]
+    variants = parse_list(opts["variants"], "--variants", str, "pre,lns")
     model_cfg, train_cfg, data_cfg = configs_from_options(opts, "pre", opts["seed"])
     result = compare(
         variants,

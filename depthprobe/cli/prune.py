@@ -13,15 +13,8 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
-
-
-def _layer_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError as exc:
-        raise DepthprobeError(f"--remove takes comma-separated layer indices like 21,22,23 (got {value!r})") from exc
+from depthprobe.prune.select import STRATEGIES
+from depthprobe.results import REPORT_HTML, parse_list
 
 
 @click.command("prune")
@@ -31,7 +24,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--num-layers", "num_layers", type=int, default=None, help="Remove K blocks chosen by --strategy.")
 @click.option(
     "--strategy",
-    type=click.Choice(["drop", "greedy", "angular", "block-influence", "block"]),
+    type=click.Choice(list(STRATEGIES)),
     default="greedy",
     show_default=True,
     help="How to choose the K blocks.",
@@ -59,7 +52,7 @@ def command(**opts) -> None:
     from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
-    remove = _layer_list(opts["remove"])
+    remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
     model, tokenizer = load_from_options(opts)
@@ -89,5 +82,5 @@ def command(**opts) -> None:
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
     if not opts["no_report"]:
-        write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
+        write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)

@@ -99,6 +99,12 @@ def cosine_drift_sum(hidden: torch.Tensor, reference: torch.Tensor) -> float:
     return float((1 - (unit(hidden) * unit(reference)).sum(-1).clamp(-1, 1)).sum())
 
 
+def per_sequence_drift(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(hidden_t, reference_t) per sequence, ``(B, T, d) x 2 -> (B,)`` float64."""
+    cos = (unit(hidden) * unit(reference)).sum(-1).clamp(-1, 1)
+    return (1 - cos).view(hidden.shape[0], -1).mean(1)
+
+
 def grad_l2(params) -> float:
     """L2 norm of the gradients of ``params`` (those without a gradient count as zero)."""
     total = 0.0

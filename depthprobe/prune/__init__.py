@@ -1,6 +1,7 @@
-"""Drop sweeps, layer choice and export of a pruned model.
+"""Layer choice, pruning curves and export of a pruned model.
 
-    sweep.py   drop_delta_loss (block, attention, MLP) and contiguous-block drops, prefix-cached
+    (the drop sweep that measures each block's damage is a probe: depthprobe.probes.drop;
+    ``depthprobe.prune.sweep`` re-exports it)
     select.py  strategies drop | greedy | angular | block-influence | block, pruning curves
                (and ``depthprobe.stats.prune_excess``: each strategy's loss against greedy's)
     export.py  remove blocks for good, save a model that loads with from_pretrained
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +20,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from depthprobe.analysis import analyze, max_positions
+from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.stack import LayerStack
+from depthprobe.probes.sweep import SweepOptions
 from depthprobe.prune.export import remove_blocks, save_model
 from depthprobe.prune.select import (
     STRATEGIES,
@@ -29,7 +35,14 @@ from depthprobe.prune.select import (
     validate_k,
     validate_removal,
 )
-from depthprobe.results import AnalysisResult, write_json
+from depthprobe.results import (
+    ANALYSIS_DIR,
+    PRUNE_CURVE_CSV,
+    PRUNE_EXCESS_CSV,
+    PRUNE_JSON,
+    AnalysisResult,
+    write_json,
+)
 from depthprobe.stats import prune_excess
 
 __all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
@@ -91,10 +104,6 @@ def prune(
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
     """
-    from depthprobe.analysis import analyze, max_positions
-    from depthprobe.data import make_windows
-    from depthprobe.model.stack import LayerStack
-
     if (remove is None) == (num_layers is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
     if strategy not in (*STRATEGIES, "manual"):
@@ -108,19 +117,11 @@ def prune(
     if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
 
-    windows = analyze_kwargs.pop("windows", None)
-    if windows is None:
-        windows = make_windows(
-            tokenizer,
-            num_sequences=analyze_kwargs.pop("num_sequences", 8),
-            seq_len=analyze_kwargs.pop("seq_len", 256),
-            text_file=analyze_kwargs.pop("text_file", None),
-            dataset=analyze_kwargs.pop("dataset", None),
-            max_positions=max_positions(model),
-        )
+    windows = _windows(model, tokenizer, analyze_kwargs)
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
-    options = {**analyze_kwargs.pop("options", {}), "sublayers": False, "block_sizes": ()}
+    given = SweepOptions.parse(analyze_kwargs.pop("options", None))
+    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=()))
     analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
                        progress=progress, options=options, **analyze_kwargs)
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
@@ -142,10 +143,30 @@ def prune(
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
                          analysis, excess)
     if out_dir is not None:
-        out = save_model(model, tokenizer, out_dir)
-        write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
-        if table is not None:
-            table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
-            excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
-        analysis.save(out / "analysis")
+        _save(result, model, tokenizer, out_dir)
     return result
+
+
+def _windows(model: torch.nn.Module, tokenizer, analyze_kwargs: dict) -> Windows:
+    """The calibration windows from ``analyze`` keyword arguments (those used are removed)."""
+    windows = analyze_kwargs.pop("windows", None)
+    if windows is not None:
+        return windows
+    return make_windows(
+        tokenizer,
+        num_sequences=analyze_kwargs.pop("num_sequences", 8),
+        seq_len=analyze_kwargs.pop("seq_len", 256),
+        text_file=analyze_kwargs.pop("text_file", None),
+        dataset=analyze_kwargs.pop("dataset", None),
+        max_positions=max_positions(model),
+    )
+
+
+def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str | Path) -> None:
+    """The pruned model, ``prune.json``, the curve tables and ``analysis/``."""
+    out = save_model(model, tokenizer, out_dir)
+    write_json(out / PRUNE_JSON, {**result.summary(), "model": result.analysis.summary["model"]})
+    if result.curve is not None:
+        result.curve.to_csv(out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
+        result.excess.to_csv(out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
+    result.analysis.save(out / ANALYSIS_DIR)
