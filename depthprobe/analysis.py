@@ -228,8 +228,9 @@ def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, Swe
 class RunSummary:
     """``summary.json``: what was measured, on what, how long it took and what to know.
 
-    ``not_applicable`` (column -> reason) lists metrics that do not apply to this model (left
-    empty, the reason in ``notes``); ``nonfinite`` lists computed columns with NaN/inf values.
+    A metric that does not apply (no LM head for ``grad``, no attention sublayer for
+    ``grad_norm_attn``...) is left empty with ``"<name>: <reason>"`` in ``notes`` and is not
+    an error; ``nonfinite`` lists only computed columns with NaN/inf values.
     """
 
     model: str
@@ -265,7 +266,8 @@ class RunSummary:
     def build(cls, model, stack: LayerStack, windows: Windows, config: ProbeConfig, objective: Objective,
               main: PassResult, sweeps: dict[str, SweepOutput], layers: pd.DataFrame, interrupted: str | None,
               model_name: str | None) -> RunSummary:
-        not_applicable = dict(not_applicable_metrics(config.metrics, objective))
+        not_applicable = {**not_applicable_metrics(config.metrics, objective), **main.not_applicable,
+                          **{k: v for out in sweeps.values() for k, v in out.not_applicable.items()}}
         timings = dict(main.timings) | {name: out.seconds for name, out in sweeps.items()}
         nonfinite = nonfinite_layers(layers, skip=not_applicable)
         notes = [f"{name}: {reason}" for name, reason in not_applicable.items()]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from depthprobe.cli.options import common_options, setup_logging
 from depthprobe.cli.train import configs_from_options, train_options
-from depthprobe.results import parse_list
+from depthprobe.results import REPORT_HTML, parse_list
 from depthprobe.train.model import PLACEMENT_NAMES
 
 
@@ -40,6 +42,7 @@ def command(**opts) -> None:
       depthprobe compare --variants pre,lns --seeds 5 --preset cpu-small --steps 300 --out runs/lns
     """
     from depthprobe.analysis import parse_metrics
+    from depthprobe.report import write_report
     from depthprobe.train.compare import compare
 
     setup_logging(opts["verbose"])
@@ -54,8 +57,10 @@ def command(**opts) -> None:
         opts["out_dir"],
         metrics=parse_metrics(opts["metrics"]),
         progress=not opts["quiet"],
-        report=not opts["no_report"],
+        report=False,  # the library writes tables only; HTML is written here, at the edge
     )
+    if not opts["no_report"] and result.analyses:  # the folder expands to one run per variant
+        write_report([opts["out_dir"]], Path(opts["out_dir"]) / REPORT_HTML, title="depthprobe compare")
     if not opts["quiet"]:
         import pandas as pd
 

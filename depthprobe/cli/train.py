@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 
 from depthprobe.cli.options import _stack, common_options, setup_logging
+from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
 from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
 
 PRESET_NAMES = list(PRESETS)
@@ -115,5 +117,5 @@ def _report(trainer, opts: dict) -> None:
     from depthprobe.train.compare import analyze_run
 
     result = analyze_run(trainer.model, trainer.data, metrics="angular,variance,grad,lens", progress=not opts["quiet"])
-    out = result.save(f"{opts['out_dir']}/analysis").parent
-    write_report([out], out / "report.html")  # the run folder: analysis plus training curves
+    out = result.save(Path(opts["out_dir"]) / ANALYSIS_DIR).parent
+    write_report([out], out / REPORT_HTML)  # the run folder: analysis plus training curves

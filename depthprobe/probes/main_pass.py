@@ -18,7 +18,7 @@ import contextlib
 import math
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -170,15 +170,25 @@ class PassAccumulator:
         return self.angular.matrix(self.tokens) if self.angular is not None else None
 
 
-def block_grad_norms(stack: LayerStack) -> dict[str, list[float]]:
-    """Per-block L2 norms of the gradients now in ``.grad``: whole block, attention, MLP."""
+def block_grad_norms(stack: LayerStack) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per-block L2 norms of the gradients now in ``.grad``: whole block, attention, MLP;
+    and, for sublayer columns left empty, why (column -> reason)."""
     norms: dict[str, list[float]] = {"grad_norm": [], "grad_norm_attn": [], "grad_norm_mlp": []}
+    missing: dict[str, list[int]] = {}
     for layer in range(len(stack)):
         norms["grad_norm"].append(M.grad_l2(stack.blocks[layer].parameters()))
         for kind in ("attn", "mlp"):
             params = [p for m in stack.sublayer_modules(layer, kind) for p in m.parameters()]
             norms[f"grad_norm_{kind}"].append(M.grad_l2(params) if params else math.nan)
-    return norms
+            if not params:
+                missing.setdefault(kind, []).append(layer)
+    reasons = {f"grad_norm_{kind}": f"no {kind} sublayer found in block(s) {_span(layers)}"
+               for kind, layers in missing.items()}
+    return norms, reasons
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
 
 
 @dataclass
@@ -188,6 +198,7 @@ class PassResult:
     base_loss: float | None
     window_nll: np.ndarray | None  # (N,) mean-token loss of each window (LMs, when the loss ran)
     angular_matrix: list[list[float]] | None
+    not_applicable: dict[str, str] = field(default_factory=dict)  # column -> why it is left empty
 
 
 class _Loss:
@@ -229,7 +240,7 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
             del out
             bar.update(batch.shape[0])
         bar.close()
-        grad_columns = block_grad_norms(stack) if grad else {}
+        grad_columns, not_applicable = block_grad_norms(stack) if grad else ({}, {})
     seconds = time.perf_counter() - t_pass
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:
@@ -240,4 +251,4 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     columns = {k: columns[k] for k in order if k in columns}
     base_loss = losses.nll_sum / losses.total if losses is not None else None
     window_nll = np.asarray(losses.windows) if losses is not None else None
-    return PassResult(columns, timings, base_loss, window_nll, acc.angular_matrix())
+    return PassResult(columns, timings, base_loss, window_nll, acc.angular_matrix(), not_applicable)

@@ -135,6 +135,7 @@ class SweepOutput:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     seconds: float = 0.0
+    not_applicable: dict[str, str] = field(default_factory=dict)  # column -> why it is left empty (NaN)
 
 
 Sweep = Callable[[SweepContext], SweepOutput]
