@@ -5,9 +5,10 @@ The flow, module by module::
     model/load.py   source -> (model, tokenizer)
     model/stack.py  LayerStack: embed -> blocks -> final norm -> head (the only family table)
     data.py         calibration text -> N windows of T tokens
-    probes/         hooks and pure metric functions
-    analysis.py     analyze(): one streaming pass (+ sweeps) -> AnalysisResult
-    results.py      the per-layer table, summary, save/load
+    probes/         hooks, pure metric functions, the objective, the streaming main pass,
+                    the sweep seam and the sweeps (drop damage, attribution)
+    analysis.py     analyze(): config -> main pass -> sweeps -> summary -> AnalysisResult
+    results.py      the per-layer table, summary, save/load, run-folder layout
     report/ prune/ stats.py testing/ train/ convert/   consumers of that table
     cli/            thin click commands over this API
 

@@ -35,15 +35,13 @@ from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
-from depthprobe.probes.main_pass import PASS_METRICS, PassResult, needs_loss, run_main_pass
+from depthprobe.probes.main_pass import DEFAULT_METRICS, PASS_METRICS, PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
 from depthprobe.results import DROP_PROGRESS, AnalysisResult, angular_matrix_frame, parse_list
 from depthprobe.stats import with_proxy_statistics
 
 log = logging.getLogger(__name__)
-
-DEFAULT_METRICS = ("angular", "variance", "grad", "lens")
 
 #: extra sweeps: metric name -> function(SweepContext) -> SweepOutput, run in the order asked
 SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.analysis import ALL_METRICS, DEFAULT_METRICS, analyze, parse_metrics
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -13,8 +14,7 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
-from depthprobe.probes.main_pass import PASS_METRICS
-from depthprobe.probes.sweep import DEFAULT_BLOCK_SIZES, AttributionOptions
+from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, DEFAULT_BLOCK_SIZES, AttributionOptions
 from depthprobe.results import REPORT_HTML, parse_list
 
 
@@ -23,9 +23,9 @@ from depthprobe.results import REPORT_HTML, parse_list
 @data_options
 @click.option(
     "--metrics",
-    default=",".join(PASS_METRICS),
+    default=",".join(DEFAULT_METRICS),
     show_default=True,
-    help=f"Comma list of {','.join((*PASS_METRICS, 'drop', 'attribution'))}.",
+    help=f"Comma list of {','.join(ALL_METRICS)}.",
 )
 @click.option(
     "--block-sizes",
@@ -37,7 +37,8 @@ from depthprobe.results import REPORT_HTML, parse_list
     "--attribution-steps",
     type=int,
     default=None,
-    help="Path points - 1 for --metrics attribution (default 8); cost is steps+1 forward+backward passes.",
+    help=f"Path points - 1 for --metrics attribution (default {DEFAULT_ATTRIBUTION_STEPS}); cost is steps+1 "
+    "forward+backward passes.",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
@@ -57,7 +58,6 @@ def command(**opts) -> None:
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
     """
-    from depthprobe.analysis import analyze, parse_metrics
     from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])

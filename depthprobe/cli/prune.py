@@ -22,13 +22,8 @@ from depthprobe.results import REPORT_HTML, parse_list
 @data_options
 @click.option("--remove", default=None, help="Comma list of 0-based blocks to remove, e.g. 21,22,23.")
 @click.option("--num-layers", "num_layers", type=int, default=None, help="Remove K blocks chosen by --strategy.")
-@click.option(
-    "--strategy",
-    type=click.Choice(list(STRATEGIES)),
-    default="greedy",
-    show_default=True,
-    help="How to choose the K blocks.",
-)
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="greedy", show_default=True,
+              help="How to choose the K blocks.")
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Measure prune_curve.csv for every strategy.")
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")

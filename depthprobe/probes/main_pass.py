@@ -32,6 +32,8 @@ from depthprobe.probes.objective import Objective
 
 #: metrics of the main pass; names accepted by ``--metrics``
 PASS_METRICS = ("angular", "variance", "grad", "lens")
+#: what ``analyze`` measures unless told otherwise
+DEFAULT_METRICS = PASS_METRICS
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
 
@@ -136,22 +138,30 @@ class PassAccumulator:
 
     def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         with torch.no_grad():
-            for name, part, call in (("angular", self.angular, lambda p: p.on_block(layer, x_in, x_out)),
-                                     ("variance", self.scale, lambda p: p.on_block(layer, x_in, x_out)),
-                                     ("lens", self.lens, lambda p: p.on_block(layer, x_out, self.input_ids))):
-                if part is not None:
-                    t0 = time.perf_counter()
-                    call(part)
-                    self.seconds[name] += time.perf_counter() - t0
+            if self.angular is not None:
+                with self._timed("angular"):
+                    self.angular.on_block(layer, x_in, x_out)
+            if self.scale is not None:
+                with self._timed("variance"):
+                    self.scale.on_block(layer, x_in, x_out)
+            if self.lens is not None:
+                with self._timed("lens"):
+                    self.lens.on_block(layer, x_out, self.input_ids)
+
+    @contextlib.contextmanager
+    def _timed(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - t0
 
     def end_batch(self, reference: torch.Tensor | None = None) -> None:
-        t0 = time.perf_counter()
         with torch.no_grad():
             if self.angular is not None:
-                self.angular.end_batch()
+                with self._timed("angular"):
+                    self.angular.end_batch()
             if self.lens is not None:
-                self.lens.end_batch(self.input_ids, reference)
-        self.seconds["angular" if self.angular is not None else "lens"] += time.perf_counter() - t0
+                with self._timed("lens"):
+                    self.lens.end_batch(self.input_ids, reference)
         self.tokens += self.input_ids.numel()
         self.predictions += self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
 
