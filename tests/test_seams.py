@@ -18,7 +18,7 @@ from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import DropOptions, SweepOptions, SweepOutput
 from depthprobe.results import DROP_PROGRESS, parse_list
 from depthprobe.stats import with_proxy_statistics
-from tests.tiny_models import build_tiny, random_ids
+from tests.tiny_models import FAMILY_NAMES, build_tiny, random_ids
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,16 @@ def test_resume_lives_in_analyze(llama, tmp_path, monkeypatch):
         else:
             analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2, progress_dir=tmp_path,
                     progress=False)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_stream_only_pass_reads_the_same_stream_on_every_family(family):
+    """angular/variance without the head give exactly the columns of a full-model pass."""
+    model = build_tiny(family)
+    windows = Windows(random_ids(2, 12), "r")
+    fast = analyze(model, windows=windows, metrics="angular,variance", progress=False)
+    full = analyze(model, windows=windows, metrics="angular,variance", loss=True, progress=False)
+    pd.testing.assert_frame_equal(fast.layers, full.layers)
+    pd.testing.assert_frame_equal(fast.angular_distance, full.angular_distance)
+    assert fast.summary["base_loss"] is None
+    assert (full.summary["base_loss"] is not None) == (family != "bert")
