@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
-from depthprobe.model.stack import LayerStack
+from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
+from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
+from depthprobe.probes.router import watch_routers
 from depthprobe.results import AnalysisResult, angular_matrix_frame
 
 log = logging.getLogger(__name__)
@@ -198,10 +200,14 @@ def analyze(
             timings[name] = out.seconds or (time.perf_counter() - t0)
 
     layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in columns.items()}})
+    # a metric that does not apply to a block (no attention in a Mamba block) is left empty
+    # with its reason in the notes; only computed values that are not finite are errors
+    applies = {c: not_applicable_mask(stack, c) for c in layers.columns if c != "layer"}
+    notes.extend(not_applicable_notes(stack, layers.columns))
     nonfinite = {
-        c: [int(i) for i in layers["layer"][~np.isfinite(layers[c])]]
+        c: [int(i) for i in layers["layer"][~np.isfinite(layers[c]) & applies[c]]]
         for c in layers.columns
-        if c != "layer" and not np.isfinite(layers[c]).all()
+        if c != "layer" and not (np.isfinite(layers[c]) | ~applies[c]).all()
     }
     if nonfinite:
         first = min(min(v) for v in nonfinite.values())
@@ -313,7 +319,8 @@ def _main_pass(
     grad_ctx = only_blocks_require_grad(stack) if do_grad else _null()
     t_pass = time.perf_counter()
     grad_norms: dict[str, list[float]] = {}
-    with grad_ctx, watch_blocks(stack, on_block):
+    routers = watch_routers(stack)
+    with grad_ctx, watch_blocks(stack, on_block), routers:
         bar = tqdm(
             total=windows.num_sequences, desc="analyze", unit="seq", disable=not progress, leave=False, delay=0.5
         )
@@ -322,7 +329,7 @@ def _main_pass(
             with torch.set_grad_enabled(do_grad):
                 out = stack.model(input_ids=batch_ids, use_cache=False) if lm else stack.model(input_ids=batch_ids)
                 if lm:
-                    logits = out.logits
+                    logits = lm_logits(out)
                     nll, count = M.next_token_nll_sum(logits, batch_ids)
                     nll_sum += float(nll.detach())
                     with torch.no_grad():
@@ -369,6 +376,7 @@ def _main_pass(
         columns["activation_rms"] = list(sums["rms"] / total_tokens)
         columns["max_abs_activation"] = list(max_abs)
     columns.update(grad_norms)
+    columns.update(routers.columns())
     if do_lens:
         columns["logit_lens_loss"] = list(sums["lens"] / (total_pred if lm else total_tokens))
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
-from depthprobe.model.stack import LayerStack, renumber_layer_idx
+from depthprobe.model.stack import LayerStack
 
 log = logging.getLogger(__name__)
 
@@ -17,29 +17,18 @@ log = logging.getLogger(__name__)
 def remove_blocks(stack: LayerStack, remove: Sequence[int]) -> LayerStack:
     """Delete blocks ``remove`` from the model in place and return the new stack.
 
-    ``config.num_hidden_layers``, per-layer config lists (``layer_types``) and every
-    ``layer_idx`` inside the blocks are made consistent, so the model saves and reloads.
+    ``config.num_hidden_layers``, every per-layer config entry (``layer_types``, index lists)
+    and every ``layer_idx`` inside the blocks follow the kept blocks by the same rule as
+    :meth:`LayerStack.keep_blocks` (:func:`depthprobe.model.stack.slice_layer_config`), so
+    the model saves and reloads with plain ``from_pretrained``.
     """
-    config = getattr(stack.model, "config", None)
+    config = stack.layer_config
     if config is None or not isinstance(getattr(config, "num_hidden_layers", None), int):
         raise DepthprobeError(
             f"cannot remove blocks from {type(stack.model).__name__}: its config has no num_hidden_layers, "
             "so a pruned copy could not be reloaded"
         )
-    drop = set(remove)
-    keep = [i for i in range(len(stack)) if i not in drop]
-    if not keep:
-        raise DepthprobeError("cannot remove every block; keep at least one")
-    parent, attr = stack._parent_and_attr()
-    new_blocks = nn.ModuleList([stack.blocks[i] for i in keep])
-    setattr(parent, attr, new_blocks)
-    for name in ("layer_types",) + tuple(stack.spec.extra_per_layer_config if stack.spec else ()):
-        values = getattr(config, name, None)
-        if isinstance(values, (list, tuple)) and len(values) == len(stack):
-            setattr(config, name, [values[i] for i in keep])
-    config.num_hidden_layers = len(keep)
-    renumber_layer_idx(new_blocks)
-    return LayerStack.from_model(stack.model, stack.blocks_path if stack.spec is None else None)
+    return stack.remove_blocks(remove)
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:

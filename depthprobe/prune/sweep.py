@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
-from depthprobe.model.stack import LayerStack
+from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import watch_blocks, zero_output
 
@@ -52,7 +52,7 @@ class BatchScorer:
 
     def from_output(self, out) -> np.ndarray:
         if self.lm:
-            return per_window_nll(out.logits, self.input_ids)
+            return per_window_nll(lm_logits(out), self.input_ids)
         return per_window_drift(out.last_hidden_state, self.reference_final)
 
     def from_stream(self, hidden: torch.Tensor) -> np.ndarray:
@@ -187,9 +187,8 @@ def run_drop_sweep(
 ) -> DropSweepResult:
     """Per-window objective of every single-block, sublayer and contiguous-block drop."""
     num_layers, n_windows = len(stack), input_ids.shape[0]
-    can_sublayer = sublayers and stack.spec is not None and all(
-        stack.sublayer_output_module(0, k) is not None for k in ("attn", "mlp")
-    )
+    # sublayer drops where a block has a separable sublayer; the other cells stay empty
+    can_sublayer = sublayers and any(stack.sublayer_layers(k, droppable=True) for k in ("attn", "mlp"))
     block_sizes = list(block_sizes)
     done = _Progress(progress_file, _fingerprint(stack, input_ids, can_sublayer, block_sizes))
     base = np.full(n_windows, np.nan)
@@ -228,8 +227,10 @@ def run_drop_sweep(
                     bar.update()
                     if can_sublayer:
                         for kind, arr in (("attn", attn), ("mlp", mlp)):
-                            with zero_output(stack.sublayer_output_module(layer, kind)):
-                                arr[layer, win] = scorer.run(layer, states[layer])
+                            module = stack.sublayer_output_module(layer, kind)
+                            if module is not None:
+                                with zero_output(module):
+                                    arr[layer, win] = scorer.run(layer, states[layer])
                             bar.update()
                 batch_angles = {}
                 for n in block_sizes:
