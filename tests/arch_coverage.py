@@ -20,6 +20,8 @@ import contextlib
 import io
 import logging
 import math
+import os
+import sys
 import tempfile
 import time
 import traceback
@@ -273,7 +275,8 @@ def check(model_type: str, workdir: Path) -> Row:
         row.stage = "ok"
     except Exception as exc:  # noqa: BLE001 - the table records every failure
         row.reason = _one_line(exc)
-        logging.getLogger(__name__).debug("%s failed:\n%s", model_type, traceback.format_exc())
+        if os.environ.get("COVERAGE_TRACEBACK"):
+            print(traceback.format_exc(), file=sys.__stderr__)
     row.seconds = time.perf_counter() - t0
     return row
 

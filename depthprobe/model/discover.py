@@ -61,8 +61,9 @@ class Sublayer:
 
 
 def classify(name: str, module: nn.Module) -> str | None:
-    """``attn`` | ``mlp`` | ``mixer`` | ``norm`` | None for a direct child of a block."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+    """``attn`` | ``mlp`` | ``mixer`` | ``norm`` | ``other`` (unrecognised, with weights) | None
+    (a pass-through without weights: dropout, identity) for a direct child of a block."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Dropout, nn.Identity)) or "dropout" in name:
         return None
     tname = type(module).__name__.lower()
     if "norm" in tname:
@@ -75,13 +76,15 @@ def classify(name: str, module: nn.Module) -> str | None:
         return "attn" if "attention" in tname else "mixer"
     if _NORM_NAME.search(name):
         return "norm"
+    if next(module.parameters(), None) is None:  # a sublayer core has weights
+        return None
     if name in ATTN_NAMES or "attn" in name:
         return "attn"
     if name in MLP_NAMES:
         return "mlp"
     if name in MIXER_NAMES:
         return "mixer"
-    return None
+    return "other"  # has weights (a scale, a projection): part of whatever chain it sits in
 
 
 @dataclass
@@ -177,8 +180,10 @@ def _span(core: _Call, calls: list[_Call]) -> Sublayer:
             out = None  # another sublayer reads this output: not a residual contribution
             break
         seen.add(nxt[0].name)
-        chain.append(nxt[0].name)
-        out, current = nxt[0].name, nxt[0].output
+        if nxt[0].kind is not None:  # dropout and other pass-throughs (maybe shared) are not the output
+            chain.append(nxt[0].name)
+            out = nxt[0].name
+        current = nxt[0].output
     modules = tuple(dict.fromkeys([*inputs, *chain]))
     return Sublayer(core.kind, core.name, modules, out)
 

@@ -118,7 +118,7 @@ class LayerStack:
             embed = _get(model, prefix + spec.embed)
             final_norm = _get(model, prefix + spec.final_norm) if spec.final_norm else None
             head = _get(model, spec.head) if spec.head else None
-            if head is None and spec.head and hasattr(model, "get_output_embeddings"):
+            if head is None and hasattr(model, "get_output_embeddings"):  # e.g. BERT built as a decoder
                 head = model.get_output_embeddings()
             return cls(model, model_type, path, blocks, embed, final_norm, head, spec)
         # Generic: the model's input and output embeddings, and a norm that sits beside the
@@ -256,7 +256,7 @@ class LayerStack:
         """
         if self.head is None:
             raise DepthprobeError("this model has no LM head; load a *ForCausalLM model for logits")
-        if self.spec is None:
+        if self.spec is None or not self.spec.head:
             return self._logits_via_model(hidden)
         h = self.final_norm(hidden) if self.final_norm is not None else hidden
         project_out = _get(self.model, "model.decoder.project_out") if self.family == "opt" else None
@@ -314,7 +314,8 @@ class LayerStack:
         """
         keep = list(keep)
         saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-        saved_config = self._apply_keep(keep)
+        config = self.layer_config
+        saved_config = self._apply_keep(keep, config)
         try:
             yield
         finally:
@@ -322,7 +323,6 @@ class LayerStack:
             setattr(parent, attr, self.blocks)
             for module, idx in saved_idx:
                 module.layer_idx = idx
-            config = self.layer_config
             for name, value in saved_config.items():
                 setattr(config, name, value)
 
@@ -332,18 +332,17 @@ class LayerStack:
         keep = [i for i in range(len(self)) if i not in drop]
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
-        self._apply_keep(keep)
+        self._apply_keep(keep, self.layer_config)
         new = LayerStack.from_model(self.model, self.blocks_path if self.spec is None else None)
         if self._sublayers is not None:
             new._sublayers = [self._sublayers[i] for i in keep]
         return new
 
-    def _apply_keep(self, keep: list[int]) -> dict:
-        """Swap in blocks ``keep`` and make config and ``layer_idx`` follow; the old config values."""
+    def _apply_keep(self, keep: list[int], config) -> dict:
+        """Swap in blocks ``keep`` and make ``config`` and ``layer_idx`` follow; the old config values."""
         parent, attr = self._parent_and_attr()
         setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
         renumber_layer_idx(getattr(parent, attr))
-        config = self.layer_config
         return slice_layer_config(config, keep, len(self)) if config is not None else {}
 
     @contextlib.contextmanager
