@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
-from depthprobe.model.stack import LayerStack
+from depthprobe.model.stack import LayerStack, slice_layer_config
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,27 @@ def remove_blocks(stack: LayerStack, remove: Sequence[int]) -> LayerStack:
             f"cannot remove blocks from {type(stack.model).__name__}: its config has no num_hidden_layers, "
             "so a pruned copy could not be reloaded"
         )
+    _check_config_after(stack, config, remove)
     return stack.remove_blocks(remove)
+
+
+def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> None:
+    """Refuse, before touching the model, a removal that the config class itself rejects
+    (a hybrid that needs at least one attention block, say)."""
+    keep = [i for i in range(len(stack)) if i not in set(remove)]
+    trial = copy.deepcopy(config)
+    slice_layer_config(trial, keep, len(stack))
+    validate = getattr(trial, "validate", None)
+    if not callable(validate):
+        return
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001 - config validators raise their own error types
+        reason = str(exc).strip().splitlines()[-1].strip()[:200] if str(exc).strip() else type(exc).__name__
+        raise DepthprobeError(
+            f"cannot remove blocks {sorted(set(remove))}: the pruned {type(config).__name__} would be invalid "
+            f"({reason}); choose other blocks with --remove"
+        ) from exc
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
