@@ -110,6 +110,8 @@ def _shrink_kwargs(default) -> dict:
     for key, value in {**SIZES, **ALIASES}.items():
         if key in have or key in amap:
             kw[key] = value
+    if "qk_rope_head_dim" in have:  # multi-head latent attention derives its head_dim
+        kw.pop("head_dim", None)
     n_default = getattr(default, "num_hidden_layers", None)
     for key, value in have.items():
         if isinstance(value, list) and n_default and len(value) == n_default and key not in kw:
@@ -287,7 +289,7 @@ def _prune_one(model, tok, windows, out: Path, row: Row):
     try:
         return prune(model, tok, num_layers=1, strategy="drop", **kwargs)
     except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own errors
-        if "would be invalid" not in str(exc) or len(LayerStack.from_model(model)) < 3:
+        if not ("would be invalid" in str(exc) or "derives" in str(exc)) or len(LayerStack.from_model(model)) < 3:
             raise
         row.notes.append(f"first choice refused by the config ({_one_line(exc)}); removed another block")
         return prune(model, tok, remove=[len(LayerStack.from_model(model)) - 1], **kwargs)

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -517,12 +518,16 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     for name, value in list(vars(config).items()):
         if name.startswith("_") or name in _NOT_PER_LAYER or name.endswith("token_id") or not _settable(config, name):
             continue
-        if isinstance(value, (list, tuple)) and len(value) == num_blocks:
-            update(name, type(value)(value[i] for i in keep))
-        elif _is_index_list(name, value, num_blocks):
+        if _is_index_list(name, value, num_blocks):  # before the length test: [0, 1, 2] may name all 3
             update(name, type(value)(new_index[i] for i in value if i in new_index))
-        elif isinstance(value, dict) and value and all(isinstance(k, int) and 0 <= k < num_blocks for k in value):
+        elif isinstance(value, (list, tuple)) and len(value) == num_blocks:
+            update(name, type(value)(value[i] for i in keep))
+        elif "layer" in name and isinstance(value, dict) and _layer_keyed(value, num_blocks):
             update(name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides {layer: {...}}
+    if spec is not None and _layer_keyed(getattr(spec, "per_layer_overrides", None), num_blocks):
+        overrides = {new_index[k]: v for k, v in spec.per_layer_overrides.items() if k in new_index}
+        update("_heterogeneity_spec", dataclasses.replace(spec, per_layer_overrides=overrides))
     k = getattr(config, "first_k_dense_replace", None)
     if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
         update("first_k_dense_replace", sum(1 for i in keep if i < k))
@@ -532,9 +537,20 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
 
 
 def _is_index_list(name: str, value, num_blocks: int) -> bool:
-    return (
-        isinstance(value, (list, tuple)) and name.endswith(("_layers", "_layer_ids", "_layers_idx", "layer_indices"))
-        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in value)
+    """A list of block indices (``mlp_only_layers=[1, 3]``), not one entry per block: named
+    like one, strictly increasing, and (when as long as the block count) exactly all blocks."""
+    if not isinstance(value, (list, tuple)) or not name.endswith(
+        ("_layers", "_layer_ids", "_layers_idx", "layer_indices", "_layer_idx")
+    ):
+        return False
+    ints = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in value)
+    increasing = all(a < b for a, b in zip(value, value[1:], strict=False))
+    return ints and increasing and (len(value) != num_blocks or list(value) == list(range(num_blocks)))
+
+
+def _layer_keyed(value, num_blocks: int) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, int) and 0 <= k < num_blocks for k in value
     )
 
 

@@ -33,12 +33,35 @@ def remove_blocks(stack: LayerStack, remove: Sequence[int]) -> LayerStack:
     return stack.remove_blocks(remove)
 
 
+def derived_layer_lists(config, num_blocks: int) -> list[str]:
+    """Read-only config properties with one entry per block (Jamba's ``layers_block_type``)."""
+    names = []
+    for cls in type(config).__mro__:
+        for name, attr in vars(cls).items():
+            if isinstance(attr, property) and attr.fset is None and name not in names:
+                try:
+                    value = getattr(config, name)
+                except Exception:  # noqa: BLE001 - a property may fail on a partial config
+                    continue
+                if isinstance(value, (list, tuple)) and len(value) == num_blocks:
+                    names.append(name)
+    return names
+
+
 def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> None:
     """Refuse, before touching the model, a removal that the config class itself rejects
     (a hybrid that needs at least one attention block, say)."""
     keep = [i for i in range(len(stack)) if i not in set(remove)]
     trial = copy.deepcopy(config)
     slice_layer_config(trial, keep, len(stack))
+    for name in derived_layer_lists(config, len(stack)):
+        want = [getattr(config, name)[i] for i in keep]
+        if list(getattr(trial, name)) != want:
+            raise DepthprobeError(
+                f"cannot remove blocks {sorted(set(remove))}: {type(config).__name__} derives {name} from a "
+                f"pattern (e.g. a period), so a reloaded copy would build {list(getattr(trial, name))} instead of "
+                f"the kept {want}; choose other blocks with --remove"
+            )
     validate = getattr(trial, "validate", None)
     if not callable(validate):
         return
