@@ -288,11 +288,18 @@ def _prune_one(model, tok, windows, out: Path, row: Row):
                   options={"bootstrap_samples": 20})
     try:
         return prune(model, tok, num_layers=1, strategy="drop", **kwargs)
-    except Exception as exc:  # noqa: BLE001 - transformers' config validation raises its own errors
-        if not ("would be invalid" in str(exc) or "derives" in str(exc)) or len(LayerStack.from_model(model)) < 3:
+    except depthprobe.DepthprobeError as exc:
+        if not ("would be invalid" in str(exc) or "derives" in str(exc)):
             raise
-        row.notes.append(f"first choice refused by the config ({_one_line(exc)}); removed another block")
-        return prune(model, tok, remove=[len(LayerStack.from_model(model)) - 1], **kwargs)
+        refused = exc
+    for block in range(len(LayerStack.from_model(model)) - 1, -1, -1):  # the library refused before any change
+        try:
+            result = prune(model, tok, remove=[block], **kwargs)
+        except depthprobe.DepthprobeError:
+            continue
+        row.notes.append(f"first choice refused ({_one_line(refused)}); removed block {block}")
+        return result
+    raise refused
 
 
 def run_all(types: list[str] | None = None, verbose: bool = False) -> list[Row]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -273,8 +274,8 @@ class LayerStack:
         last = self.blocks[len(self) - 1]
 
         def replace_output(module, args, kwargs, output):
-            if isinstance(output, tuple):
-                return (hidden, *output[1:])
+            if isinstance(output, (tuple, list)):
+                return type(output)([hidden, *output[1:]])
             return hidden
 
         ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device)
@@ -405,7 +406,12 @@ def _generic_blocks_path(model: nn.Module) -> str | None:
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
     sized = [name for name, m in lists if len(m) in counts and not _inside_list(name, lists)]
     if sized:
-        return min(sized, key=lambda name: name.count("."))
+        # a multimodal wrapper has several stacks: the text one sits beside the input embeddings
+        embed = _input_embeddings(model)
+        embed_parent = next((n.rsplit(".", 1)[0] if "." in n else "" for n, m in model.named_modules() if m is embed),
+                            None)
+        beside = [n for n in sized if (n.rsplit(".", 1)[0] if "." in n else "") == embed_parent]
+        return min(beside or sized, key=lambda name: name.count("."))
     best, best_len = None, 1
     for name, m in lists:
         if len(m) > best_len and len({type(b) for b in m}) == 1:
@@ -528,6 +534,9 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     if spec is not None and _layer_keyed(getattr(spec, "per_layer_overrides", None), num_blocks):
         overrides = {new_index[k]: v for k, v in spec.per_layer_overrides.items() if k in new_index}
         update("_heterogeneity_spec", dataclasses.replace(spec, per_layer_overrides=overrides))
+    if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
+        # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
+        update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
     k = getattr(config, "first_k_dense_replace", None)
     if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
         update("first_k_dense_replace", sum(1 for i in keep if i < k))
