@@ -57,7 +57,8 @@ SIZES = dict(
     # misc widths
     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
     num_nextn_predict_layers=0, sliding_window=16, attention_window_size=16, block_size=16,
-    rotary_dim=8, partial_rotary_factor=0.5, d_ff=96, ffn_dim=96,
+    rotary_dim=8, partial_rotary_factor=0.5, d_ff=96, ffn_dim=96, vocab_size_per_layer_input=VOCAB,
+    hidden_size_per_layer_input=16,
 )
 # the same, for configs that use the older names (attribute_map covers most of these)
 ALIASES = dict(n_embd=64, n_layer=NUM_BLOCKS, n_head=4, n_inner=96, n_positions=256, d_model=64, n_layers=NUM_BLOCKS,
@@ -151,15 +152,18 @@ def build_tiny(model_type: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(model_type)
-    torch.manual_seed(seed)
     try:
+        with torch.device("meta"):  # count parameters before paying for a real build
+            n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        if n_params > 20_000_000:
+            raise Unsupported(f"not tiny: {n_params / 1e6:.0f}M parameters after shrinking the config")
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
+    except Unsupported:
+        raise
     except Exception as exc:  # noqa: BLE001 - transformers raises anything here
         raise Unsupported(f"from_config fails: {_one_line(exc)}") from exc
     model.eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    if n_params > 20_000_000:
-        raise Unsupported(f"not tiny: {n_params / 1e6:.0f}M parameters after shrinking the config")
     ids = torch.randint(2, VOCAB, (1, 8))
     try:
         with torch.no_grad():
