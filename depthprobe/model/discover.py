@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -109,7 +110,7 @@ def _first_tensor(value) -> torch.Tensor | None:
 
 
 @contextlib.contextmanager
-def _trace(blocks: nn.ModuleList, calls: list[list[_Call]], alive: list) -> None:
+def _trace(blocks: nn.ModuleList, calls: list[list[_Call]], alive: list) -> Iterator[None]:
     """Record every direct child call of every block (``alive`` keeps tensors so ids stay unique)."""
     handles = []
 
@@ -164,7 +165,9 @@ def sublayers_from_calls(calls: list[_Call]) -> dict[str, Sublayer]:
 
 
 def _span(core: _Call, calls: list[_Call]) -> Sublayer:
-    readers = lambda tensor_id: [c for c in calls if tensor_id in c.inputs]  # noqa: E731
+    def readers(tensor_id: int) -> list[_Call]:
+        return [c for c in calls if tensor_id in c.inputs]
+
     inputs = []
     for norm in calls:
         if norm.kind == "norm" and norm.output is not None and norm.output in core.inputs:
