@@ -58,7 +58,7 @@ SIZES = dict(
     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
     num_nextn_predict_layers=0, sliding_window=16, attention_window_size=16, block_size=16,
     rotary_dim=8, partial_rotary_factor=0.5, d_ff=96, ffn_dim=96, vocab_size_per_layer_input=VOCAB,
-    hidden_size_per_layer_input=16,
+    hidden_size_per_layer_input=16, n_input_layers=1, n_recurrent_layers=1, n_output_layers=1,
 )
 # the same, for configs that use the older names (attribute_map covers most of these)
 ALIASES = dict(n_embd=64, n_layer=NUM_BLOCKS, n_head=4, n_inner=96, n_positions=256, d_model=64, n_layers=NUM_BLOCKS,

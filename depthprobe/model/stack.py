@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -317,6 +318,7 @@ class LayerStack:
         keep = list(keep)
         saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
         config = self.layer_config
+        saved_maps = remap_layer_maps(self.blocks, keep)
         saved_config = self._apply_keep(keep, config)
         try:
             yield
@@ -325,6 +327,8 @@ class LayerStack:
             setattr(parent, attr, self.blocks)
             for module, idx in saved_idx:
                 module.layer_idx = idx
+            for module, name, value in saved_maps:
+                setattr(module, name, value)
             for name, value in saved_config.items():
                 setattr(config, name, value)
 
@@ -334,6 +338,7 @@ class LayerStack:
         keep = [i for i in range(len(self)) if i not in drop]
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
+        remap_layer_maps(self.blocks, keep)
         self._apply_keep(keep, self.layer_config)
         new = LayerStack.from_model(self.model, self.blocks_path if self.spec is None else None)
         if self._sublayers is not None:
@@ -385,6 +390,22 @@ def renumber_layer_idx(blocks: nn.ModuleList) -> None:
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
+
+
+def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
+    """Modules that look things up by block index in a dict built at init (Zamba 2's shared
+    blocks: ``layer_dic``) get the keys of kept blocks renumbered; returns the old dicts."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    saved, seen = [], set()
+    for module in blocks.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, value in list(vars(module).items()):
+            if "layer" in name and _layer_keyed(value, len(blocks)):
+                saved.append((module, name, value))
+                setattr(module, name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    return saved
 
 
 def block_output(output) -> torch.Tensor:
@@ -540,9 +561,31 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     k = getattr(config, "first_k_dense_replace", None)
     if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
         update("first_k_dense_replace", sum(1 for i in keep if i < k))
+    for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
+        if vars(config).get(name) == num_blocks and _settable(config, name):
+            update(name, len(keep))
+    _slice_segments(config, keep, num_blocks, update)
     if isinstance(getattr(config, "num_hidden_layers", None), int):
         update("num_hidden_layers", len(keep))
     return saved
+
+
+_LAYER_COUNTS = ("num_blocks", "num_layers", "n_layers", "n_layer", "num_decoder_layers")
+_SEGMENT = re.compile(r"^(n|num)_(?!hidden_)\w+_layers$")
+
+
+def _slice_segments(config, keep: list[int], num_blocks: int, update) -> None:
+    """Counts of consecutive block segments (``n_input_layers``, ``n_recurrent_layers``,
+    ``n_output_layers`` summing to the block count, in config order): kept blocks per segment."""
+    names = [n for n, v in vars(config).items()
+             if _SEGMENT.match(n) and isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    counts = [vars(config)[n] for n in names]
+    if len(names) < 2 or sum(counts) != num_blocks or not all(_settable(config, n) for n in names):
+        return
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        update(name, sum(1 for i in keep if start <= i < start + count))
+        start += count
 
 
 def _is_index_list(name: str, value, num_blocks: int) -> bool:
