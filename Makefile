@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
 
-.PHONY: install test demo compare-demo bench lint clean chromium screenshot
+.PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage
 
 install: $(STAMP) chromium
 
@@ -29,6 +29,10 @@ lint: install
 
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+
+# Every causal-LM architecture of the installed transformers, built tiny: docs/coverage.md
+coverage: install
+	HF_HUB_OFFLINE=1 $(PY) -m tests.arch_coverage --out docs/coverage.md
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 --out $(OUT)

@@ -33,6 +33,7 @@ from depthprobe import __version__
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
+from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
 from depthprobe.probes.main_pass import DEFAULT_METRICS, PASS_METRICS, PassResult, needs_loss, run_main_pass
@@ -267,8 +268,12 @@ class RunSummary:
         not_applicable = {**not_applicable_metrics(config.metrics, objective), **main.not_applicable,
                           **{k: v for out in sweeps.values() for k, v in out.not_applicable.items()}}
         timings = dict(main.timings) | {name: out.seconds for name, out in sweeps.items()}
-        nonfinite = nonfinite_layers(layers, skip=not_applicable)
-        notes = [f"{name}: {reason}" for name, reason in not_applicable.items()]
+        # per block: a sublayer or router column applies only to blocks that have that part
+        applies = {c: not_applicable_mask(stack, c) for c in layers.columns if c != "layer"}
+        part_notes = not_applicable_notes(stack, layers.columns)
+        covered = {line.split(":", 1)[0] for line in part_notes}
+        nonfinite = nonfinite_layers(layers, skip=not_applicable, applies=applies)
+        notes = [f"{name}: {reason}" for name, reason in not_applicable.items() if name not in covered] + part_notes
         if interrupted:
             notes.append(f"interrupted during the {interrupted} sweep; the metrics before it are complete")
         if nonfinite:
@@ -296,14 +301,20 @@ def not_applicable_metrics(metrics: Sequence[str], objective: Objective) -> dict
     return reasons
 
 
-def nonfinite_layers(layers: pd.DataFrame, skip: Mapping[str, str] = ()) -> dict[str, list[int]]:
+def nonfinite_layers(layers: pd.DataFrame, skip: Mapping[str, str] = (),
+                     applies: Mapping[str, np.ndarray] | None = None) -> dict[str, list[int]]:
     """Computed columns with NaN/inf values -> the layers where they occur (``skip``: columns
-    that are not applicable, whose empty cells are expected)."""
-    return {
-        c: [int(i) for i in layers["layer"][~np.isfinite(layers[c])]]
-        for c in layers.columns
-        if c != "layer" and c not in skip and not np.isfinite(layers[c]).all()
-    }
+    that are not applicable, whose empty cells are expected; ``applies``: per column, the
+    blocks it applies to — empty cells elsewhere are expected too)."""
+    applies = applies or {}
+    found = {}
+    for c in layers.columns:
+        if c == "layer" or c in skip:
+            continue
+        bad = ~np.isfinite(layers[c].to_numpy(float)) & applies.get(c, np.ones(len(layers), bool))
+        if bad.any():
+            found[c] = [int(i) for i in layers["layer"][bad]]
+    return found
 
 
 def nonfinite_note(nonfinite: dict[str, list[int]]) -> str:

@@ -187,8 +187,12 @@ def _sweep_batch(objective: Objective, ids: torch.Tensor, sublayers: bool, block
         bar.update()
         if sublayers:
             for kind in ("attn", "mlp"):
-                with zero_output(stack.sublayer_output_module(layer, kind)):
-                    record[kind].append(scorer.run(layer, states[layer]).tolist())
+                module = stack.sublayer_output_module(layer, kind)
+                if module is None:  # a block without this sublayer (hybrids): not applicable
+                    record[kind].append([float("nan")] * ids.shape[0])
+                else:
+                    with zero_output(module):
+                        record[kind].append(scorer.run(layer, states[layer]).tolist())
                 bar.update()
     for n in block_sizes:
         runs, angles = [], []
@@ -213,9 +217,8 @@ def run_drop_sweep(
     """Per-window objective of every single-block, sublayer and contiguous-block drop."""
     objective = Objective(stack)
     num_layers, n_windows = len(stack), input_ids.shape[0]
-    can_sublayer = sublayers and stack.spec is not None and all(
-        stack.sublayer_output_module(0, k) is not None for k in ("attn", "mlp")
-    )
+    # sublayer drops where a block has a separable sublayer; the other cells stay empty
+    can_sublayer = sublayers and any(stack.sublayer_layers(k, droppable=True) for k in ("attn", "mlp"))
     block_sizes = list(block_sizes)
     done = _Progress(progress_file, _fingerprint(stack, input_ids, can_sublayer, block_sizes))
     tables = _DropTables(num_layers, n_windows, can_sublayer, block_sizes)

@@ -47,8 +47,8 @@ def zero_output(module: torch.nn.Module) -> Iterator[None]:
     """Make ``module`` contribute nothing: its (first) output is replaced by zeros."""
 
     def hook(mod, args, output):
-        if isinstance(output, tuple):
-            return (torch.zeros_like(output[0]), *output[1:])
+        if isinstance(output, (tuple, list)):
+            return type(output)([torch.zeros_like(output[0]), *output[1:]])
         return torch.zeros_like(output)
 
     handle = module.register_forward_hook(hook)

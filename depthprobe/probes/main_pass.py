@@ -25,10 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
-from depthprobe.model.stack import LayerStack
+from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
 from depthprobe.probes.objective import Objective
+from depthprobe.probes.router import watch_routers
 
 #: metrics of the main pass; names accepted by ``--metrics``
 PASS_METRICS = ("angular", "variance", "grad", "lens")
@@ -223,7 +224,7 @@ class _Loss:
         nll, _ = self.objective.loss_sum(out, input_ids)
         self.nll_sum += float(nll.detach())
         with torch.no_grad():
-            self.windows.extend(M.per_sequence_nll(out.logits.detach(), input_ids).tolist())
+            self.windows.extend(M.per_sequence_nll(lm_logits(out).detach(), input_ids).tolist())
         if backward:
             (nll / self.total).backward()
 
@@ -238,7 +239,9 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     losses = _Loss(objective, windows.num_sequences * (windows.seq_len - 1)) if full else None
     t_pass = time.perf_counter()
     bar = tqdm(total=windows.num_sequences, desc="analyze", unit="seq", disable=not progress, leave=False, delay=0.5)
-    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), watch_blocks(stack, acc.on_block):
+    routers = watch_routers(stack)
+    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), watch_blocks(stack, acc.on_block), \
+            routers:
         for batch in windows.batches(batch_size):
             ids = batch.to(objective.device)
             acc.start_batch(ids)
@@ -255,9 +258,9 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:
         timings["grad"] = seconds - sum(acc.seconds.values())
-    columns = {**acc.columns(), **grad_columns}
+    columns = {**acc.columns(), **grad_columns, **routers.columns()}
     order = ["angular_distance", "block_influence", "activation_variance", "activation_rms", "max_abs_activation",
-             "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss"]
+             "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss", "router_load_entropy"]
     columns = {k: columns[k] for k in order if k in columns}
     base_loss = losses.nll_sum / losses.total if losses is not None else None
     window_nll = np.asarray(losses.windows) if losses is not None else None

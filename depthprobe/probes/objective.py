@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from depthprobe.model.stack import LayerStack
+from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
 
 LM_LOSS = "lm_loss"
@@ -73,12 +73,12 @@ class Objective:
 
     def loss_sum(self, out, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Summed next-token NLL of a full forward (graph kept, for ``backward``) and its count."""
-        return M.next_token_nll_sum(out.logits, input_ids)
+        return M.next_token_nll_sum(lm_logits(out), input_ids)
 
     def window_scores(self, out, input_ids: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
         """Objective of each window from a forward's output, ``(B,)``."""
         if self.lm:
-            return M.per_sequence_nll(out.logits, input_ids).cpu().numpy()
+            return M.per_sequence_nll(lm_logits(out), input_ids).cpu().numpy()
         return M.per_sequence_drift(out.last_hidden_state, reference).cpu().numpy()
 
     def stream_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
@@ -101,7 +101,7 @@ class Objective:
         Encoder: ``sum_t cos(h_t, h_t^ref)`` (``extra`` = the reference final state).
         """
         if self.lm:
-            logits = self.stack.model(inputs_embeds=inputs_embeds, use_cache=False).logits[:, :-1].float()
+            logits = lm_logits(self.stack.model(inputs_embeds=inputs_embeds, use_cache=False))[:, :-1].float()
             logp = torch.log_softmax(logits, dim=-1)
             return logp.gather(-1, extra[:, 1:, None].to(logp.device)).squeeze(-1).sum(-1)
         hidden = self.stack.model(inputs_embeds=inputs_embeds).last_hidden_state.float()
