@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.cli.evaluate_options import heldout_options, print_heldout
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -40,14 +41,18 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@heldout_options
 @common_options
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
 
     The folder loads with plain transformers (AutoModelForCausalLM.from_pretrained) and holds
-    prune.json (what was removed, loss before/after), prune_curve.csv (loss against the
-    number of removed blocks for each strategy), prune_excess.csv (each strategy's loss
-    minus greedy's at the same K) and analysis/ (the per-layer table).
+    prune.json (what was removed, loss before/after on the calibration windows and on
+    held-out windows, with bootstrap intervals), prune_curve.csv (calibration and held-out
+    loss against the number of removed blocks for each strategy), prune_excess.csv (each
+    strategy's loss minus greedy's at the same K) and analysis/ (the per-layer table).
+    Held-out text: --eval-text-file / --eval-dataset, default the end of the built-in text,
+    which the calibration windows never touch.
 
     \b
     Examples:
@@ -72,6 +77,9 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
+        heldout=opts["heldout"],
+        eval_text_file=opts["eval_text_file"],
+        eval_dataset=opts["eval_dataset"],
         **analysis_kwargs(opts),
     )
     s = result.summary()
@@ -83,6 +91,7 @@ def command(**opts) -> None:
         )
     else:
         click.echo(f"final-state cosine drift {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
+    print_heldout(s)
     if result.curve is not None and not opts["quiet"]:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]

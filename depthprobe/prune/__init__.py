@@ -18,7 +18,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from depthprobe.data import heldout_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, score_removals
 from depthprobe.prune.export import remove_blocks, save_model
 from depthprobe.prune.select import (
     STRATEGIES,
@@ -46,6 +48,8 @@ class PruneResult:
     analysis: AnalysisResult
     #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
     excess: pd.DataFrame | None = None
+    #: held-out loss before/after with bootstrap intervals (``evaluate.heldout.heldout_summary``)
+    heldout: dict | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -67,6 +71,7 @@ class PruneResult:
             "loss_after": self.loss_after,
             "perplexity_before": self.perplexity_before,
             "perplexity_after": self.perplexity_after,
+            **(self.heldout or {}),
         }
 
 
@@ -81,10 +86,17 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    heldout: bool = True,
+    eval_text_file: str | None = None,
+    eval_dataset: str | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
     pruning curve of every strategy, remove the blocks in place and (with ``out_dir``) save.
+
+    With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
+    held-out windows (``eval_text_file`` / ``eval_dataset``, default the built-in text's
+    tail, never the calibration windows), with bootstrap intervals over windows.
 
     Example:
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
@@ -137,10 +149,14 @@ def prune(
                             greedy_steps=steps, progress=progress)
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
+    held = None
+    if heldout and evaluator.lm:
+        held, table = _heldout(stack, tokenizer, windows, remove, table, evaluator.batch_size, progress,
+                               text_file=eval_text_file, dataset=eval_dataset, max_positions=max_positions(model))
     remove_blocks(stack, remove)
     excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess)
+                         analysis, excess, held)
     if out_dir is not None:
         out = save_model(model, tokenizer, out_dir)
         write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
@@ -149,3 +165,17 @@ def prune(
             excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
         analysis.save(out / "analysis")
     return result
+
+
+def _heldout(stack, tokenizer, windows, remove, table, batch_size, progress, **text):
+    """Held-out scores of the full and pruned model (and of every curve row) before removal;
+    ``text``: ``text_file``, ``dataset``, ``max_positions`` of :func:`heldout_windows`."""
+    held = heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
+                           calibration=windows, **text)
+    removals = [[], list(remove)]
+    if table is not None:
+        removals += [[int(v) for v in str(r).split(";") if v != ""] for r in table["removed"]]
+    scores = score_removals(stack, windows, held, removals, batch_size, progress)
+    if table is not None:
+        table = add_heldout_columns(table, scores)
+    return heldout_summary(scores[()], scores[tuple(sorted(remove))], held), table
