@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from depthprobe.cli.options import _stack
@@ -27,3 +29,8 @@ def print_heldout(summary: dict) -> None:
         f"{summary['heldout_perplexity_before']:.2f} -> {summary['heldout_perplexity_after']:.2f}   "
         f"({summary['heldout_tokens']} tokens, {summary['heldout_source']})"
     )
+
+
+def quiet_harness(verbose: bool) -> None:
+    """lm-eval logs every step at INFO and warns about models passed as objects: errors only."""
+    logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
