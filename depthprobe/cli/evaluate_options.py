@@ -7,6 +7,7 @@ import logging
 import click
 
 from depthprobe.cli.options import _stack
+from depthprobe.evaluate.bench import BenchConfig, parse_ints
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,
@@ -34,3 +35,18 @@ def print_heldout(summary: dict) -> None:
 def quiet_harness(verbose: bool) -> None:
     """lm-eval logs every step at INFO and warns about models passed as objects: errors only."""
     logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+bench_options = _stack(
+    click.option("--batch-sizes", default="1,4", show_default=True, help="Comma list of batch sizes."),
+    click.option("--prompt-lens", default="128,512", show_default=True, help="Comma list of prompt lengths."),
+    click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy decode steps per prompt."),
+    click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per setting (median)."),
+)
+
+
+def bench_config(opts: dict) -> BenchConfig:
+    """``BenchConfig`` from the parsed ``bench_options``."""
+    return BenchConfig(batch_sizes=parse_ints(opts["batch_sizes"], "--batch-sizes"),
+                       prompt_lens=parse_ints(opts["prompt_lens"], "--prompt-lens"),
+                       new_tokens=opts["new_tokens"], repeats=opts["repeats"])

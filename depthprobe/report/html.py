@@ -25,6 +25,8 @@ import pandas as pd
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
+from depthprobe.report.eval_figures import TABLES as EVAL_TABLES
+from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
 from depthprobe.results import SUMMARY_JSON, AnalysisResult
 
@@ -93,7 +95,7 @@ def load_run(path: str | Path) -> AnalysisResult:
         result = AnalysisResult.load(folder / "analysis")
     else:
         raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
-    for name in ("prune_curve", "prune_excess", "metrics", "train_layers"):
+    for name in ("prune_curve", "prune_excess", "metrics", "train_layers", *EVAL_TABLES):
         csv = folder / f"{name}.csv"
         if csv.is_file() and name not in result.tables:
             result.tables[name] = pd.read_csv(csv)
@@ -203,6 +205,7 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     for heading, fig, caption in sections:
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
+    parts += eval_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
                           ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
         for run in runs:
