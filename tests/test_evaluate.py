@@ -122,3 +122,28 @@ def test_eval_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_prune_with_eval_tasks_and_bench_writes_tables_and_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(tiny_dir("llama")), "--remove", "1,2", "--no-curve", "--num-sequences", "2",
+              "--seq-len", "32", "--eval-tasks", cloze.TASK_NAME, "--eval-limit", "3", "--bench", "--out", str(out),
+              "--quiet", "--device", "cpu"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    table = pd.read_csv(out / "eval.csv")
+    assert list(table["model"].unique()) == ["original", "pruned"]
+    assert set(table["metric"]) == {"acc", "acc_norm"}
+    kept = pd.read_csv(out / "eval_retention.csv")
+    for row in kept.itertuples(index=False):
+        before = table[(table.model == "original") & (table.metric == row.metric)]["value"].item()
+        after = table[(table.model == "pruned") & (table.metric == row.metric)]["value"].item()
+        assert row.retention == pytest.approx(after / before) if before else np.isnan(row.retention)
+    samples = pd.read_csv(out / "eval_samples.csv")
+    assert len(samples) == 6 and samples.groupby("model")["acc"].mean().to_dict() == pytest.approx(
+        table[table.metric == "acc"].set_index("model")["value"].to_dict())
+    speed = pd.read_csv(out / "bench_speedup.csv")
+    assert (speed["ideal_speedup"] == 2.0).all()
+    report = (out / "report.html").read_text()
+    assert "Task scores (lm-eval-harness)" in report and "Speed" in report

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
+import pandas as pd
 
 from depthprobe.cli.options import _stack
-from depthprobe.evaluate.bench import BenchConfig, parse_ints
+from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, parse_ints, speedups
+from depthprobe.evaluate.harness import (
+    EvalOutput,
+    check_limit,
+    evaluate_model,
+    resolve_tasks,
+    retention,
+    task_manager,
+    write_eval,
+)
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,
@@ -50,3 +61,53 @@ def bench_config(opts: dict) -> BenchConfig:
     return BenchConfig(batch_sizes=parse_ints(opts["batch_sizes"], "--batch-sizes"),
                        prompt_lens=parse_ints(opts["prompt_lens"], "--prompt-lens"),
                        new_tokens=opts["new_tokens"], repeats=opts["repeats"])
+
+
+judge_options = _stack(
+    click.option("--eval-tasks", default=None,
+                 help="lm-eval tasks to score before and after pruning, e.g. depthprobe_cloze or path/to/task.yaml."),
+    click.option("--eval-limit", type=int, default=None, help="Documents per task for --eval-tasks (default all)."),
+    click.option("--eval-num-fewshot", type=int, default=None, help="Few-shot examples for --eval-tasks."),
+    click.option("--bench", "run_bench", is_flag=True,
+                 help="Measure prefill/decode tokens/s and peak memory before and after pruning."),
+)
+
+
+class PruneJudge:
+    """``prune --eval-tasks / --bench``: score the model before pruning and after, write
+    ``eval*.csv`` / ``bench*.csv`` into the prune folder (read by its report).
+
+    Task names and the limit are checked before any work. Before and after are measured
+    one after the other in the same process (the model is pruned in place).
+    """
+
+    def __init__(self, opts: dict, model, tokenizer):
+        self.opts, self.model, self.tokenizer = opts, model, tokenizer
+        self.spec = self.manager = None
+        if opts["eval_tasks"]:
+            check_limit(opts["eval_limit"])
+            self.spec = resolve_tasks(opts["eval_tasks"])
+            self.manager = task_manager(self.spec)
+        self.outputs: list[EvalOutput] = []
+        self.bench_rows: list[pd.DataFrame] = []
+
+    def measure(self, label: str) -> None:
+        if self.spec is not None:
+            self.outputs.append(evaluate_model(self.model, self.tokenizer, self.spec, label=label,
+                                               limit=self.opts["eval_limit"], num_fewshot=self.opts["eval_num_fewshot"],
+                                               batch_size=self.opts["batch_size"], manager=self.manager))
+        if self.opts["run_bench"]:
+            config = fit_config(BenchConfig(), self.model)
+            self.bench_rows.append(bench({label: self.model}, config, progress=not self.opts["quiet"]))
+
+    def write(self, out_dir: str) -> None:
+        if self.outputs:
+            write_eval(out_dir, self.outputs)
+            click.echo(retention(self.outputs).drop(columns=["reference"])
+                       .to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if self.bench_rows:
+            table = pd.concat(self.bench_rows, ignore_index=True)
+            table.to_csv(Path(out_dir) / "bench.csv", index=False, float_format="%.6g")
+            speed = speedups(table)
+            speed.to_csv(Path(out_dir) / "bench_speedup.csv", index=False, float_format="%.6g")
+            click.echo(speed.drop(columns=["reference"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

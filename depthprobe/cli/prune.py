@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from depthprobe.cli.evaluate_options import heldout_options, print_heldout
+from depthprobe.cli.evaluate_options import (
+    PruneJudge,
+    heldout_options,
+    judge_options,
+    print_heldout,
+    quiet_harness,
+)
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -42,6 +48,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @heldout_options
+@judge_options
 @common_options
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
@@ -52,12 +59,15 @@ def command(**opts) -> None:
     loss against the number of removed blocks for each strategy), prune_excess.csv (each
     strategy's loss minus greedy's at the same K) and analysis/ (the per-layer table).
     Held-out text: --eval-text-file / --eval-dataset, default the end of the built-in text,
-    which the calibration windows never touch.
+    which the calibration windows never touch. --eval-tasks adds eval.csv and
+    eval_retention.csv (lm-eval-harness before and after), --bench adds bench.csv and
+    bench_speedup.csv (tokens/s before and after).
 
     \b
     Examples:
       depthprobe prune smollm2 --num-layers 6 --strategy greedy --out runs/smol-24
       depthprobe prune smollm2 --remove 21,22,23 --out runs/smol-27 --no-curve
+      depthprobe prune smollm2 --num-layers 6 --eval-tasks depthprobe_cloze --bench --out runs/smol-24
       depthprobe prune ./my-model --num-layers 8 --strategy block --text-file corpus.txt --out pruned/
     """
     from depthprobe.prune import prune
@@ -67,7 +77,10 @@ def command(**opts) -> None:
     remove = _layer_list(opts["remove"])
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
+    quiet_harness(opts["verbose"])
     model, tokenizer = load_from_options(opts)
+    judge = PruneJudge(opts, model, tokenizer)
+    judge.measure("original")
     result = prune(
         model,
         tokenizer,
@@ -97,6 +110,8 @@ def command(**opts) -> None:
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
+    judge.measure("pruned")
+    judge.write(opts["out_dir"])
     if not opts["no_report"]:
         write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)

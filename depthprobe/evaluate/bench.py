@@ -16,6 +16,7 @@ all of them alike; compare ratios from one run, not numbers across runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import statistics
@@ -52,6 +53,16 @@ class BenchConfig:
         if self.new_tokens < 1 or self.repeats < 1:
             raise DepthprobeError(f"--new-tokens and --repeats must be at least 1 (got {self.new_tokens}, "
                                   f"{self.repeats})")
+
+
+def fit_config(config: BenchConfig, model) -> BenchConfig:
+    """``config`` with the prompt lengths that fit the model's positions (at least one:
+    half of what is left after the decode steps)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return config
+    lens = tuple(t for t in config.prompt_lens if t + config.new_tokens <= limit)
+    return dataclasses.replace(config, prompt_lens=lens or (max(1, (limit - config.new_tokens) // 2),))
 
 
 def _sync(device: torch.device) -> None:

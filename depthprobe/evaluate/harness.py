@@ -140,7 +140,11 @@ def evaluate_model(model, tokenizer, tasks: TaskSpec | str | list[str], *, label
     if num_fewshot is not None and num_fewshot < 0:
         raise DepthprobeError(f"--num-fewshot must be 0 or more (got {num_fewshot})")
     device = str(next(model.parameters()).device)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    # lm-eval scores an empty context after BOS (else EOS); a tokenizer with neither gets pad / 0
+    extra = {}
+    if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
+        extra["prefix_token_id"] = getattr(tokenizer, "pad_token_id", None) or 0
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
     try:
         results = simple_evaluate(lm, tasks=spec.names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                   log_samples=True, bootstrap_iters=1000)
