@@ -147,3 +147,15 @@ def test_prune_with_eval_tasks_and_bench_writes_tables_and_report(tiny_dir, tmp_
     assert (speed["ideal_speedup"] == 2.0).all()
     report = (out / "report.html").read_text()
     assert "Task scores (lm-eval-harness)" in report and "Speed" in report
+
+
+def test_hub_task_offline_fails_in_one_line_naming_the_local_alternative(tiny_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = str(tiny_dir("llama"))
+    capsys.readouterr()  # the fixture's own output
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", folder, "--tasks", "hellaswag", "--limit", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "hellaswag" in err and cloze.TASK_NAME in err and "task.yaml" in err

@@ -14,6 +14,7 @@ from depthprobe.evaluate.harness import (
     EvalOutput,
     check_limit,
     evaluate_model,
+    load_tasks,
     resolve_tasks,
     retention,
     task_manager,
@@ -88,6 +89,7 @@ class PruneJudge:
             check_limit(opts["eval_limit"])
             self.spec = resolve_tasks(opts["eval_tasks"])
             self.manager = task_manager(self.spec)
+            load_tasks(self.manager, self.spec)
         self.outputs: list[EvalOutput] = []
         self.bench_rows: list[pd.DataFrame] = []
 

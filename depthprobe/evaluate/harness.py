@@ -105,7 +105,8 @@ def task_manager(spec: TaskSpec):
 
 
 def load_tasks(manager, spec: TaskSpec) -> dict:
-    """Build the tasks (reads their datasets); a dataset that cannot be reached is one line."""
+    """Build the tasks (reads their datasets); a dataset that cannot be reached is one line.
+    Called before any model loads, so a missing dataset fails fast (``datasets`` caches it)."""
     try:
         return manager.load(spec.names)
     except (ConnectionError, OSError, ValueError, KeyError) as exc:
@@ -248,6 +249,7 @@ def evaluate_sources(sources: list[str], tasks: str | list[str], *, limit: int |
     check_limit(limit)
     spec = resolve_tasks(tasks)
     manager = task_manager(spec)
+    load_tasks(manager, spec)
     outputs = []
     for i, source in enumerate(sources):
         model, tokenizer = load_model(source, **load_kwargs)
