@@ -14,6 +14,7 @@ Writes reports/pruned_eval_smollm2/: curve.csv, eval.csv, eval_samples.csv,
 eval_retention.csv, bench.csv, bench_speedup.csv, pruned_eval.png, summary.json.
 
     nice -n 5 .venv/bin/python analyses/pruned_eval_smollm2.py [--limit 200] [--no-bench]
+        [--order-from reports/deep_layers_smollm2/prune_curve.csv]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 
 import depthprobe  # noqa: E402
 from depthprobe.data import heldout_windows  # noqa: E402
-from depthprobe.evaluate.bench import BenchConfig, bench, speedups  # noqa: E402
+from depthprobe.evaluate.bench import BenchConfig, bench, parse_ints, speedups  # noqa: E402
 from depthprobe.evaluate.cloze import TASK_NAME  # noqa: E402
 from depthprobe.evaluate.harness import evaluate_model, resolve_tasks, retention, task_manager, write_eval  # noqa: E402
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss  # noqa: E402
@@ -67,12 +68,19 @@ def measure(args) -> dict:
     model, tok = depthprobe.load_model("smollm2", device="cpu")
     calibration = depthprobe.make_windows(tok, num_sequences=args.num_sequences, seq_len=args.seq_len)
     held = heldout_windows(tok, num_sequences=args.heldout_sequences, seq_len=args.seq_len, calibration=calibration)
-    steps = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(KS))
+    if args.order_from:
+        # the greedy steps of a committed run on the same calibration windows (saves the search)
+        table = pd.read_csv(args.order_from, dtype={"removed": str}).query("strategy == 'greedy'")
+        steps = {int(r.num_removed): [int(v) for v in str(r.removed).split(";") if v not in ("", "nan")]
+                 for r in table.itertuples(index=False)}
+    else:
+        search = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(KS))
+        steps = {s.num_removed: s.removed for s in search}
     spec = resolve_tasks(TASK_NAME)
     manager = task_manager(spec)
     rows, outputs, models = [], [], {}
     for k in KS:
-        removed = steps[k].removed
+        removed = steps[k]
         pruned = pruned_copy(model, removed)
         row = {"num_removed": k, "num_layers": 30 - k, "removed": ";".join(map(str, removed)),
                **losses(pruned, calibration, held)}
@@ -95,11 +103,14 @@ def measure(args) -> dict:
     curve.to_csv(OUT / "curve.csv", index=False, float_format="%.6g")
     write_eval(OUT, outputs)
     if not args.no_bench:
-        table = bench(models, BenchConfig(batch_sizes=(1, 4), prompt_lens=(128, 512), new_tokens=32, repeats=3))
+        table = bench(models, BenchConfig(batch_sizes=parse_ints(args.bench_batch_sizes, "--bench-batch-sizes"),
+                                   prompt_lens=parse_ints(args.bench_prompt_lens, "--bench-prompt-lens"),
+                                   new_tokens=args.bench_new_tokens, repeats=args.bench_repeats))
         table.to_csv(OUT / "bench.csv", index=False, float_format="%.6g")
         speedups(table).to_csv(OUT / "bench_speedup.csv", index=False, float_format="%.6g")
     return {"calibration": calibration.source, "calibration_tokens": int(calibration.input_ids.numel()),
             "heldout": held.source, "heldout_tokens": int(held.input_ids.numel()), "cloze_items": args.limit,
+            "greedy_order_from": args.order_from, "greedy_steps": {k: steps[k] for k in KS},
             "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
 
 
@@ -131,6 +142,12 @@ def main() -> None:
     ap.add_argument("--heldout-sequences", type=int, default=8, help="held-out windows")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--limit", type=int, default=200, help="cloze items")
+    ap.add_argument("--order-from", default=None,
+                    help="prune_curve.csv whose greedy rows give the removal order (same calibration windows)")
+    ap.add_argument("--bench-new-tokens", type=int, default=32)
+    ap.add_argument("--bench-prompt-lens", default="128,512")
+    ap.add_argument("--bench-batch-sizes", default="1,4")
+    ap.add_argument("--bench-repeats", type=int, default=3)
     ap.add_argument("--no-bench", action="store_true")
     args = ap.parse_args()
     info = measure(args)
