@@ -235,7 +235,7 @@ def _disjoint_tail(tokenizer, text: str, source: str, num_sequences: int, seq_le
     if start < cal_need:
         raise DepthprobeError(
             f"{source} has {len(ids)} tokens: {cal_need} calibration and {need} held-out tokens do not both fit; "
-            "lower --num-sequences / --seq-len or give --eval-text-file"
+            "lower --num-sequences / --seq-len, give --eval-text-file, or --no-heldout"
         )
     if calibration is not None and not torch.equal(
         calibration.input_ids.flatten().cpu(), torch.tensor(ids[:cal_need], dtype=torch.long)

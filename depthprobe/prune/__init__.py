@@ -130,6 +130,10 @@ def prune(
             dataset=analyze_kwargs.pop("dataset", None),
             max_positions=max_positions(model),
         )
+    # held-out windows first: text too short for them fails before any sweep runs
+    held_windows = (heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
+                                    calibration=windows, text_file=eval_text_file, dataset=eval_dataset,
+                                    max_positions=max_positions(model)) if heldout and stack.is_causal_lm else None)
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     options = {**analyze_kwargs.pop("options", {}), "sublayers": False, "block_sizes": ()}
@@ -150,9 +154,8 @@ def prune(
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
     held = None
-    if heldout and evaluator.lm:
-        held, table = _heldout(stack, tokenizer, windows, remove, table, evaluator.batch_size, progress,
-                               text_file=eval_text_file, dataset=eval_dataset, max_positions=max_positions(model))
+    if held_windows is not None:
+        held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
     remove_blocks(stack, remove)
     excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
@@ -167,11 +170,8 @@ def prune(
     return result
 
 
-def _heldout(stack, tokenizer, windows, remove, table, batch_size, progress, **text):
-    """Held-out scores of the full and pruned model (and of every curve row) before removal;
-    ``text``: ``text_file``, ``dataset``, ``max_positions`` of :func:`heldout_windows`."""
-    held = heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
-                           calibration=windows, **text)
+def _heldout(stack, windows, held, remove, table, batch_size, progress):
+    """Held-out scores of the full and pruned model (and of every curve row) before removal."""
     removals = [[], list(remove)]
     if table is not None:
         removals += [[int(v) for v in str(r).split(";") if v != ""] for r in table["removed"]]
