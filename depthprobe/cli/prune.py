@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.cli.evaluate_options import (
+    PruneJudge,
+    heldout_options,
+    judge_options,
+    print_heldout,
+    quiet_harness,
+)
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -28,19 +35,27 @@ from depthprobe.results import REPORT_HTML, parse_list
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@heldout_options
+@judge_options
 @common_options
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
 
     The folder loads with plain transformers (AutoModelForCausalLM.from_pretrained) and holds
-    prune.json (what was removed, loss before/after), prune_curve.csv (loss against the
-    number of removed blocks for each strategy), prune_excess.csv (each strategy's loss
-    minus greedy's at the same K) and analysis/ (the per-layer table).
+    prune.json (what was removed, loss before/after on the calibration windows and on
+    held-out windows, with bootstrap intervals), prune_curve.csv (calibration and held-out
+    loss against the number of removed blocks for each strategy), prune_excess.csv (each
+    strategy's loss minus greedy's at the same K) and analysis/ (the per-layer table).
+    Held-out text: --eval-text-file / --eval-dataset, default the end of the built-in text,
+    which the calibration windows never touch. --eval-tasks adds eval.csv and
+    eval_retention.csv (lm-eval-harness before and after), --bench adds bench.csv and
+    bench_speedup.csv (tokens/s before and after).
 
     \b
     Examples:
       depthprobe prune smollm2 --num-layers 6 --strategy greedy --out runs/smol-24
       depthprobe prune smollm2 --remove 21,22,23 --out runs/smol-27 --no-curve
+      depthprobe prune smollm2 --num-layers 6 --eval-tasks depthprobe_cloze --bench --out runs/smol-24
       depthprobe prune ./my-model --num-layers 8 --strategy block --text-file corpus.txt --out pruned/
     """
     from depthprobe.prune import prune
@@ -50,7 +65,10 @@ def command(**opts) -> None:
     remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
+    quiet_harness(opts["verbose"])
     model, tokenizer = load_from_options(opts)
+    judge = PruneJudge(opts, model, tokenizer)
+    judge.measure("original")
     result = prune(
         model,
         tokenizer,
@@ -60,6 +78,9 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
+        heldout=opts["heldout"],
+        eval_text_file=opts["eval_text_file"],
+        eval_dataset=opts["eval_dataset"],
         **analysis_kwargs(opts),
     )
     s = result.summary()
@@ -71,11 +92,14 @@ def command(**opts) -> None:
         )
     else:
         click.echo(f"final-state cosine drift {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
+    print_heldout(s)
     if result.curve is not None and not opts["quiet"]:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
+    judge.measure("pruned")
+    judge.write(opts["out_dir"])
     if not opts["no_report"]:
         write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)

@@ -21,8 +21,9 @@ import pandas as pd
 import torch
 
 from depthprobe.analysis import analyze, max_positions
-from depthprobe.data import Windows, make_windows
+from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, score_removals
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.sweep import SweepOptions
 from depthprobe.prune.export import remove_blocks, save_model
@@ -59,6 +60,8 @@ class PruneResult:
     analysis: AnalysisResult
     #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
     excess: pd.DataFrame | None = None
+    #: held-out loss before/after with bootstrap intervals (``evaluate.heldout.heldout_summary``)
+    heldout: dict | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -80,6 +83,7 @@ class PruneResult:
             "loss_after": self.loss_after,
             "perplexity_before": self.perplexity_before,
             "perplexity_after": self.perplexity_after,
+            **(self.heldout or {}),
         }
 
 
@@ -94,10 +98,17 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    heldout: bool = True,
+    eval_text_file: str | None = None,
+    eval_dataset: str | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
     pruning curve of every strategy, remove the blocks in place and (with ``out_dir``) save.
+
+    With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
+    held-out windows (``eval_text_file`` / ``eval_dataset``, default the built-in text's
+    tail, never the calibration windows), with bootstrap intervals over windows.
 
     Example:
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
@@ -114,10 +125,14 @@ def prune(
         k = len(remove)
     else:
         k = validate_k(stack, num_layers)
-    if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
+    if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
 
     windows = _windows(model, tokenizer, analyze_kwargs)
+    # held-out windows first: text too short for them fails before any sweep runs
+    held_windows = (heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
+                                    calibration=windows, text_file=eval_text_file, dataset=eval_dataset,
+                                    max_positions=max_positions(model)) if heldout and stack.is_causal_lm else None)
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     given = SweepOptions.parse(analyze_kwargs.pop("options", None))
@@ -138,10 +153,13 @@ def prune(
                             greedy_steps=steps, progress=progress)
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
+    held = None
+    if held_windows is not None:
+        held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
     remove_blocks(stack, remove)
     excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess)
+                         analysis, excess, held)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir)
     return result
@@ -170,3 +188,14 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
         result.curve.to_csv(out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
         result.excess.to_csv(out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
     result.analysis.save(out / ANALYSIS_DIR)
+
+
+def _heldout(stack, windows, held, remove, table, batch_size, progress):
+    """Held-out scores of the full and pruned model (and of every curve row) before removal."""
+    removals = [[], list(remove)]
+    if table is not None:
+        removals += [[int(v) for v in str(r).split(";") if v != ""] for r in table["removed"]]
+    scores = score_removals(stack, windows, held, removals, batch_size, progress)
+    if table is not None:
+        table = add_heldout_columns(table, scores)
+    return heldout_summary(scores[()], scores[tuple(sorted(remove))], held), table

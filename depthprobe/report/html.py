@@ -21,6 +21,7 @@ import pandas as pd
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
+from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
 from depthprobe.results import AnalysisResult, load_runs
 
@@ -163,6 +164,7 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     for heading, fig, caption in _figure_sections(runs):
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
+    parts += eval_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
                           ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
         for run in runs:
