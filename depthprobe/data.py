@@ -155,3 +155,42 @@ def _tokenize_stream(tokenizer, text: str, need: int) -> list[int]:
         ids.extend(tokenizer(text[pos:end], add_special_tokens=False)["input_ids"])
         pos = end
     return ids
+
+
+def heldout_windows(
+    tokenizer,
+    *,
+    num_sequences: int,
+    seq_len: int,
+    calibration: Windows | None = None,
+    text_file: str | None = None,
+    dataset: str | None = None,
+    max_positions: int | None = None,
+) -> Windows:
+    """Windows to score a pruned model on, never the ones that chose the layers.
+
+    With ``text_file`` or ``dataset``: the first windows of that text. With neither: the
+    last ``num_sequences * seq_len`` tokens of the built-in stream, whereas built-in
+    calibration windows are its first tokens; the two never touching is asserted.
+    """
+    if text_file is not None or dataset is not None:
+        return make_windows(tokenizer, num_sequences=num_sequences, seq_len=seq_len, text_file=text_file,
+                            dataset=dataset, max_positions=max_positions)
+    if num_sequences < 1 or seq_len < 2:
+        raise DepthprobeError(f"held-out windows need at least 1 window of 2 tokens (got {num_sequences} x {seq_len})")
+    if max_positions is not None and seq_len > max_positions:
+        raise DepthprobeError(
+            f"--seq-len {seq_len} is longer than this model allows ({max_positions} positions); lower --seq-len"
+        )
+    ids = tokenizer(builtin_text(), add_special_tokens=False)["input_ids"]
+    need = num_sequences * seq_len
+    used = calibration.input_ids.numel() if calibration is not None and calibration.source == BUILTIN else 0
+    start = len(ids) - need
+    if start < used:
+        raise DepthprobeError(
+            f"the built-in text has {len(ids)} tokens: the calibration windows use the first {used} and "
+            f"{num_sequences} held-out windows of {seq_len} need {need} more; lower the number of windows "
+            "or give --eval-text-file"
+        )
+    assert start >= used, "held-out windows overlap the calibration windows"
+    return Windows(torch.tensor(ids[start:], dtype=torch.long).view(num_sequences, seq_len), f"{BUILTIN}:heldout")
