@@ -368,3 +368,32 @@ def _fused_matches(stack, one, keep, p, writer, m, y, T) -> bool:
     explicit = (y[:n].double() + m[:n].double() @ T).float()
     fused = y_now + m_now  # block p's output with the fused writer
     return bool(torch.linalg.norm(fused - explicit) <= 1e-4 * torch.linalg.norm(explicit))
+
+
+def heldout_loss(model: nn.Module, heldout: Windows, removed: Sequence[int] = (), batch_size: int = 4) -> float:
+    """Mean-token LM loss (encoders: final-state drift) of ``model`` without blocks ``removed``."""
+    return Evaluator(LayerStack.from_model(model), heldout.input_ids, batch_size).loss(removed)
+
+
+def repair_curve(model: nn.Module, removed_by_k: dict[int, list[int]], fit: Windows, heldout: Windows,
+                 config: RepairConfig, progress: bool = True) -> pd.DataFrame:
+    """For each K: held-out loss with blocks ``removed_by_k[K]`` removed, plain and repaired.
+
+    Each repair is undone before the next K. Columns: num_removed, heldout_loss_plain,
+    heldout_loss_repaired, repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
+    """
+    rows = []
+    for k, removed in tqdm(sorted(removed_by_k.items()), desc="repair curve", disable=not progress, leave=False):
+        plain = heldout_loss(model, heldout, removed, config.batch_size)
+        result = repair_linear(model, removed, fit, config)
+        try:
+            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else plain
+        finally:
+            result.restore()
+        rows.append((k, plain, repaired, _span_text(result.applied)))
+    return pd.DataFrame(rows, columns=["num_removed", "heldout_loss_plain", "heldout_loss_repaired",
+                                       "repair_spans_applied"])
+
+
+def _span_text(spans: Sequence[tuple[int, int]]) -> str:
+    return ";".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans)
