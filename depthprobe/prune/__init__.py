@@ -20,6 +20,16 @@ import torch
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.prune.export import remove_blocks, save_model
+from depthprobe.prune.heal import HealConfig, heal_lora
+from depthprobe.prune.repair import RepairConfig, repair_linear
+from depthprobe.prune.seam import (
+    SeamOptions,
+    SeamReport,
+    after_removal,
+    before_removal,
+    curve_steps,
+    merge_curve,
+)
 from depthprobe.prune.select import (
     STRATEGIES,
     Evaluator,
@@ -32,7 +42,10 @@ from depthprobe.prune.select import (
 from depthprobe.results import AnalysisResult, write_json
 from depthprobe.stats import prune_excess
 
-__all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
+__all__ = [
+    "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
+    "repair_linear", "save_model",
+]
 
 
 @dataclass
@@ -46,6 +59,8 @@ class PruneResult:
     analysis: AnalysisResult
     #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
     excess: pd.DataFrame | None = None
+    #: held-out losses of plain removal, repair and healing (``--repair`` / ``--heal``)
+    seam: SeamReport | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -67,6 +82,7 @@ class PruneResult:
             "loss_after": self.loss_after,
             "perplexity_before": self.perplexity_before,
             "perplexity_after": self.perplexity_after,
+            **(self.seam.summary() if self.seam is not None else {}),
         }
 
 
@@ -81,6 +97,7 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    seam: SeamOptions | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
@@ -137,10 +154,17 @@ def prune(
                             greedy_steps=steps, progress=progress)
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
+    report = None
+    if seam is not None:  # repair / heal, scored on held-out text (depthprobe.prune.seam)
+        report = before_removal(model, tokenizer, remove, curve_steps(table, strategy, remove), windows, seam,
+                                max_positions=max_positions(model), progress=progress)
     remove_blocks(stack, remove)
+    if report is not None:
+        after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
     excess = prune_excess(table) if table is not None else None
+    table = merge_curve(table, report, strategy)
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess)
+                         analysis, excess, report)
     if out_dir is not None:
         out = save_model(model, tokenizer, out_dir)
         write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
@@ -148,4 +172,6 @@ def prune(
             table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
             excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
         analysis.save(out / "analysis")
+        if report is not None:
+            report.save(out)
     return result
