@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ class HealConfig:
     batch_size: int = 4
     save_every: int = 25
     seed: int = 0
+    #: stop early once this run has used this much process CPU time (None: no limit)
+    max_cpu_seconds: float | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.rank < 1 or self.batch_size < 1 or self.save_every < 1:
@@ -140,7 +143,13 @@ def _train(peft_model, optimizer, windows, config, start, losses, path, names, p
     peft_model.train()
     bar = tqdm(range(start, config.steps), desc="heal (LoRA)", disable=not progress, initial=start,
                total=config.steps, leave=False)
+    began = time.process_time()
     for step in bar:
+        if config.max_cpu_seconds is not None and time.process_time() - began > config.max_cpu_seconds:
+            log.info("healing stopped after %d steps: CPU budget of %.0f s spent", step, config.max_cpu_seconds)
+            if path is not None:
+                _save(path, peft_model, optimizer, config, names, losses)
+            break
         rows = [(step * config.batch_size + i) % ids.shape[0] for i in range(config.batch_size)]
         batch = ids[rows].to(device)
         loss = peft_model(input_ids=batch, labels=batch, use_cache=False).loss
