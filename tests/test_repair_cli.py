@@ -61,6 +61,23 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     assert len(pd.read_csv(out / "heal_losses.csv")) == 4
     spans = pd.read_csv(out / "repair_spans.csv")
     assert len(spans) == 1 and (spans["applied"] | spans["reason"].notna()).all()
+    _check_report(out, info)
+
+
+def _check_report(out, info):
+    """The figure plots the CSV's numbers; the HTML report has the section."""
+    from depthprobe.report import write_report
+    from depthprobe.report.html import load_run
+    from depthprobe.report.repair_figures import plot_repair_curve
+
+    curve = pd.read_csv(out / "repair_curve.csv").sort_values("num_removed")
+    ax = plot_repair_curve([load_run(out)]).axes[0]
+    lines = {line.get_label().split(": ")[-1]: line.get_ydata() for line in ax.get_lines()}
+    assert list(lines["blocks removed"]) == pytest.approx(list(curve["heldout_loss_plain"]))
+    assert list(lines["repaired"]) == pytest.approx(list(curve["heldout_loss_repaired"]))
+    assert list(lines["healed"]) == pytest.approx([info["heldout_loss_healed"]])
+    write_report([out], out / "report.html")
+    assert "Repair and healing" in (out / "report.html").read_text()
 
 
 def _state_keys(folder):

@@ -26,6 +26,7 @@ import pandas as pd
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
 from depthprobe.report.findings import findings
+from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.results import SUMMARY_JSON, AnalysisResult
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -93,7 +94,7 @@ def load_run(path: str | Path) -> AnalysisResult:
         result = AnalysisResult.load(folder / "analysis")
     else:
         raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
-    for name in ("prune_curve", "prune_excess", "metrics", "train_layers"):
+    for name in ("prune_curve", "prune_excess", "metrics", "train_layers", "repair_curve"):
         csv = folder / f"{name}.csv"
         if csv.is_file() and name not in result.tables:
             result.tables[name] = pd.read_csv(csv)
@@ -190,6 +191,9 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
         ("Pruning curves", F.plot_prune_curve(runs),
          "Loss after removing K blocks as chosen by each strategy; the lowest curve is the best proxy here, "
          "greedy re-measures after every removal."),
+        ("Repair and healing", plot_repair_curve(runs),
+         "Held-out loss: blocks removed (dashed), with a linear map fused at each seam (solid), healed with "
+         "LoRA (star); grey: the full model."),
     ]
     training = {F.run_label(r): r.tables["metrics"] for r in runs if "metrics" in r.tables}
     if training:
