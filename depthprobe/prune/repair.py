@@ -198,17 +198,27 @@ def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, 
 
 
 def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
-                  lm: bool) -> dict[int, torch.Tensor]:
-    """The full model's stream ``x_e`` (output of block e-1) for each span end ``e``: (N·T, d)."""
+                  lm: bool) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """The full model's stream ``x_e`` (output of block e-1) for each span end ``e``: (N·T, d).
+
+    Also ``(m, y)`` of the first span's seam block: before any repair the model that skips
+    the spans computes the same prefix, so that pass is saved.
+    """
     ends = sorted({stop for _, stop in spans})
     hooks = {stack.blocks[e - 1]: str(e) for e in ends}
+    p = spans[0][0] - 1
+    found = mlp_writer(stack, p) if p >= 0 else None
+    if found is not None:
+        hooks.update({found[1]: "m", stack.blocks[p]: "x"})
     last = stack.blocks[ends[-1] - 1]
-    parts: dict[int, list[torch.Tensor]] = {e: [] for e in ends}
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in hooks.values()}
     for start in range(0, windows.shape[0], batch_size):
         got = _run_capturing(stack, windows[start : start + batch_size].to(stack.device), hooks, last, lm)
-        for e in ends:
-            parts[e].append(got[str(e)])
-    return {e: torch.cat(v) for e, v in parts.items()}
+        for name in parts:
+            parts[name].append(got[name])
+    cat = {name: torch.cat(v) for name, v in parts.items()}
+    first = (cat["m"], cat["x"] - cat["m"]) if found is not None else None
+    return {e: cat[str(e)] for e in ends}, first
 
 
 def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
@@ -294,12 +304,13 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     lm = stack.is_causal_lm
     result = RepairResult(config.method, pd.DataFrame())
     rows = []
-    targets = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else {}
+    targets, first = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else ({}, None)
     val = Evaluator(stack, val_ids, config.batch_size, lm) if n_val else None
     val_loss = val.loss(removed) if val else float("nan")
     for start, stop in tqdm(spans, desc=f"repair ({config.method})", disable=not progress, leave=False):
+        states = first if (start, stop) == spans[0] else None
         row, val_loss = _repair_span(stack, start, stop, keep, targets, fit_ids.numel(), val, removed, val_loss,
-                                     config, result, ids)
+                                     config, result, ids, states)
         rows.append(row)
     result.table = pd.DataFrame(rows)
     return result
@@ -316,7 +327,7 @@ def _decline(start: int, stop: int, reason: str, **extra) -> dict:
             "applied": False, "reason": reason}
 
 
-def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids):
+def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
     """Fit, fuse, check and validate one span; returns its table row and the validation loss now."""
     if start == 0:
         return _decline(start, stop, "no kept block before it to fuse into"), val_loss
@@ -327,7 +338,7 @@ def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_los
     if found is None:
         return _decline(start, stop, f"no MLP output linear found in block {p}"), val_loss
     name, writer = found
-    m, y = _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
+    m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
     target = targets[stop]
     T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge)
     if config.method == "cosine":
