@@ -46,8 +46,14 @@ def test_least_squares_map_equals_numpy_lstsq():
     y64 = hidden[2].reshape(-1, d).double().numpy() - m64
     target = hidden[3].reshape(-1, d).double().numpy()
     expected = np.linalg.lstsq(m64, target - y64, rcond=None)[0]
-    result = repair_linear(model, [2], ids, ridge=0.0, val_fraction=0.0)
+    result = repair_linear(model, [2], ids, ridge=0.0, val_fraction=0.0, weighting="none")
     np.testing.assert_allclose(result.maps[(2, 3)].numpy(), expected, atol=1e-6, rtol=0)
+    # token weights 1/||x_3||: numpy on rows scaled by them
+    w = 1 / np.linalg.norm(hidden[3].reshape(-1, d).numpy(), axis=1, keepdims=True)
+    weighted = np.linalg.lstsq(m64 * w, (target - y64) * w, rcond=None)[0]
+    result.restore()
+    result = repair_linear(model, [2], ids, ridge=0.0, val_fraction=0.0, weighting="norm")
+    np.testing.assert_allclose(result.maps[(2, 3)].numpy(), weighted, atol=1e-6, rtol=0)
 
 
 def test_ridge_pulls_the_map_toward_identity():

@@ -122,13 +122,17 @@ def _hidden_size(stack: LayerStack) -> int:
     raise DepthprobeError(f"cannot tell the stream width of {type(stack.model).__name__}: no hidden_size in its config")
 
 
-def solve_linear(m: torch.Tensor, r: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """``T = argmin_T ||m T - r||² + λ ||T - I||²``, ``λ = ridge · trace(mᵀm)/d``, in float64.
+def solve_linear(m: torch.Tensor, r: torch.Tensor, ridge: float = 0.0,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``T = argmin_T Σ_t w_t² ||m_t T - r_t||² + λ ||T - I||²``, ``λ = ridge · Σ_t w_t² ||m_t||² / d``,
+    in float64 (``w = 1`` without ``weights``).
 
-    ``m, r``: (N, d). Solved by least squares on the stacked system ``[m; √λ I] T = [r; √λ I]``
+    ``m, r``: (N, d). Solved by least squares on the stacked system ``[w m; √λ I] T = [w r; √λ I]``
     (no normal equations, so ``ridge = 0`` equals ``numpy.linalg.lstsq(m, r)``).
     """
     m64, r64 = m.double(), r.double()
+    if weights is not None:
+        m64, r64 = m64 * weights.double()[:, None], r64 * weights.double()[:, None]
     d = m64.shape[1]
     if ridge > 0:
         lam = ridge * float((m64 * m64).sum()) / d
@@ -264,6 +268,9 @@ class RepairConfig:
     method: str = "linear"
     #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares
     ridge: float = 1e-3
+    #: "norm": each token weighted by 1 / ||x_e|| (the next block reads the stream through a
+    #: norm, so relative error is what counts and a few huge-norm tokens do not dominate)
+    weighting: str = "norm"
     #: last fraction of the windows that validates instead of fitting (0: no check, always fuse)
     val_fraction: float = 0.2
     batch_size: int = 4
@@ -273,6 +280,8 @@ class RepairConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise DepthprobeError(f"unknown --repair {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.weighting not in ("norm", "none"):
+            raise DepthprobeError(f"unknown repair weighting {self.weighting!r}; choose norm or none")
         if self.ridge < 0 or not 0 <= self.val_fraction < 1:
             raise DepthprobeError("--repair-ridge must be >= 0 and the validation fraction in [0, 1)")
 
@@ -340,7 +349,8 @@ def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_los
     name, writer = found
     m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
     target = targets[stop]
-    T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge)
+    weights = 1 / target[:n_fit].norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
+    T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge, weights)
     if config.method == "cosine":
         T = solve_cosine(m[:n_fit], y[:n_fit], target[:n_fit], T, steps=config.cosine_steps, lr=config.cosine_lr)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
