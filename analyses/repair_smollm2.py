@@ -38,12 +38,8 @@ CURVE = ROOT / "reports" / "deep_layers_smollm2" / "prune_curve.csv"
 
 
 def picks(strategies, ks) -> dict[tuple[str, int], list[int]]:
-    curve = pd.read_csv(CURVE)
-    out = {}
-    for row in curve.itertuples():
-        if row.strategy in strategies and row.num_removed in ks:
-            out[(row.strategy, int(row.num_removed))] = [int(i) for i in str(row.removed).split(";")]
-    return out
+    curve = pd.read_csv(CURVE).set_index(["strategy", "num_removed"])
+    return {(s, k): [int(i) for i in str(curve.loc[(s, k), "removed"]).split(";")] for s in strategies for k in ks}
 
 
 def measure(model, chosen, fit, heldout, config, out_dir):

@@ -102,3 +102,26 @@ def test_repair_heal_bad_input_is_one_line(args, message, tiny_dir, tmp_path, ca
                            capsys)
     assert code == 2 and message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_smollm2_repaired_export_reproduces_printed_loss(tmp_path, smollm2, capsys):
+    """A real repair (the map is kept on SmolLM2): the export reloads with plain transformers,
+    has 28 blocks and no extra module, and its held-out loss is the printed one to 1e-5."""
+    out = tmp_path / "smol-repaired"
+    code, stdout, err = run_cli(
+        ["prune", "smollm2", "--remove", "20,21", "--no-curve", "--num-sequences", "1", "--seq-len", "64",
+         "--repair", "linear", "--repair-windows", "30", "--out", str(out), "--quiet", "--no-report",
+         "--device", "cpu"],
+        capsys,
+    )
+    assert code == 0, err
+    info = json.loads((out / "prune.json").read_text())
+    spans = pd.read_csv(out / "repair_spans.csv")
+    assert spans["applied"].all(), spans
+    assert info["heldout_loss_repaired"] < info["heldout_loss_removed"]
+    printed = float(stdout.split("repaired ")[1].split()[0])
+    model, loss = _heldout_loss_by_hand(out, smollm2[1], num_sequences=16, seq_len=64)
+    assert loss == pytest.approx(printed, abs=1e-5)
+    assert model.config.num_hidden_layers == 28
+    assert set(model.state_dict()) <= set(smollm2[0].state_dict())

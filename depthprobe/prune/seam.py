@@ -19,6 +19,7 @@ from torch import nn
 
 from depthprobe.data import BUILTIN, Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.stack import LayerStack
 from depthprobe.prune.heal import HealConfig, heal_lora, training_windows
 from depthprobe.prune.repair import RepairConfig, heldout_loss, removed_spans, repair_curve, repair_linear
 
@@ -102,6 +103,8 @@ def before_removal(model: nn.Module, tokenizer, remove: Sequence[int], removed_b
                    progress: bool = True) -> SeamReport:
     """Held-out losses of the full model and of plain removal; with ``options.repair``, the
     repair curve over ``removed_by_k`` and the chosen K's maps fused into ``model`` (kept)."""
+    if options.heal and not LayerStack.from_model(model).is_causal_lm:
+        raise DepthprobeError("--heal trains on next-token loss and needs a causal LM; this model has no LM head")
     fit = _windows_like(tokenizer, calibration, options.repair_windows if options.repair else 0, max_positions)
     heldout = heldout_windows(tokenizer, num_sequences=options.heldout_windows, seq_len=calibration.seq_len,
                               calibration=fit, text_file=options.eval_text_file, max_positions=max_positions)
