@@ -125,3 +125,10 @@ def test_smollm2_repaired_export_reproduces_printed_loss(tmp_path, smollm2, caps
     assert loss == pytest.approx(printed, abs=1e-5)
     assert model.config.num_hidden_layers == 28
     assert set(model.state_dict()) <= set(smollm2[0].state_dict())
+
+
+def test_heal_refuses_an_encoder(tiny_dir, tmp_path, capsys):
+    code, _, err = run_cli(["prune", str(tiny_dir("bert")), "--remove", "2", "--no-curve", "--seq-len", "16",
+                            "--num-sequences", "2", "--out", str(tmp_path / "o"), "--quiet", "--no-report",
+                            "--heal", "lora"], capsys)
+    assert code == 2 and "needs a causal LM" in err
