@@ -144,3 +144,21 @@ def test_bad_input_is_one_line():
         repair_linear(model, [2], random_ids(8, 16), method="quadratic")
     with pytest.raises(DepthprobeError, match="out of range"):
         repair_linear(model, [9], random_ids(8, 16))
+
+
+def test_cosine_solver_lowers_the_mean_cosine_distance():
+    """Adam from the least-squares map lowers mean(1 - cos(y + mT, target)), computed by hand."""
+    from depthprobe.prune.repair import solve_cosine
+
+    g = torch.Generator().manual_seed(1)
+    m, y = torch.randn(512, 8, generator=g), torch.randn(512, 8, generator=g)
+    true = torch.randn(8, 8, generator=g)
+    target = (y + m @ true) * torch.rand(512, 1, generator=g) * 10 + 0.3 * torch.randn(512, 8, generator=g)
+
+    def distance(T):
+        out = y.double() + m.double() @ T
+        return float((1 - torch.nn.functional.cosine_similarity(out, target.double(), dim=-1)).mean())
+
+    start = solve_linear(m, target - y, 0.0)
+    refined = solve_cosine(m, y, target, start, steps=200, lr=1e-2, batch_tokens=256)
+    assert distance(refined) < distance(start) - 1e-3
