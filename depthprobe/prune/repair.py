@@ -326,7 +326,7 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
 
 
 def _fusable(stack: LayerStack) -> bool:
-    return stack.norm_placement in _ADDITIVE or (stack.spec is not None and stack.spec.stream is not None)
+    return stack.norm_placement in _ADDITIVE
 
 
 def _decline(start: int, stop: int, reason: str, **extra) -> dict:
