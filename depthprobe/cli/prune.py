@@ -43,7 +43,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--repair", type=click.Choice(["linear", "cosine"]), default=None,
               help="Fit a linear map for each removed span and fuse it into the block before it.")
 @click.option("--repair-windows", type=int, default=64, show_default=True,
-              help="Windows of --seq-len tokens the maps are fit on (the last 20%% validate).")
+              help="Windows of --seq-len tokens the maps are fit on (the last 20 percent validate).")
 @click.option("--repair-ridge", type=float, default=1e-3, show_default=True, help="Ridge toward no change (0: lstsq).")
 @click.option("--heal", type=click.Choice(["lora"]), default=None, help="Heal with LoRA, merged before export.")
 @click.option("--heal-steps", type=int, default=100, show_default=True, help="LoRA training steps.")
