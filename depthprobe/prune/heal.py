@@ -27,7 +27,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from torch import nn
 from tqdm.auto import tqdm
 
-from depthprobe.data import BUILTIN, Windows, builtin_text, read_text_file
+from depthprobe.data import BUILTIN, Windows, builtin_text, make_windows, read_text_file
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
 
@@ -96,18 +96,19 @@ def target_modules(model: nn.Module, seams: Sequence[int], targets: str = "seams
 
 
 def training_windows(tokenizer, *, seq_len: int, exclude_tail_tokens: int, text_file: str | None = None) -> Windows:
-    """Every full window of ``text_file``, or of the built-in text minus its last
-    ``exclude_tail_tokens`` tokens (where the held-out windows are)."""
-    if text_file is not None:
-        source, text, tail = str(text_file), read_text_file(text_file), 0
-    else:
-        source, text, tail = BUILTIN, builtin_text(), exclude_tail_tokens
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    usable = (len(ids) - tail) // seq_len
+    """Every full window of ``text_file``, or of the built-in text minus (at least) its last
+    ``exclude_tail_tokens`` tokens, where the held-out windows are. Built the way calibration
+    windows are (``make_windows``), so ``heldout_windows(calibration=...)`` can assert the two
+    never touch."""
+    source, text = (str(text_file), read_text_file(text_file)) if text_file is not None else (BUILTIN, builtin_text())
+    tail = 0 if text_file is not None else exclude_tail_tokens
+    total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    usable = (total - tail) // seq_len - (1 if tail else 0)  # one window of margin for chunked tokenization
     if usable < 1:
         raise DepthprobeError(f"{source} has too few tokens for one healing window of {seq_len}; give a longer "
                               "--heal-text-file")
-    return Windows(torch.tensor(ids[: usable * seq_len], dtype=torch.long).view(usable, seq_len), source)
+    return make_windows(tokenizer, num_sequences=usable, seq_len=seq_len,
+                        text_file=text_file)
 
 
 def heal_lora(model: nn.Module, windows: Windows, seams: Sequence[int], config: HealConfig | None = None, *,
