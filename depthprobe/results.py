@@ -47,7 +47,7 @@ COMPARISON_CSV = "comparison.csv"
 COMPARISON_SUMMARY_CSV = "comparison_summary.csv"
 #: tables a prune or train folder keeps beside its ``analysis/`` folder
 SIDE_TABLES = ("prune_curve", "prune_excess", "metrics", "train_layers", "eval", "eval_retention", "bench",
-               "bench_speedup")
+               "bench_speedup", "repair_curve")
 
 
 @dataclass

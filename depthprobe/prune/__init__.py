@@ -27,6 +27,16 @@ from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, sc
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.sweep import SweepOptions
 from depthprobe.prune.export import remove_blocks, save_model
+from depthprobe.prune.heal import HealConfig, heal_lora
+from depthprobe.prune.repair import RepairConfig, repair_linear
+from depthprobe.prune.seam import (
+    SeamOptions,
+    SeamReport,
+    after_removal,
+    before_removal,
+    curve_steps,
+    merge_curve,
+)
 from depthprobe.prune.select import (
     STRATEGIES,
     Evaluator,
@@ -46,7 +56,10 @@ from depthprobe.results import (
 )
 from depthprobe.stats import prune_excess
 
-__all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
+__all__ = [
+    "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
+    "repair_linear", "save_model",
+]
 
 
 @dataclass
@@ -62,6 +75,8 @@ class PruneResult:
     excess: pd.DataFrame | None = None
     #: held-out loss before/after with bootstrap intervals (``evaluate.heldout.heldout_summary``)
     heldout: dict | None = None
+    #: held-out losses of plain removal, repair and healing (``--repair`` / ``--heal``)
+    seam: SeamReport | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -84,6 +99,7 @@ class PruneResult:
             "perplexity_before": self.perplexity_before,
             "perplexity_after": self.perplexity_after,
             **(self.heldout or {}),
+            **(self.seam.summary() if self.seam is not None else {}),
         }
 
 
@@ -101,6 +117,7 @@ def prune(
     heldout: bool = True,
     eval_text_file: str | None = None,
     eval_dataset: str | None = None,
+    seam: SeamOptions | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
@@ -156,10 +173,17 @@ def prune(
     held = None
     if held_windows is not None:
         held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
+    report = None
+    if seam is not None:  # repair / heal, scored on held-out text (depthprobe.prune.seam)
+        report = before_removal(model, tokenizer, remove, curve_steps(table, strategy, remove), windows, seam,
+                                max_positions=max_positions(model), progress=progress)
     remove_blocks(stack, remove)
+    if report is not None:
+        after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
     excess = prune_excess(table) if table is not None else None
+    table = merge_curve(table, report, strategy)
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess, held)
+                         analysis, excess, held, report)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir)
     return result
@@ -188,6 +212,8 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
         result.curve.to_csv(out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
         result.excess.to_csv(out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
     result.analysis.save(out / ANALYSIS_DIR)
+    if result.seam is not None:
+        result.seam.save(out)
 
 
 def _heldout(stack, windows, held, remove, table, batch_size, progress):

@@ -23,6 +23,7 @@ from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
 from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
+from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.results import AnalysisResult, load_runs
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -134,6 +135,9 @@ def _figure_sections(runs: Sequence[AnalysisResult]) -> list[tuple[str, object, 
         ("Pruning curves", F.plot_prune_curve(runs),
          "Loss after removing K blocks as chosen by each strategy; the lowest curve is the best proxy here, "
          "greedy re-measures after every removal."),
+        ("Repair and healing", plot_repair_curve(runs),
+         "Held-out loss: blocks removed (dashed), with a linear map fused at each seam (solid), healed with "
+         "LoRA (star); grey: the full model."),
     ]
     training = {F.run_label(r): r.tables["metrics"] for r in runs if "metrics" in r.tables}
     if training:
