@@ -10,7 +10,7 @@ from depthprobe.cli.train import configs_from_options, train_options
 
 @click.command("compare")
 @click.option(
-    "--variants", default="pre,post,mix,peri,lns", show_default=True, help="Comma list of pre,post,mix,peri,lns,deepnorm."
+    "--variants", default="pre,post,mix,peri,lns", show_default=True, help="Comma list of pre,post,mix,peri,lns,deepnorm,dyt."
 )
 @click.option("--seeds", "num_seeds", type=int, default=3, show_default=True, help="Seeds per variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed (seed index i uses seed+i).")
