@@ -78,10 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=max(1, min(3, os.cpu_count() or 1)))
     ap.add_argument("--smoke", action="store_true", help="tiny settings (a test of the scripts)")
     ap.add_argument("--collect-only", action="store_true", help="only gather the finished runs into --out")
+    ap.add_argument("--shard", default=None, help="K/N: train only runs K, K+N, ... in this process, no gathering "
+                    "(start N shards as separate sessions: the kernel's autogroups share a busy CPU per session)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     setting, specs = campaign_specs(args.smoke)
     Path(args.runs).mkdir(parents=True, exist_ok=True)
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        for spec in specs[k::n]:
+            log.info("done %s", train_and_analyze((spec, args.runs, setting)))
+        return
     if not args.collect_only:
         jobs = [(spec, args.runs, setting) for spec in specs]
         ctx = mp.get_context("spawn")
