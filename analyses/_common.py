@@ -229,7 +229,7 @@ def _slope(y: np.ndarray) -> float:
 def _cv(x: np.ndarray) -> float:
     """Coefficient of variation sd/mean (ddof=0) across blocks."""
     x = np.asarray(x, float)
-    return float(x.std() / x.mean()) if x.mean() > 0 else math.nan
+    return float(x.std() / x.mean()) if np.isfinite(x).all() and x.mean() > 0 else math.nan
 
 
 def profile_measures(layers: pd.DataFrame) -> dict:
@@ -249,9 +249,9 @@ def profile_measures(layers: pd.DataFrame) -> dict:
         "log_var_slope": _slope(np.log(layers.activation_variance.to_numpy())),
         "log_maxabs_slope": _slope(np.log(layers.max_abs_activation.to_numpy())),
         "var_last_first": layers.activation_variance.iloc[-1] / layers.activation_variance.iloc[0],
-        "final_grad_cv": _cv(layers.grad_norm.to_numpy()),
-        "final_log_grad_slope": _slope(np.log(layers.grad_norm.to_numpy())),
     }  # fmt: skip
+    grad = layers["grad_norm"].to_numpy() if "grad_norm" in layers else np.full(len(layers), np.nan)  # encoders: none
+    out["final_grad_cv"], out["final_log_grad_slope"] = _cv(grad), _slope(np.log(grad))
     out["ang_ratio"] = out["ang_deep"] / out["ang_shallow"]
     out["drop_ratio"] = out["drop_deep"] / out["drop_shallow"]
     return out
