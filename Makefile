@@ -47,13 +47,15 @@ reports: install
 	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --runs out/campaign --out reports/campaign
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py || exit 1; done
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
+	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
 
 # The same scripts on tiny settings into a temporary folder (SMOKE_DIR=... to keep it); in `make test`.
 reports-smoke:
 	set -e; d=$${SMOKE_DIR:-$$(mktemp -d)}; echo "reports-smoke: $$d"; \
 	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --smoke --workers 2 --runs $$d/runs --out $$d/campaign >/dev/null; \
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py --campaign $$d/campaign --out $$d/$$c >/dev/null; done; \
-	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null
+	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/readme.py --reports $$d >/dev/null
 
 # A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.
 screenshot: install

@@ -83,3 +83,5 @@ def test_reports_smoke_pipeline(tmp_path):
                  "real_models"):  # fmt: skip
         assert (tmp_path / name / "report.html").stat().st_size > 1000, name
         assert (tmp_path / name / "command.txt").is_file(), name
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("\n| ") == 1 + 6 and f"{table.loc['lns', 'mean_diff']:+.4g}" in readme
