@@ -46,6 +46,7 @@ ANALYSIS_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)
 reports: install
 	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --runs out/campaign --out reports/campaign
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py || exit 1; done
+	$(ANALYSIS_ENV) $(PY) analyses/deep_layers_smollm2.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
 

@@ -11,7 +11,11 @@ final hidden state, depthprobe's encoder objective, so its drop costs are on ano
 only the deep/shallow ratios compare.) Writes reports/real_models/ (report.html: verdict and
 tables; models.html: depthprobe's side-by-side report with SmolLM2's pruning curves).
 
-    .venv/bin/python analyses/real_models.py [--num-sequences 8] [--seq-len 128] [--max-removed 8]
+    .venv/bin/python analyses/real_models.py [--num-sequences 8] [--seq-len 128] [--max-removed 0]
+
+The pruning curves (drop, greedy, angular, block-influence, block: loss after removing K
+blocks) are measured by analyses/deep_layers_smollm2.py (4 x 256 tokens, up to 10 blocks) and
+read from its committed prune_curve.csv; --max-removed K measures them here instead.
 """
 
 from __future__ import annotations
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--num-sequences", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--max-removed", type=int, default=8)
+    ap.add_argument("--max-removed", type=int, default=0,
+                    help="pruning curves measured here (0: read them from --prune-curve, the committed ones)")
+    ap.add_argument("--prune-curve", default=str(C.ROOT / "reports" / "deep_layers_smollm2" / "prune_curve.csv"),
+                    help="SmolLM2 pruning curves of every strategy (analyses/deep_layers_smollm2.py)")
     ap.add_argument("--out", default=str(C.ROOT / "reports" / NAME))
     ap.add_argument("--reuse", action="store_true", help="load models already analyzed in --out")
     args = ap.parse_args(argv)
@@ -114,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     from depthprobe.report import write_report
 
     write_report(list(results.values()), out / "models.html", title="SmolLM2 (Pre-LN) beside MiniLM (Post-LN)")
-    curve = results["smollm2"].tables.get("prune_curve", pd.DataFrame())
+    curve = results["smollm2"].tables.get("prune_curve")
+    if curve is None and Path(args.prune_curve).is_file():
+        curve = pd.read_csv(args.prune_curve)
+    curve = curve if curve is not None else pd.DataFrame()
     C.write_page(out, "Claim 6: real models — SmolLM2 (Pre-LN) beside MiniLM (Post-LN)", [
         ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
         ("Depth measures per model", C.table_tag(table)),
