@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,7 +241,11 @@ def profile_measures(layers: pd.DataFrame) -> dict:
     depth); ``log_maxabs_slope`` the same for max |activation|; ``var_last_first`` = variance
     of the last block's output / the first's.
     """
-    layers = layers.sort_values("layer")
+    with np.errstate(divide="ignore", invalid="ignore"):  # stalled runs: zero gradients and drop costs
+        return _profile_measures(layers.sort_values("layer"))
+
+
+def _profile_measures(layers: pd.DataFrame) -> dict:
     half = len(layers) // 2
     shallow, deep = layers.iloc[:half], layers.iloc[half:]
     out = {
@@ -262,9 +267,15 @@ def training_grad_measures(train_layers: pd.DataFrame) -> dict:
     over steps of their coefficient of variation across blocks, and of the slope of
     ln(grad norm) per block (< 0: gradients shrink with depth; > 0: shrink toward the input)."""
     steps = train_layers[train_layers.step > 1].groupby("step")
-    cvs = [_cv(g.sort_values("layer").grad_norm.to_numpy()) for _, g in steps]
-    slopes = [_slope(np.log(g.sort_values("layer").grad_norm.to_numpy())) for _, g in steps]
-    return {"train_grad_cv": float(np.nanmean(cvs)), "train_log_grad_slope": float(np.nanmean(slopes))}
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stalled run: zero gradients, mean of no values
+        cvs = [_cv(g.sort_values("layer").grad_norm.to_numpy()) for _, g in steps]
+        slopes = [_slope(np.log(g.sort_values("layer").grad_norm.to_numpy())) for _, g in steps]
+        out = {"train_grad_cv": float(np.nanmean(cvs)), "train_log_grad_slope": float(np.nanmean(slopes))}
+    dead = sorted(step for step, g in steps if (g.grad_norm == 0).all())
+    out["zero_grad_steps"] = len(dead)  # diagnostic steps where every block's gradient is exactly 0
+    out["zero_grad_from_step"] = dead[0] if dead else math.nan
+    return out
 
 
 def loss_spikes(metrics: pd.DataFrame, warmup: int, window: int = 20, factor: float = 1.2) -> int:

@@ -23,7 +23,21 @@ from analyses import _common as C  # noqa: E402
 NAME = "dyt_beside"
 MARGIN = 0.02
 MEASURES = ["final_val_loss", "rel_change", "ang_ratio", "drop_ratio", "log_var_slope", "log_maxabs_slope",
-            "train_grad_cv", "train_log_grad_slope", "spikes"]  # fmt: skip
+            "train_grad_cv", "train_log_grad_slope", "spikes", "zero_grad_steps", "zero_grad_from_step"]  # fmt: skip
+
+
+def stall_text(m) -> str:
+    """Whether DyT's training stalled: every block's gradient exactly 0 at diagnostic steps,
+    and how large the residual stream had grown by the last block (final models)."""
+    dyt = m[m.variant == "dyt"]
+    stalled = dyt[dyt.zero_grad_steps > 0]
+    if stalled.empty:
+        return ""
+    return (f"- DyT stalled in {len(stalled)}/{len(dyt)} seeds: every block's gradient exactly 0 from diagnostic step "
+            f"{int(stalled.zero_grad_from_step.min())}-{int(stalled.zero_grad_from_step.max())} on; last block's output "
+            f"variance / first's in the final models {dyt.var_last_first.min():.3g}-{dyt.var_last_first.max():.3g} "
+            "(Pre-LN: " + f"{m[m.variant == 'pre'].var_last_first.min():.3g}-{m[m.variant == 'pre'].var_last_first.max():.3g}"
+            "): the final DyT's tanh saturates, so no gradient reaches the blocks\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     verdict = (f"# Claim 5: DyT matches normalization — {word}\n\n- DyT - Pre-LN final validation loss "
                f"{C.fmt_ci(dyt)} (95% t interval, n={dyt.n}), Holm p over five={dyt.p_holm:.3g}, d_z={dyt.cohen_dz:.3g}; "
                f"margin ±{bound:.4g} (2% of Pre-LN's {pre_loss:.4g}): {why}\n"
-               f"- DyT ranks {rank} of {len(beside)} placements by mean final validation loss\n")  # fmt: skip
+               f"- DyT ranks {rank} of {len(beside)} placements by mean final validation loss\n"
+               f"{stall_text(m)}")  # fmt: skip
     layers = tables["layers"][tables["layers"].group == "main"]
     fig = C.plot_profiles(layers, ["angular_distance", "activation_variance", "grad_norm", "drop_delta_loss"],
                           list(C.VARIANTS), log=("activation_variance", "grad_norm"))  # fmt: skip
