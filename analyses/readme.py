@@ -8,6 +8,7 @@ from a CSV or verdict.md under reports/.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -123,8 +124,6 @@ def setting_line(reports: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--reports", default=str(REPORTS), help="folder holding the claim folders; README.md goes there")
     reports = Path(ap.parse_args(argv).reports)
