@@ -8,15 +8,30 @@ the committed ``reports/campaign/`` without the (uncommitted) checkpoints.
 
 from __future__ import annotations
 
+import argparse
+import base64
 import dataclasses
+import html
+import io
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from depthprobe.report import write_report  # noqa: E402
+from depthprobe.train.compare import summarize  # noqa: E402
+from depthprobe.train.model import ModelConfig  # noqa: E402
+from depthprobe.train.trainer import TrainConfig  # noqa: E402
 
 VARIANTS = ("pre", "post", "mix", "peri", "lns", "dyt")
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +69,6 @@ class RunSpec:
 
     def configs(self, setting: dict):
         """``(ModelConfig, TrainConfig)`` of this run."""
-        from depthprobe.train.model import ModelConfig
-        from depthprobe.train.trainer import TrainConfig
-
         shape = {k: setting[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
         model = ModelConfig(**shape, norm_placement=self.variant, max_position_embeddings=max(256, setting["seq_len"]))
         train = TrainConfig(
@@ -138,9 +150,6 @@ def collect(root: Path, out: Path, setting: dict, specs: list[RunSpec]) -> None:
 
 def _write_comparison(folder: Path, out: Path, main: pd.DataFrame, setting: dict) -> None:
     """``comparison*.csv`` and the side-by-side report of the grid (``depthprobe compare`` layout)."""
-    from depthprobe.report import write_report
-    from depthprobe.train.compare import summarize
-
     runs = main[["variant", "seed", "final_val_loss", "final_val_ppl", "diverged", "steps_done", "seconds"]]
     runs.to_csv(folder / "comparison.csv", index=False, float_format="%.8g")
     runs.to_csv(out / "comparison.csv", index=False, float_format="%.8g")
@@ -157,8 +166,6 @@ def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict
 
     With n pairs: mean d̄, sd s (ddof=1), interval d̄ ± t_{(1+level)/2, n-1} · s/√n.
     """
-    from scipy import stats
-
     d = np.asarray(a, float) - np.asarray(b, float)
     d = d[np.isfinite(d)]
     n = len(d)
@@ -330,12 +337,6 @@ PAGE_CSS = (
 
 def figure_tag(fig, alt: str) -> str:
     """A matplotlib figure as an inline PNG ``<img>`` (the page stays one offline file)."""
-    import base64
-    import html
-    import io
-
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -345,8 +346,6 @@ def figure_tag(fig, alt: str) -> str:
 def write_page(out: Path, title: str, sections: list[tuple[str, str]]) -> None:
     """``out/report.html``: a title and (heading, html) sections; headings are escaped, the
     bodies are built from escaped text, ``DataFrame.to_html`` and :func:`figure_tag`."""
-    import html
-
     body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
     csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
     (out / "report.html").write_text(
@@ -362,19 +361,12 @@ def table_tag(frame: pd.DataFrame) -> str:
 
 
 def text_tag(text: str) -> str:
-    import html
-
     return "".join(f"<p>{html.escape(p)}</p>" for p in text.strip().split("\n\n"))
 
 
 def plot_profiles(layers: pd.DataFrame, columns: list[str], variants: list[str], log: tuple[str, ...] = ()):
     """Per-layer mean over seeds (line) and min..max over seeds (band) of each column, one
     panel per column, one color per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.3), squeeze=False)
     for ax, column in zip(axes[0], columns, strict=True):
         for variant in variants:
@@ -393,8 +385,6 @@ def plot_profiles(layers: pd.DataFrame, columns: list[str], variants: list[str],
 
 def claim_args(name: str, argv: list[str] | None):
     """``--campaign`` (the gathered tables) and ``--out`` (this claim's folder)."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=f"analyses/{name}.py: see the module docstring")
     ap.add_argument("--campaign", default=str(ROOT / "reports" / "campaign"))
     ap.add_argument("--out", default=str(ROOT / "reports" / name))
@@ -405,8 +395,6 @@ def claim_args(name: str, argv: list[str] | None):
 
 def finish(out: Path, name: str, argv: list[str] | None, verdict: str, tables: dict[str, pd.DataFrame]) -> None:
     """Write the claim's CSVs, ``verdict.md`` and ``command.txt``; print the verdict."""
-    import sys
-
     for table_name, frame in tables.items():
         frame.to_csv(out / f"{table_name}.csv", index=False, float_format="%.6g")
     (out / "verdict.md").write_text(verdict.strip() + "\n")

@@ -34,11 +34,16 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyses._common import RunSpec, campaign_specs, collect, run_dir_of  # noqa: E402
+from depthprobe.results import AnalysisResult  # noqa: E402
+from depthprobe.train.compare import analyze_run  # noqa: E402
+from depthprobe.train.data import DataConfig, load_data  # noqa: E402
+from depthprobe.train.trainer import CHECKPOINT, Trainer  # noqa: E402
 
 log = logging.getLogger("campaign")
 
@@ -46,14 +51,7 @@ log = logging.getLogger("campaign")
 def train_and_analyze(job: tuple[RunSpec, str, dict]) -> dict:
     """One run in a worker process: train (resuming if a checkpoint exists), then analyze."""
     spec, runs_root, setting = job
-    import torch
-
     torch.set_num_threads(1)  # one thread per worker: OpenMP threads stall badly on a busy machine
-    from depthprobe.results import AnalysisResult
-    from depthprobe.train.compare import analyze_run
-    from depthprobe.train.data import DataConfig, load_data
-    from depthprobe.train.trainer import CHECKPOINT, Trainer
-
     out = run_dir_of(Path(runs_root), spec)
     status = out / "run.json"
     analysis_dir = out / "analysis"

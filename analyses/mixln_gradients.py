@@ -20,7 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from analyses import _common as C  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analyses import _common as C  # noqa: E402  (sets the Agg backend before pyplot)
 
 NAME = "mixln_gradients"
 
@@ -42,11 +44,6 @@ def parts(m) -> list:
 
 def grad_figure(train_layers, variants):
     """Per-block gradient norm over training, one panel per variant (seed 0), early dark -> late yellow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3), sharey=True, squeeze=False)
     for ax, variant in zip(axes[0], variants, strict=True):
         sel = train_layers[(train_layers.variant == variant) & (train_layers.seed == train_layers.seed.min())]

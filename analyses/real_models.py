@@ -31,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import depthprobe  # noqa: E402
 from analyses import _common as C  # noqa: E402
+from depthprobe.prune.select import Evaluator, prune_curve  # noqa: E402
+from depthprobe.report import write_report  # noqa: E402
+from depthprobe.results import AnalysisResult  # noqa: E402
 from depthprobe.stats import bootstrap_indices, percentile_interval  # noqa: E402
 
 NAME = "real_models"
@@ -40,9 +43,6 @@ MODELS = {"smollm2": "SmolLM2-135M (Pre-LN)", "minilm": "MiniLM (Post-LN)"}
 def measure(name: str, label: str, args, out: Path):
     """Analyze one model (and, for a causal LM, its pruning curves); saved under ``out/name``.
     With ``--reuse``, a model already analyzed there is loaded instead."""
-    from depthprobe.prune.select import Evaluator, prune_curve
-    from depthprobe.results import AnalysisResult
-
     if args.reuse and (out / name / "summary.json").is_file():
         return AnalysisResult.load(out / name)
 
@@ -118,8 +118,6 @@ def main(argv: list[str] | None = None) -> None:
     results = {name: measure(name, label, args, out) for name, label in MODELS.items()}
     table = model_rows(results)
     verdict, checks = verdict_text(table)
-    from depthprobe.report import write_report
-
     write_report(list(results.values()), out / "models.html", title="SmolLM2 (Pre-LN) beside MiniLM (Post-LN)")
     curve = results["smollm2"].tables.get("prune_curve")
     if curve is None and Path(args.prune_curve).is_file():
