@@ -64,3 +64,26 @@ def test_bench_bad_input_is_one_line(args, message, tiny_dir, capsys):
         main(["bench", str(tiny_dir("llama")), *args])
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_report_sections_for_heldout_eval_and_bench():
+    from depthprobe.report.eval_figures import plot_heldout_curve, sections
+    from depthprobe.report.html import figure_html, table_html
+    from depthprobe.results import AnalysisResult
+
+    curve = pd.DataFrame({"strategy": ["greedy"] * 3, "num_removed": [0, 1, 2], "removed": ["", "3", "3;1"],
+                          "loss": [1.0, 1.2, 1.5], "loss_low": [0.9, 1.1, 1.4], "loss_high": [1.1, 1.3, 1.6],
+                          "heldout_loss": [1.1, 1.4, 1.9], "heldout_loss_low": [1.0, 1.3, 1.8],
+                          "heldout_loss_high": [1.2, 1.5, 2.0]})
+    fig = plot_heldout_curve(curve)
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[1.0, 1.2, 1.5], [1.1, 1.4, 1.9]]
+    run = AnalysisResult.__new__(AnalysisResult)
+    run.summary = {"label": "<b>run</b>"}
+    run.tables = {"prune_curve": curve,
+                  "eval": pd.DataFrame([{"model": "a", "task": "t", "metric": "acc", "value": 0.5, "stderr": 0.1}]),
+                  "bench": pd.DataFrame([{"model": "a", "batch_size": 1, "prompt_len": 8,
+                                          "prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0}])}
+    html = "".join(sections([run], figure_html, table_html))
+    assert "Calibration vs held-out loss — &lt;b&gt;run&lt;/b&gt;" in html
+    assert "Task scores (lm-eval-harness)" in html and "Speed —" in html and "<b>run</b>" not in html

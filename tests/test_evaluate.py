@@ -83,7 +83,7 @@ def test_lm_eval_cloze_accuracy_equals_plain_forward_count(smollm2):
     from depthprobe.evaluate.harness import evaluate_model
 
     model, tok = smollm2
-    limit = 12
+    limit = 8
     out = evaluate_model(model, tok, cloze.TASK_NAME, label="smollm2", limit=limit, batch_size=16)
     correct, correct_norm = [], []
     for item in cloze.cloze_items()[:limit]:
