@@ -12,6 +12,7 @@ import sys
 import click
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import disk_full_error, is_disk_full
 
 # command name -> module in depthprobe.cli that defines `command`; imported lazily so
 # `depthprobe --help` stays fast and one broken command cannot break the others.
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Error: interrupted (Ctrl-C); work finished before it was saved where the command writes", err=True)
+        sys.exit(2)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        click.echo(f"Error: {disk_full_error(exc, exc.filename or 'an output file')}", err=True)
         sys.exit(2)
     except click.ClickException as exc:
         exc.show()

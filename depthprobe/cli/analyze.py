@@ -15,6 +15,7 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import locks_out
 
 
 @click.command("analyze")
@@ -42,6 +43,7 @@ from depthprobe.errors import DepthprobeError
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Record per-layer diagnostics of MODEL on calibration text.
 

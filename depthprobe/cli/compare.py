@@ -6,6 +6,7 @@ import click
 
 from depthprobe.cli.options import common_options, setup_logging
 from depthprobe.cli.train import configs_from_options, train_options
+from depthprobe.safeio import locks_out
 
 
 @click.command("compare")
@@ -24,6 +25,7 @@ from depthprobe.cli.train import configs_from_options, train_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Comparison folder.")
 @click.option("--no-report", is_flag=True, help="Do not write OUT/report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Train each variant for each seed, analyze every final model, compare.
 

@@ -13,6 +13,7 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import locks_out
 
 
 def _layer_list(value: str | None) -> list[int] | None:
@@ -41,6 +42,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
 

@@ -30,6 +30,7 @@ from depthprobe.prune.select import (
     validate_removal,
 )
 from depthprobe.results import AnalysisResult, write_json
+from depthprobe.safeio import atomic_to_csv
 from depthprobe.stats import prune_excess
 
 __all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
@@ -145,7 +146,7 @@ def prune(
         out = save_model(model, tokenizer, out_dir)
         write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
         if table is not None:
-            table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
-            excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
+            atomic_to_csv(table, out / "prune_curve.csv", index=False, float_format="%.10g")
+            atomic_to_csv(excess, out / "prune_excess.csv", index=False, float_format="%.10g")
         analysis.save(out / "analysis")
     return result

@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from depthprobe import safeio
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.load import resolve_device
 from depthprobe.model.stack import LayerStack
@@ -158,14 +159,9 @@ def init_distributed(device: str) -> tuple[DistInfo, bool]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp, path)``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``write(tmp_path)`` then ``os.replace(tmp, path)``: readers see the old or the new file
+    (``depthprobe.safeio``: fsynced, a full disk is a one-line error)."""
+    safeio.atomic_write(path, write)
 
 
 class Trainer:
@@ -388,7 +384,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
         if path is None or not path.is_file():
             raise DepthprobeError(f"--resume: no {CHECKPOINT} in {self.out_dir}; start without --resume")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = safeio.load_checkpoint(path, map_location=self.device)
         saved = state["config"]
         if saved["model"] != dataclasses.asdict(self.model_config) or saved["train"]["seed"] != self.config.seed:
             raise DepthprobeError(f"--resume: {path} was written with another model or seed; use the same options")
