@@ -30,8 +30,6 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import torch
-
 from depthprobe.errors import DepthprobeError
 
 log = logging.getLogger(__name__)
@@ -151,6 +149,8 @@ def atomic_save_pretrained(out_dir: str | Path, *objects, **kwargs) -> Path:
 def load_checkpoint(path: str | Path, map_location=None) -> dict:
     """``torch.load(weights_only=True)``: a pickle that would run code is refused, a truncated
     or foreign file is a one-line error."""
+    import torch  # here, not at the top: the CLI imports this module and must start fast
+
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
