@@ -40,6 +40,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Measure prune_curve.csv for every strategy.")
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted prune in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
 @locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
@@ -74,6 +75,7 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
+        resume=opts["resume"],
         **analysis_kwargs(opts),
     )
     s = result.summary()

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.journal import resume_files
 from depthprobe.prune.export import remove_blocks, save_model
 from depthprobe.prune.select import (
     STRATEGIES,
@@ -32,6 +33,10 @@ from depthprobe.prune.select import (
 from depthprobe.results import AnalysisResult, write_json
 from depthprobe.safeio import atomic_to_csv
 from depthprobe.stats import prune_excess
+
+#: journals of an unfinished prune in its --out folder (removed once the model is saved)
+DROP_JOURNAL = "drop_progress.jsonl"
+GREEDY_JOURNAL = "greedy_progress.jsonl"
 
 __all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
 
@@ -82,6 +87,7 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
@@ -91,6 +97,9 @@ def prune(
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
+
+    With ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until
+    the model is saved; ``resume=True`` continues from them after a crash or a kill.
     """
     from depthprobe.analysis import analyze, max_positions
     from depthprobe.data import make_windows
@@ -122,13 +131,17 @@ def prune(
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     options = {**analyze_kwargs.pop("options", {}), "sublayers": False, "block_sizes": ()}
+    journals = resume_files(out_dir, (DROP_JOURNAL, GREEDY_JOURNAL), resume)
+    if journals:
+        options["progress_file"] = str(journals[DROP_JOURNAL])
     analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
                        progress=progress, options=options, **analyze_kwargs)
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
     steps = None
     if remove is None:
         if strategy == "greedy":
-            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress)
+            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress,
+                           progress_file=journals.get(GREEDY_JOURNAL))
             remove = steps[k].removed
         else:
             remove = choose(strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
@@ -149,4 +162,6 @@ def prune(
             atomic_to_csv(table, out / "prune_curve.csv", index=False, float_format="%.10g")
             atomic_to_csv(excess, out / "prune_excess.csv", index=False, float_format="%.10g")
         analysis.save(out / "analysis")
+        for journal in journals.values():  # everything is saved: nothing left to resume
+            journal.unlink(missing_ok=True)
     return result

@@ -426,7 +426,7 @@ class Trainer:
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if finite:
             model_dir = self.out_dir / "model"
-            tmp = self.out_dir / f".model.tmp{os.getpid()}"
+            tmp = safeio.temp_path(model_dir)  # a later run recognises and removes it if we are killed
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if model_dir.exists():
