@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import nonfinite_weight_blocks
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
@@ -209,6 +210,10 @@ def analyze(
             f"non-finite values from layer {first} on in {', '.join(nonfinite)}: the model produced NaN/inf "
             "activations (check the weights, or use --dtype float32)"
         )
+    bad_weights = nonfinite_weight_blocks(stack)
+    if bad_weights:
+        notes.append(f"NaN/inf weights in block(s) {', '.join(map(str, bad_weights))}: their metrics, and those of "
+                     "every later block, are not meaningful")
     summary = {
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "architecture": type(model).__name__,
@@ -231,6 +236,7 @@ def analyze(
         "versions": versions(),
         "notes": notes,
         "nonfinite": nonfinite,
+        "nonfinite_weights": bad_weights,
         "interrupted": interrupted,
         "config": dataclasses.asdict(config),
         **summary_extra,
