@@ -204,16 +204,16 @@ def analyze(
         for c in layers.columns
         if c != "layer" and not np.isfinite(layers[c]).all()
     }
+    bad_weights = nonfinite_weight_blocks(stack)
+    if bad_weights:
+        notes.append(f"NaN/inf weights in block(s) {', '.join(map(str, bad_weights))}: their metrics, and those of "
+                     "every later block, are not meaningful")
     if nonfinite:
         first = min(min(v) for v in nonfinite.values())
         notes.append(
             f"non-finite values from layer {first} on in {', '.join(nonfinite)}: the model produced NaN/inf "
             "activations (check the weights, or use --dtype float32)"
         )
-    bad_weights = nonfinite_weight_blocks(stack)
-    if bad_weights:
-        notes.append(f"NaN/inf weights in block(s) {', '.join(map(str, bad_weights))}: their metrics, and those of "
-                     "every later block, are not meaningful")
     summary = {
         "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__,
         "architecture": type(model).__name__,

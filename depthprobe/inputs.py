@@ -149,11 +149,10 @@ def decode_text(raw: bytes, name: str) -> str:
             except UnicodeDecodeError as exc:
                 raise DepthprobeError(f"{name} starts like {encoding} text but does not decode ({exc.reason}); "
                                       "save it as UTF-8") from exc
+    if b"\x00" in raw:  # no text encoding but UTF-16/32 puts NUL bytes in text, and those have a BOM here
+        raise DepthprobeError(f"{name} looks binary (or UTF-16 without a byte-order mark); give a UTF-8 text file")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        if raw.count(0) > len(raw) // 4:
-            raise DepthprobeError(f"{name} looks binary or UTF-16 without a byte-order mark; save it as "
-                                  "UTF-8") from None
         log.warning("%s is not UTF-8; reading it as Latin-1", name)
         return raw.decode("latin-1")

@@ -96,6 +96,8 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     # import everything the commands use once, here (imports run no tensor operations)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
+
     import depthprobe.analysis  # noqa: F401
     import depthprobe.cli.analyze  # noqa: F401
     import depthprobe.cli.prune  # noqa: F401
@@ -103,6 +105,5 @@ if __name__ == "__main__":
     import depthprobe.prune  # noqa: F401
     import depthprobe.report  # noqa: F401
     import depthprobe.train.trainer  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     run(json.loads(Path(sys.argv[1]).read_text()))
