@@ -68,11 +68,13 @@ def check_gguf(path: Path) -> None:
                               "give a real .gguf file or a model folder")
 
 
-def check_model_files(source: str, gguf_file: str | None = None) -> None:
+def check_model_files(source: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> None:
     """See the module docs; does nothing for hub ids (nothing local to check yet)."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return
+    if not trust_remote_code:
+        refuse_custom_code(folder)
     if gguf_file:
         if (folder / gguf_file).is_file():
             check_gguf(folder / gguf_file)
@@ -97,6 +99,22 @@ def check_model_files(source: str, gguf_file: str | None = None) -> None:
         )
 
 
+def refuse_custom_code(folder: Path) -> None:
+    """A folder whose config maps to its own Python files (``auto_map``) runs that code when
+    loaded: refuse unless the user asked for it."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: transformers reports that itself
+    if auto_map:
+        files = sorted({str(v).split(".")[0] for v in (auto_map.values() if isinstance(auto_map, dict) else [])
+                        if isinstance(v, str)})
+        raise DepthprobeError(
+            f"{folder} ships its own Python code ({', '.join(files) or 'auto_map'} in config.json), which loading "
+            "would run; read it, then pass --trust-remote-code if you trust it"
+        )
+
+
 @contextlib.contextmanager
 def loader_errors(source: str) -> Iterator[None]:
     """Turn a library's error about a bad weight file into a one-line :class:`DepthprobeError`."""
@@ -104,6 +122,11 @@ def loader_errors(source: str) -> Iterator[None]:
         with warnings.catch_warnings():  # torch's note on the pickle protocol would precede our one line
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             yield
+    except DepthprobeError as exc:
+        if "custom code" in str(exc) and "--trust-remote-code" not in str(exc):  # a hub repo's own code
+            raise DepthprobeError(f"{source} ships its own Python code, which loading would run; read it, then "
+                                  "pass --trust-remote-code if you trust it") from exc
+        raise
     except pickle.UnpicklingError as exc:
         raise DepthprobeError(
             f"{source}: a weight file holds more than tensors (a pickle that would run code); refused — use "

@@ -129,7 +129,7 @@ def load_model(
     if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
         raise DepthprobeError(f"--gguf-file {gguf_file!r} not found in {source}")
 
-    check_model_files(source, gguf_file)  # corrupt or mismatched files: one line, before transformers reads them
+    check_model_files(source, gguf_file, trust_remote_code)  # corrupt or mismatched files: one line, before transformers reads them
     if gguf_file and cache and Path(source).is_dir():
         cached = _gguf_cache_dir(Path(source) / gguf_file)
         if cached is not None and (cached / "config.json").is_file():
