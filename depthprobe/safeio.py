@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import socket
 import time
@@ -40,12 +41,21 @@ TMP_MARK = ".tmp-"
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
+def _errno(exc: BaseException) -> int | None:
+    """The OS error number of ``exc``; Rust writers (safetensors) only say "(os error N)"."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
 def is_disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS
+    return _errno(exc) in DISK_ERRNOS
 
 
-def disk_full_error(exc: OSError, path: str | Path) -> DepthprobeError:
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+def disk_full_error(exc: BaseException, path: str | Path) -> DepthprobeError:
+    code = _errno(exc)
+    reason = os.strerror(code) if code else str(exc)
     return DepthprobeError(
         f"cannot write {path}: {reason}; free some space (or choose another --out) and rerun — "
         "files completed before are unchanged"
@@ -87,7 +97,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _fsync_path(tmp)
         os.replace(tmp, path)
         _fsync_path(path.parent, directory=True)
-    except OSError as exc:
+    except Exception as exc:
         if is_disk_full(exc):
             raise disk_full_error(exc, path) from exc
         raise
@@ -137,7 +147,7 @@ def atomic_save_pretrained(out_dir: str | Path, *objects, **kwargs) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(f, target)
         _fsync_path(out, directory=True)
-    except OSError as exc:
+    except Exception as exc:
         if is_disk_full(exc):
             raise disk_full_error(exc, out) from exc
         raise

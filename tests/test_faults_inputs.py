@@ -25,6 +25,7 @@ FAST = ["--num-sequences", "2", "--seq-len", "16", "--device", "cpu", "--quiet",
 
 
 def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed (e.g. saving a tiny model)
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])
     out, err = capsys.readouterr()

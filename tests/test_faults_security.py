@@ -55,6 +55,7 @@ def remote_code_model(tiny_dir, tmp_path):
 
 
 def run_cli(args, capsys):
+    capsys.readouterr()  # drop what fixtures printed (e.g. saving a tiny model)
     with pytest.raises(SystemExit) as exc:
         main([str(a) for a in args])
     out, err = capsys.readouterr()
