@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import pickle
 import re
 import struct
@@ -160,6 +161,24 @@ def nonfinite_weight_blocks(stack) -> list[int]:
     """Indices of the blocks whose parameters hold NaN or inf."""
     return [i for i, block in enumerate(stack.blocks)
             if any(p.is_floating_point() and not p.isfinite().all() for p in block.parameters())]
+
+
+def require_positive_ints(obj, names, flags: bool = False) -> None:
+    """Each attribute of ``obj`` in ``names`` is an ``int`` >= 1 (a bool, float or NaN is not)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            label = f"--{name.replace('_', '-')}" if flags else name
+            raise DepthprobeError(f"{label} must be a whole number of at least 1 (got {value!r})")
+
+
+def require_finite(obj, names, flags: bool = False) -> None:
+    """Each attribute of ``obj`` in ``names`` is a finite real number (NaN and inf pass ``x <= 0`` checks)."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            label = f"--{name.replace('_', '-')}" if flags else name
+            raise DepthprobeError(f"{label} must be a finite number (got {value!r})")
 
 
 def decode_text(raw: bytes, name: str) -> str:

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from depthprobe import safeio
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import require_finite, require_positive_ints
 from depthprobe.model.load import resolve_device
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
@@ -92,6 +93,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it), bf16 or fp32
 
     def __post_init__(self):
+        require_positive_ints(self, ("steps", "batch_size", "grad_accum", "seq_len"), flags=True)
+        require_finite(self, ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"), flags=True)
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise DepthprobeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
