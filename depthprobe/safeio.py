@@ -91,6 +91,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(path)
     tmp = temp_path(path)
     try:
         yield tmp
@@ -104,6 +105,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Temporary siblings of ``path`` left by a killed process (its pid no longer runs)."""
+    for tmp in path.parent.glob(f".{path.name}{TMP_MARK}*"):
+        pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -260,12 +280,9 @@ def _alive_here(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # another machine's process: cannot check, assume it runs
     try:
-        os.kill(int(holder.get("pid", 0)), 0)
-    except (ProcessLookupError, ValueError):
+        return _pid_alive(int(holder.get("pid", 0)))
+    except (TypeError, ValueError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _busy_message(out: Path, holder: dict | None) -> str:
@@ -294,7 +311,7 @@ def locks_out(option: str = "out_dir"):
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
             out = kwargs.get(option)
-            if not out:
+            if not out or os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 writes, and locks
                 return func(*args, **kwargs)
             with out_lock(out, command=f"depthprobe {func.__module__.rsplit('.', 1)[-1]}"):
                 return func(*args, **kwargs)

@@ -248,3 +248,22 @@ def test_file_size_limit_during_export(tiny_dir, tmp_path):
     assert "Traceback" not in second.stderr
     after = load_file(str(out / "model.safetensors"))
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("rank, locked", [
+    pytest.param("0", True, marks=R("a command under torchrun, rank 0", "rank 0 takes the --out lock")),
+    pytest.param("1", False, marks=R("a command under torchrun, rank 1 (same --out as rank 0)",
+                                     "rank 1 writes nothing and takes no lock, so it is not refused")),
+])
+def test_only_rank_zero_locks(rank, locked, tmp_path, monkeypatch):
+    from depthprobe.safeio import locks_out
+
+    monkeypatch.setenv("RANK", rank)
+    seen = []
+
+    @locks_out()
+    def command(out_dir):
+        seen.append((Path(out_dir) / LOCK_NAME).exists())
+
+    command(out_dir=str(tmp_path / "run"))
+    assert seen == [locked]
