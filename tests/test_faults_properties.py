@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import depthprobe
 from depthprobe.cli import main
 from depthprobe.errors import DepthprobeError
+from depthprobe.prune import prune
 
 pytestmark = pytest.mark.slow
 R = pytest.mark.reliability
@@ -198,7 +199,7 @@ def test_prune_api(inputs, data):
         ["drop", "greedy", "angular", "block-influence", "block", "manual", "nope"])),
         curve=data.draw(st.booleans()), curve_max=data.draw(st.one_of(st.none(), st.integers(-2, 6))),
         num_sequences=2, seq_len=16, progress=False)
-    _api_ok(lambda: depthprobe.prune(model, tok, **kwargs))
+    _api_ok(lambda: prune(model, tok, **kwargs))
 
 
 @R("hypothesis: 25 random TrainConfig / ModelConfig / DataConfig argument sets (incl. NaN, inf, negatives)",
