@@ -23,7 +23,7 @@ from depthprobe.prune import prune
 
 pytestmark = pytest.mark.slow
 R = pytest.mark.reliability
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 JUNK = st.sampled_from(["", " ", "abc", "-", "1e3", "0x10", "nan", "inf", "-inf", "1,2", "١٢", "\u00e9", "None",
