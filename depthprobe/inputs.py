@@ -146,12 +146,17 @@ def check_loaded(model, tokenizer, source: str) -> None:
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
     if tokenizer is not None and isinstance(rows, int):
-        n_tokens = len(tokenizer)
-        if n_tokens > rows:
+        # the base vocabulary must fit; added special tokens beyond the embedding never occur in plain text
+        base = getattr(tokenizer, "vocab_size", None)
+        base = base if isinstance(base, int) else len(tokenizer)
+        if base > rows:
             raise DepthprobeError(
-                f"{source}: the tokenizer has {n_tokens} tokens but the model's embedding has {rows} rows; they "
+                f"{source}: the tokenizer has {base} tokens but the model's embedding has {rows} rows; they "
                 "belong to different models — use the model's own tokenizer"
             )
+        if len(tokenizer) > rows:
+            log.warning("%s: %d added tokens have no embedding row; text that spells them out would fail",
+                        source, len(tokenizer) - rows)
     bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not p.isfinite().all()]
     if bad:
         log.warning("%s: %d weight tensor(s) hold NaN/inf values, e.g. %s", source, len(bad), bad[0])
