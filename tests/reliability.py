@@ -72,7 +72,7 @@ def render(rows: list[dict], command: str, seconds: float) -> str:
         f"Regenerate with `make reliability` (`{command}`).",
         "",
         f"Last run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {len(rows)} rows, {passed} passed, "
-        f"{seconds:.0f} s on this machine.",
+        f"{seconds:.0f} s on this machine ({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.0f} at the end).",
         "",
         "| # | Fault or input tried | Required outcome | Result | Test (s) |",
         "|---|---|---|---|---|",
