@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
 
-.PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke
+.PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke reliability
 
 install: $(STAMP) chromium
 
@@ -73,6 +73,11 @@ screenshot: install
 	# 256 colours: plots and text need no more, and the committed PNG stays small
 	$(PY) -c "from PIL import Image; im = Image.open('docs/report-smollm2.png').convert('RGB'); \
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
+
+# Faults and hostile inputs (kills, full disk, locks, corrupt files, hypothesis): runs tests/test_faults_*.py
+# and writes their table to reports/RELIABILITY.md (about 10 minutes on 2 CPU cores).
+reliability: install
+	HF_HUB_OFFLINE=1 $(PY) -m tests.reliability reports/RELIABILITY.md
 
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'

@@ -32,6 +32,7 @@ import transformers
 from depthprobe import __version__
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import nonfinite_weight_blocks
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.attribution import attribution_sweep
@@ -256,6 +257,7 @@ class RunSummary:
     interrupted: str | None
     config: dict
     extra: dict = field(default_factory=dict)  # entries the sweeps add (e.g. drop_base_loss)
+    nonfinite_weights: list[int] = field(default_factory=list)  # blocks holding NaN/inf weights
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -276,6 +278,10 @@ class RunSummary:
         notes = [f"{name}: {reason}" for name, reason in not_applicable.items() if name not in covered] + part_notes
         if interrupted:
             notes.append(f"interrupted during the {interrupted} sweep; the metrics before it are complete")
+        bad_weights = nonfinite_weight_blocks(stack)
+        if bad_weights:
+            notes.append(f"NaN/inf weights in block(s) {', '.join(map(str, bad_weights))}: their metrics, and those "
+                         "of every later block, are not meaningful")
         if nonfinite:
             notes.append(nonfinite_note(nonfinite))
         return cls(
@@ -289,7 +295,7 @@ class RunSummary:
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(stack.device),
             metrics=list(config.metrics), timings_s=timings, versions=versions(), notes=notes, nonfinite=nonfinite,
             interrupted=interrupted, config=config.to_dict(),
-            extra={k: v for out in sweeps.values() for k, v in out.summary.items()},
+            extra={k: v for out in sweeps.values() for k, v in out.summary.items()}, nonfinite_weights=bad_weights,
         )
 
 

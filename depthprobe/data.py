@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import decode_text
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def read_text_file(path: str | Path) -> str:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DepthprobeError(f"text file not found: {path}")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    text = decode_text(p.read_bytes(), str(path))  # UTF-8, UTF-16/32 with a BOM, or Latin-1
     if not text.strip():
         raise DepthprobeError(f"text file {path} is empty; give a file with at least a few thousand words")
     return text

@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import atomic_to_csv, atomic_write_text
 
 LAYERS_CSV = "layers.csv"
 ANGULAR_CSV = "angular_distance.csv"
@@ -73,11 +74,11 @@ class AnalysisResult:
         """Write ``layers.csv``, ``angular_distance.csv``, ``summary.json`` and extra tables."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.layers.to_csv(out / LAYERS_CSV, index=False, float_format="%.10g")
+        atomic_to_csv(self.layers, out / LAYERS_CSV, index=False, float_format="%.10g")
         if self.angular_distance is not None:
-            self.angular_distance.to_csv(out / ANGULAR_CSV, float_format="%.10g")
+            atomic_to_csv(self.angular_distance, out / ANGULAR_CSV, float_format="%.10g")
         for name, table in self.tables.items():
-            table.to_csv(out / f"{name}.csv", index=False, float_format="%.10g")
+            atomic_to_csv(table, out / f"{name}.csv", index=False, float_format="%.10g")
         write_json(out / SUMMARY_JSON, self.summary)
         return out
 
@@ -118,7 +119,7 @@ def angular_matrix_frame(matrix: list[list[float]]) -> pd.DataFrame:
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
 
 
 def _jsonable(value):

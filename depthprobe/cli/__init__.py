@@ -12,6 +12,7 @@ import sys
 import click
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import disk_full_error, is_disk_full
 
 # command name -> module in depthprobe.cli that defines `command`; imported lazily so
 # `depthprobe --help` stays fast and one broken command cannot break the others.
@@ -66,9 +67,18 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("Error: interrupted (Ctrl-C); work finished before it was saved where the command writes", err=True)
         sys.exit(2)
+    except click.UsageError as exc:  # one line, like every other user mistake
+        where = exc.ctx.command_path if exc.ctx else "depthprobe"
+        click.echo(f"Error: {' '.join(exc.format_message().split())} (see '{where} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a full disk is the user's to fix, not a depthprobe bug
+        if not is_disk_full(exc):
+            raise
+        click.echo(f"Error: {disk_full_error(exc, getattr(exc, 'filename', None) or 'an output file')}", err=True)
+        sys.exit(2)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -16,6 +16,7 @@ from depthprobe.cli.options import (
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, DEFAULT_BLOCK_SIZES, AttributionOptions
 from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.safeio import locks_out
 
 
 @click.command("analyze")
@@ -44,6 +45,7 @@ from depthprobe.results import REPORT_HTML, parse_list
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Record per-layer diagnostics of MODEL on calibration text.
 

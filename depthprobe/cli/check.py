@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.safeio import atomic_to_csv
 from depthprobe.testing.compare import DEFAULT_ATOL, DEFAULT_RTOL
 
 
@@ -41,5 +42,5 @@ def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show
         click.echo(format_comparison(table, only_moved=not show_all, max_rows=len(table) if show_all else 50))
     click.echo(("FAIL: " if moved else "OK: ") + summarize(table, rtol, atol))
     if out_csv:
-        table.to_csv(out_csv, index=False, float_format="%.10g")
+        atomic_to_csv(table, out_csv, index=False, float_format="%.10g")
     ctx.exit(1 if moved else 0)

@@ -9,6 +9,7 @@ import click
 from depthprobe.cli.options import common_options, setup_logging
 from depthprobe.cli.train import configs_from_options, train_options
 from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.safeio import locks_out
 from depthprobe.train.model import PLACEMENT_NAMES
 
 
@@ -28,6 +29,7 @@ from depthprobe.train.model import PLACEMENT_NAMES
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Comparison folder.")
 @click.option("--no-report", is_flag=True, help="Do not write OUT/report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Train each variant for each seed, analyze every final model, compare.
 

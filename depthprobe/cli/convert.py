@@ -10,6 +10,7 @@ import click
 from depthprobe.cli.options import load_from_options, model_options, setup_logging
 from depthprobe.convert.fold import KINDS
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import LOCK_NAME, locks_out
 
 
 @click.command("convert")
@@ -18,6 +19,7 @@ from depthprobe.errors import DepthprobeError
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="New folder for the model.")
 @click.option("--check", is_flag=True, help="Reload the folder and print max |delta logit| on the built-in text.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what depthprobe does.")
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Convert a Pre-LN MODEL (GPT-2, GPT-NeoX, OPT, Phi) to its equivalent Pre-RMSNorm or
     Pre-CRMSNorm form (Jiang et al., 2023): same logits, cheaper norms.
@@ -39,7 +41,7 @@ def command(**opts) -> None:
     if opts["layers_path"]:
         raise DepthprobeError("convert reads each family's layout from its table; drop --layers-path")
     out = Path(opts["out_dir"])
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):  # our own lock file is there
         raise DepthprobeError(f"--out {out} exists and is not empty; choose a new folder")
     model, tokenizer = load_from_options(opts)
     converted = convert(model, opts["to"])

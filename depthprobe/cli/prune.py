@@ -22,6 +22,7 @@ from depthprobe.cli.options import (
 from depthprobe.errors import DepthprobeError
 from depthprobe.prune.select import STRATEGIES
 from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.safeio import locks_out
 
 
 @click.command("prune")
@@ -34,6 +35,7 @@ from depthprobe.results import REPORT_HTML, parse_list
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Measure prune_curve.csv for every strategy.")
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted prune in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @heldout_options
 @judge_options
@@ -51,6 +53,7 @@ from depthprobe.results import REPORT_HTML, parse_list
               help="seams (MLPs beside each seam), mlp (every MLP) or module names like down_proj,up_proj.")
 @click.option("--heal-lr", type=float, default=5e-4, show_default=True, help="LoRA learning rate.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
 
@@ -97,6 +100,7 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
+        resume=opts["resume"],
         heldout=opts["heldout"],
         eval_text_file=opts["eval_text_file"],
         eval_dataset=opts["eval_dataset"],

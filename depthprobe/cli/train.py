@@ -9,6 +9,7 @@ import click
 
 from depthprobe.cli.options import _stack, common_options, setup_logging
 from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
+from depthprobe.safeio import locks_out
 from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
 
 PRESET_NAMES = list(PRESETS)
@@ -78,6 +79,7 @@ def configs_from_options(opts: dict, norm: str, seed: int):
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
 @click.option("--no-report", is_flag=True, help="Do not analyze the final model into OUT/report.html.")
 @common_options
+@locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
 def command(**opts) -> None:
     """Train a small decoder LM with one normalization placement.
 

@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from depthprobe.convert.fold import CONFIG_KEY, _plan, _swap_norms
 from depthprobe.convert.norms import NORMS
 from depthprobe.errors import DepthprobeError
+from depthprobe.safeio import atomic_save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,8 @@ def save_converted(model: nn.Module, tokenizer, out: str | Path) -> Path:
     """Write a converted model (and its tokenizer) to ``out``; reload with ``depthprobe.load_model``."""
     if getattr(model.config, CONFIG_KEY, None) not in NORMS:
         raise DepthprobeError("this model is not a converted one; run convert_to_rmsnorm / convert_to_crmsnorm first")
-    out = Path(out)
-    model.save_pretrained(out, save_original_format=False)  # keys as named in the modules: load_converted reads them as is
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    # keys as named in the modules: load_converted reads them as is; files moved in only when complete
+    return atomic_save_pretrained(out, model, tokenizer, save_original_format=False)
 
 
 def load_converted(folder: str | Path, config, dtype: torch.dtype = torch.float32) -> nn.Module:

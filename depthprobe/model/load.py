@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model.stack import ENCODER_TYPES
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ def load_model(
     if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
         raise DepthprobeError(f"--gguf-file {gguf_file!r} not found in {source}")
 
+    check_model_files(source, gguf_file, trust_remote_code)  # corrupt or mismatched files: one line, before transformers reads them
     if gguf_file and cache and Path(source).is_dir():
         cached = _gguf_cache_dir(Path(source) / gguf_file)
         if cached is not None and (cached / "config.json").is_file():
@@ -162,7 +164,9 @@ def load_model(
             source, gguf_file = str(cached), None
             del model
 
-    model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code)
+    with loader_errors(source):
+        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code)
+    check_loaded(model, tokenizer, source)
     if gguf_file:
         _forget_gguf_quantization(model)
     if target is not None:

@@ -24,6 +24,7 @@ from depthprobe.analysis import analyze, max_positions
 from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, score_removals
+from depthprobe.journal import resume_files
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.sweep import SweepOptions
 from depthprobe.prune.export import remove_blocks, save_model
@@ -54,7 +55,12 @@ from depthprobe.results import (
     AnalysisResult,
     write_json,
 )
+from depthprobe.safeio import atomic_to_csv
 from depthprobe.stats import prune_excess
+
+#: journals of an unfinished prune in its --out folder (removed once the model is saved)
+DROP_JOURNAL = "drop_progress.jsonl"
+GREEDY_JOURNAL = "greedy_progress.jsonl"
 
 __all__ = [
     "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
@@ -114,6 +120,7 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    resume: bool = False,
     heldout: bool = True,
     eval_text_file: str | None = None,
     eval_dataset: str | None = None,
@@ -131,6 +138,9 @@ def prune(
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
+
+    With ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until
+    the model is saved; ``resume=True`` continues from them after a crash or a kill.
     """
     if (remove is None) == (num_layers is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
@@ -153,14 +163,18 @@ def prune(
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     given = SweepOptions.parse(analyze_kwargs.pop("options", None))
-    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=()))
+    journals = resume_files(out_dir, (DROP_JOURNAL, GREEDY_JOURNAL), resume)
+    drop_file = str(journals[DROP_JOURNAL]) if journals else given.drop.progress_file
+    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=(),
+                                                                  progress_file=drop_file))
     analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
                        progress=progress, options=options, **analyze_kwargs)
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
     steps = None
     if remove is None:
         if strategy == "greedy":
-            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress)
+            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress,
+                           progress_file=journals.get(GREEDY_JOURNAL))
             remove = steps[k].removed
         else:
             remove = choose(strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
@@ -186,6 +200,8 @@ def prune(
                          analysis, excess, held, report)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir)
+        for journal in journals.values():  # everything is saved: nothing left to resume
+            journal.unlink(missing_ok=True)
     return result
 
 
@@ -209,8 +225,8 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
     out = save_model(model, tokenizer, out_dir)
     write_json(out / PRUNE_JSON, {**result.summary(), "model": result.analysis.summary["model"]})
     if result.curve is not None:
-        result.curve.to_csv(out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
-        result.excess.to_csv(out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
+        atomic_to_csv(result.curve, out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
+        atomic_to_csv(result.excess, out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
     result.analysis.save(out / ANALYSIS_DIR)
     if result.seam is not None:
         result.seam.save(out)

@@ -11,6 +11,7 @@ from torch import nn
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack, slice_layer_config
+from depthprobe.safeio import atomic_save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,4 @@ def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> Non
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """``save_pretrained`` (safetensors) of model and tokenizer into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
+    return atomic_save_pretrained(out_dir, model, tokenizer, safe_serialization=True)  # no half-written file

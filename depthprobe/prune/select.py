@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -22,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.drop import BatchScorer, capture_states
+from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
 from depthprobe.probes.objective import Objective
 
 STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
@@ -62,6 +65,10 @@ class Evaluator:
     @property
     def lm(self) -> bool:
         return self.objective.lm
+
+    def fingerprint(self) -> str:
+        """Identifies the search: model structure and weights sample, tokens, batch size."""
+        return f"{sweep_fingerprint(self.stack, self.input_ids, False, [])}:{self.batch_size}:{self.lm}"
 
     def _batches(self):
         for start in range(0, self.input_ids.shape[0], self.batch_size):
@@ -106,16 +113,30 @@ class PruneStep:
     loss: float
 
 
-def greedy(evaluator: Evaluator, k: int, progress: bool = True) -> list[PruneStep]:
-    """Remove ``k`` blocks one at a time, each time the cheapest given those already removed."""
+def greedy(evaluator: Evaluator, k: int, progress: bool = True,
+           progress_file: str | Path | None = None) -> list[PruneStep]:
+    """Remove ``k`` blocks one at a time, each time the cheapest given those already removed.
+
+    With ``progress_file`` every finished step is journaled there and a rerun replays them
+    (``depthprobe.journal``), so a killed greedy search resumes where it stopped.
+    """
+    journal = Journal(progress_file, evaluator.fingerprint())
     removed: list[int] = []
-    steps = [PruneStep(0, [], evaluator.loss())]
-    for _ in tqdm(range(k), desc="greedy prune", disable=not progress, leave=False):
-        candidates = [i for i in range(len(evaluator.stack)) if i not in removed]
-        losses = evaluator.removal_losses(removed, candidates)
-        best = min(losses, key=losses.get)
-        removed.append(best)
-        steps.append(PruneStep(len(removed), sorted(removed), losses[best]))
+    base = journal.get(0)
+    if base is None:
+        base = evaluator.loss()
+        journal.append(0, base)
+    steps = [PruneStep(0, [], base)]
+    for i in tqdm(range(1, k + 1), desc="greedy prune", disable=not progress, leave=False):
+        done = journal.get(i)
+        if done is None:
+            candidates = [c for c in range(len(evaluator.stack)) if c not in removed]
+            losses = evaluator.removal_losses(removed, candidates)
+            best = min(losses, key=losses.get)
+            done = [best, losses[best]]
+            journal.append(i, done)
+        removed.append(int(done[0]))
+        steps.append(PruneStep(len(removed), sorted(removed), float(done[1])))
     return steps
 
 

@@ -25,6 +25,7 @@ from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
 from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.results import AnalysisResult, load_runs
+from depthprobe.safeio import atomic_write_text
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -208,5 +209,5 @@ def write_report(runs: Sequence[AnalysisResult | str | Path], path: str | Path, 
     loaded = [run for r in runs for run in ([r] if isinstance(r, AnalysisResult) else load_runs(r))]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(loaded, title), encoding="utf-8")
+    atomic_write_text(out, render(loaded, title))
     return out

@@ -39,6 +39,7 @@ import pandas as pd
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.results import AnalysisResult, write_json
+from depthprobe.safeio import atomic_to_csv
 from depthprobe.train.data import DataConfig, TokenData, load_tokenizer, token_stream
 from depthprobe.train.model import PLACEMENT_NAMES, ModelConfig
 from depthprobe.train.trainer import TrainConfig, Trainer
@@ -187,10 +188,10 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
 
 def _write(cmp: Comparison, out: Path, model_config, train_config, data_config, report: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    cmp.runs.to_csv(out / "comparison.csv", index=False, float_format="%.8g")
-    cmp.summary.to_csv(out / "comparison_summary.csv", index=False, float_format="%.6g")
+    atomic_to_csv(cmp.runs, out / "comparison.csv", index=False, float_format="%.8g")
+    atomic_to_csv(cmp.summary, out / "comparison_summary.csv", index=False, float_format="%.6g")
     if not cmp.layers.empty:
-        cmp.layers.to_csv(out / "comparison_layers.csv", index=False, float_format="%.8g")
+        atomic_to_csv(cmp.layers, out / "comparison_layers.csv", index=False, float_format="%.8g")
     write_json(
         out / "summary.json",
         {

@@ -46,6 +46,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import require_finite, require_positive_ints
 
 PLACEMENT_NAMES = ("pre", "post", "mix", "peri", "lns", "deepnorm", "dyt")
 NORM_TYPES = ("rms", "layer")
@@ -79,6 +80,9 @@ class ModelConfig:
             )
         if self.norm_type not in NORM_TYPES:
             raise DepthprobeError(f"unknown norm type {self.norm_type!r}; choose rms or layer")
+        require_positive_ints(self, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                     "intermediate_size", "max_position_embeddings"))
+        require_finite(self, ("norm_eps", "mix_alpha", "rope_theta", "initializer_range"))
         if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 2:
             raise DepthprobeError(
                 f"hidden size {self.hidden_size} must split into {self.num_attention_heads} heads of an even size"
@@ -87,9 +91,6 @@ class ModelConfig:
             raise DepthprobeError(f"--dyt-alpha0 must be positive (got {self.dyt_alpha0})")
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise DepthprobeError(f"--mix-alpha must be between 0 and 1 (got {self.mix_alpha})")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
-            if getattr(self, name) < 1:
-                raise DepthprobeError(f"{name} must be at least 1 (got {getattr(self, name)})")
 
     @property
     def head_dim(self) -> int:

@@ -50,7 +50,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from depthprobe import safeio
 from depthprobe.errors import DepthprobeError
+from depthprobe.inputs import require_finite, require_positive_ints
 from depthprobe.model.load import resolve_device
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
@@ -91,6 +93,8 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPUs that support it), bf16 or fp32
 
     def __post_init__(self):
+        require_positive_ints(self, ("steps", "batch_size", "grad_accum", "seq_len"), flags=True)
+        require_finite(self, ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"), flags=True)
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             if getattr(self, name) < 1:
                 raise DepthprobeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -158,14 +162,9 @@ def init_distributed(device: str) -> tuple[DistInfo, bool]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp, path)``: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """``write(tmp_path)`` then ``os.replace(tmp, path)``: readers see the old or the new file
+    (``depthprobe.safeio``: fsynced, a full disk is a one-line error)."""
+    safeio.atomic_write(path, write)
 
 
 class Trainer:
@@ -388,7 +387,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINT if self.out_dir is not None else None
         if path is None or not path.is_file():
             raise DepthprobeError(f"--resume: no {CHECKPOINT} in {self.out_dir}; start without --resume")
-        state = torch.load(path, map_location=self.device, weights_only=True)
+        state = safeio.load_checkpoint(path, map_location=self.device)
         saved = state["config"]
         if saved["model"] != dataclasses.asdict(self.model_config) or saved["train"]["seed"] != self.config.seed:
             raise DepthprobeError(f"--resume: {path} was written with another model or seed; use the same options")
@@ -430,7 +429,7 @@ class Trainer:
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if finite:
             model_dir = self.out_dir / "model"
-            tmp = self.out_dir / f".model.tmp{os.getpid()}"
+            tmp = safeio.temp_path(model_dir)  # a later run recognises and removes it if we are killed
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             if model_dir.exists():
