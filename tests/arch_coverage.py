@@ -293,7 +293,7 @@ def _prune_one(model, tok, windows, out: Path, row: Row):
     try:
         return prune(model, tok, num_layers=1, strategy="drop", **kwargs)
     except depthprobe.DepthprobeError as exc:
-        if not ("would be invalid" in str(exc) or "derives" in str(exc)):
+        if not ("would be invalid" in str(exc) or "rebuilds" in str(exc)):
             raise
         refused = exc
     for block in range(len(LayerStack.from_model(model)) - 1, -1, -1):  # the library refused before any change

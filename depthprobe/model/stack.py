@@ -348,8 +348,10 @@ class LayerStack:
     def _apply_keep(self, keep: list[int], config) -> dict:
         """Swap in blocks ``keep`` and make ``config`` and ``layer_idx`` follow; the old config values."""
         parent, attr = self._parent_and_attr()
-        setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
-        renumber_layer_idx(getattr(parent, attr))
+        kept = nn.ModuleList([self.blocks[i] for i in keep])
+        kept.training = self.blocks.training
+        setattr(parent, attr, kept)
+        renumber_layer_idx(kept)
         return slice_layer_config(config, keep, len(self)) if config is not None else {}
 
     @contextlib.contextmanager
