@@ -242,6 +242,7 @@ def check(model_type: str, workdir: Path) -> Row:
         return row
     row.buildable = True
     try:
+        row.stage = "save"
         folder = workdir / model_type
         model.save_pretrained(folder)
         tokenizer().save_pretrained(folder)
@@ -279,10 +280,23 @@ def check(model_type: str, workdir: Path) -> Row:
         row.stage = "ok"
     except Exception as exc:  # noqa: BLE001 - the table records every failure
         row.reason = _one_line(exc)
+        if row.stage == "save" or (row.stage == "load" and not _plain_reload_works(workdir / model_type)):
+            row.buildable = False  # transformers cannot save or reload its own tiny model either
+            row.reason = f"transformers cannot {row.stage} its own tiny model: {row.reason}"
         if os.environ.get("COVERAGE_TRACEBACK"):
             print(traceback.format_exc(), file=sys.__stderr__)
     row.seconds = time.perf_counter() - t0
     return row
+
+
+def _plain_reload_works(folder: Path) -> bool:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        AutoModelForCausalLM.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - any failure means transformers cannot round-trip it
+        return False
+    return True
 
 
 def _prune_one(model, tok, windows, out: Path, row: Row):
