@@ -329,7 +329,7 @@ class LayerStack:
                 module.layer_idx = idx
             for module, name, value in saved_maps:
                 setattr(module, name, value)
-            for name, value in saved_config.items():
+            for name, value in reversed(saved_config.items()):  # reversed: aliases (n_layer) end right
                 setattr(config, name, value)
 
     def remove_blocks(self, remove: Sequence[int]) -> LayerStack:
@@ -541,7 +541,7 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     new_index = {old: new for new, old in enumerate(keep)}
 
     def update(name, value):
-        saved[name] = getattr(config, name)
+        saved.setdefault(name, getattr(config, name))
         setattr(config, name, value)
 
     for name, value in list(vars(config).items()):
