@@ -181,3 +181,12 @@ def test_discovery_classifies_block_children_by_type_then_name():
     assert classify("feed_forward", nn.Linear(4, 4)) == "mlp"
     assert classify("mixer", nn.Linear(4, 4)) == "mixer"
     assert classify("scale", nn.Linear(4, 4)) == "other"
+
+
+def test_keep_blocks_restores_aliased_layer_count():
+    """GPT-2 stores the block count as n_layer (num_hidden_layers is an alias): both come back."""
+    model = build_tiny("gpt2")
+    stack = LayerStack.from_model(model)
+    with stack.keep_blocks([0, 2]):
+        assert model.config.num_hidden_layers == 2 == model.config.n_layer
+    assert model.config.num_hidden_layers == 4 == model.config.n_layer

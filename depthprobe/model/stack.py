@@ -329,7 +329,7 @@ class LayerStack:
                 module.layer_idx = idx
             for module, name, value in saved_maps:
                 setattr(module, name, value)
-            for name, value in saved_config.items():
+            for name, value in reversed(saved_config.items()):  # reversed: aliases (n_layer) end right
                 setattr(config, name, value)
 
     def remove_blocks(self, remove: Sequence[int]) -> LayerStack:
@@ -348,8 +348,10 @@ class LayerStack:
     def _apply_keep(self, keep: list[int], config) -> dict:
         """Swap in blocks ``keep`` and make ``config`` and ``layer_idx`` follow; the old config values."""
         parent, attr = self._parent_and_attr()
-        setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
-        renumber_layer_idx(getattr(parent, attr))
+        kept = nn.ModuleList([self.blocks[i] for i in keep])
+        kept.training = self.blocks.training
+        setattr(parent, attr, kept)
+        renumber_layer_idx(kept)
         return slice_layer_config(config, keep, len(self)) if config is not None else {}
 
     @contextlib.contextmanager
@@ -539,7 +541,7 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     new_index = {old: new for new, old in enumerate(keep)}
 
     def update(name, value):
-        saved[name] = getattr(config, name)
+        saved.setdefault(name, getattr(config, name))
         setattr(config, name, value)
 
     for name, value in list(vars(config).items()):

@@ -35,8 +35,11 @@ def remove_blocks(stack: LayerStack, remove: Sequence[int]) -> LayerStack:
 
 
 def derived_layer_lists(config, num_blocks: int) -> list[str]:
-    """Read-only config properties with one entry per block (Jamba's ``layers_block_type``)."""
-    names = []
+    """Config entries with one value per block: lists (``layer_types``) and read-only
+    properties (Jamba's ``layers_block_type``)."""
+    names = [n for n, v in vars(config).items()
+             if not n.startswith("_") and isinstance(v, (list, tuple)) and len(v) == num_blocks
+             and not n.endswith("token_id") and n != "architectures"]
     for cls in type(config).__mro__:
         for name, attr in vars(cls).items():
             if isinstance(attr, property) and attr.fset is None and name not in names:
@@ -55,13 +58,18 @@ def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> Non
     keep = [i for i in range(len(stack)) if i not in set(remove)]
     trial = copy.deepcopy(config)
     slice_layer_config(trial, keep, len(stack))
+    try:  # what from_pretrained will rebuild from the saved config.json
+        reloaded = type(trial).from_dict(trial.to_dict())
+    except Exception:  # noqa: BLE001 - a config that cannot round-trip is caught by validate() below
+        reloaded = trial
     for name in derived_layer_lists(config, len(stack)):
         want = [getattr(config, name)[i] for i in keep]
-        if list(getattr(trial, name)) != want:
+        got = list(getattr(reloaded, name, None) or [])
+        if got != want:
             raise DepthprobeError(
-                f"cannot remove blocks {sorted(set(remove))}: {type(config).__name__} derives {name} from a "
-                f"pattern (e.g. a period), so a reloaded copy would build {list(getattr(trial, name))} instead of "
-                f"the kept {want}; choose other blocks with --remove"
+                f"cannot remove blocks {sorted(set(remove))}: {type(config).__name__} rebuilds {name} on load "
+                f"(from a period or a fixed rule) as {got} instead of the kept {want}; choose other blocks "
+                "with --remove"
             )
     validate = getattr(trial, "validate", None)
     if not callable(validate):
