@@ -55,6 +55,7 @@ def load_from_options(opts: dict):
     """(model, tokenizer) from the parsed ``model_options``; with ``--dry-run``, print the
     memory plan and exit 0 before loading."""
     from depthprobe.model.load import load_model, plan_load
+    from depthprobe.model.memory import check_offload_supports
 
     model_args = {key: opts[key] for key in ("gguf_file", "dtype", "device", "device_map", "max_memory",
                                              "offload_folder", "revision", "trust_remote_code")}
@@ -66,6 +67,7 @@ def load_from_options(opts: dict):
             click.echo(note)
         raise click.exceptions.Exit(0)
     model, tokenizer = load_model(opts["model"], workload=workload, **model_args)
+    check_offload_supports(model, workload.metrics)
     # later steps (convert --check) reuse the dtype actually chosen by --dtype auto
     opts["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     return model, tokenizer

@@ -312,7 +312,7 @@ def parse_max_memory(value: str | dict | None) -> dict | None:
 
     out: dict = {}
     for part in (p.strip() for p in value.split(",") if p.strip()):
-        dev, sep, size = part.partition(":")
+        dev, sep, size = part.rpartition(":")
         dev = dev.strip()
         if not sep or not size.strip():
             raise DepthprobeError(f"--max-memory takes DEVICE:SIZE pairs like 0:70GiB,cpu:20GiB (got {part!r})")
@@ -366,20 +366,56 @@ def choose_dtype(shape: ModelShape, workload: Workload, device: str, available: 
 
 def refusal(plan: MemoryPlan) -> str:
     """One line: what does not fit, and the options that would."""
-    options = [f"--max-memory cpu:{max(plan.limit // GIB - 1, 1)}GiB --offload-folder DIR"]
+    where = "cpu" if plan.device == "offload" else plan.device
+    options = []
+    if plan.device != "offload":
+        options.append(f"--max-memory cpu:{max(plan.limit // GIB - 1, 1)}GiB --offload-folder DIR")
     heavy = [m for m in plan.workload.metrics if m in ("grad", "attribution")]
-    if heavy and plan.gradients:
+    if heavy:
         lighter = estimate(plan.shape, plan.dtype, replace(plan.workload, metrics=tuple(
             m for m in plan.workload.metrics if m not in heavy)), plan.device, plan.available, plan.budget)
         if lighter.runs:
             options.append(f"--metrics without {','.join(heavy)} ({gb(lighter.peak_anonymous)})")
-    if plan.device == "cpu":
+    if plan.workload.batch_size > 1:
+        options.append("a smaller --batch-size")
+    if where == "cpu":
         options.append("a GPU (--device cuda)")
     return (
         f"this run needs about {gb(plan.peak_anonymous)} of memory in {_name(plan.dtype)} "
-        f"({gb(plan.gradients)} of gradients) and {gb(plan.limit)} is usable on {plan.device}; "
-        f"it would be killed, so nothing was loaded. Options that fit: {'; '.join(options)}"
+        f"({gb(plan.gradients)} of gradients) and {gb(plan.limit)} is usable on {where}; "
+        f"it would be killed, so nothing was loaded. Options: {'; '.join(options)}"
     )
+
+
+def offloaded_modules(model: torch.nn.Module) -> list[str]:
+    """Modules whose weights accelerate keeps off the execution device and moves in for
+    each forward (``device_map`` with a cpu or disk share next to a faster device)."""
+    names = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            names.append(name)
+    return names
+
+
+def check_offload_supports(model: torch.nn.Module, metrics: Sequence[str]) -> None:
+    """One-line refusals after an offloaded load: a model put on disk whole (accelerate
+    cannot run it), and gradient metrics on offloaded modules (their weights are fresh
+    tensors at every forward, so their gradients would be lost)."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    if set(placement) == {""} and placement[""] == "disk":
+        raise DepthprobeError(
+            "--max-memory leaves no room for even one block, so accelerate put the whole model on disk as one "
+            "piece (which it cannot run); give the cpu (or GPU) budget at least a few blocks"
+        )
+    heavy = [m for m in metrics if m in ("grad", "attribution")]
+    offloaded = offloaded_modules(model) if heavy else []
+    if offloaded:
+        raise DepthprobeError(
+            f"--metrics {','.join(heavy)} needs every block's weights in memory, and {len(offloaded)} module(s) "
+            f"were offloaded ({offloaded[0]}, ...); drop {','.join(heavy)} from --metrics (the forward-only "
+            "metrics and drop work offloaded), raise --max-memory, or use --dtype bfloat16"
+        )
 
 
 def make_plan(source: str, gguf_file: str | None = None, *, dtype: torch.dtype | str = "auto",
