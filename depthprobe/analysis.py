@@ -171,6 +171,8 @@ def analyze(
 
     was_training = model.training
     model.eval()
+    if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
+        torch.cuda.reset_peak_memory_stats(stack.device)
     try:
         stats = _main_pass(stack, windows, config, objective, progress)
     finally:
@@ -228,6 +230,7 @@ def analyze(
         "device": str(stack.device),
         "metrics": list(config.metrics),
         "timings_s": timings,
+        "cuda_peak_memory_bytes": torch.cuda.max_memory_allocated(stack.device) if stack.device.type == "cuda" else None,
         "versions": versions(),
         "notes": notes,
         "nonfinite": nonfinite,
