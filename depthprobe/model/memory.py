@@ -349,16 +349,18 @@ def choose_dtype(shape: ModelShape, workload: Workload, device: str, available: 
     the one-line note saying so (None when float32 was kept). Raises the refusal when
     nothing fits."""
     full = estimate(shape, torch.float32, workload, device, available, budget)
-    if full.fits:
+    # offloaded: float32 only when no weight would go to disk (an up-cast copy of the rest
+    # would be written there and read back for every block run)
+    on_disk = device == "offload" and shape.num_parameters * 4 > (budget if budget is not None else full.limit)
+    if full.fits and not on_disk:
         return full, None
     low_dtype = fallback_dtype(shape.checkpoint_dtype, device.split(":")[0])
     low = estimate(shape, low_dtype, workload, device, available, budget)
     if not low.runs:
         raise DepthprobeError(refusal(low))
-    note = (
-        f"float32 needs {gb(full.peak_resident)} and {gb(full.limit)} is usable on {device}: "
-        f"loading in {_name(low_dtype)} (pass --dtype float32 to insist)"
-    )
+    why = (f"float32 weights ({gb(shape.num_parameters * 4)}) would be offloaded to disk" if on_disk
+           else f"float32 needs {gb(full.peak_resident)} and {gb(full.limit)} is usable on {device}")
+    note = f"{why}: loading in {_name(low_dtype)} (pass --dtype float32 to insist)"
     if not low.fits:
         note += "; the weights stay memory-mapped and parts are re-read from disk, which is slow"
     return low, note
