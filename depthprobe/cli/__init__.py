@@ -23,6 +23,8 @@ COMMANDS = {
     "convert": "convert",
     "report": "report",
     "check": "check",
+    "eval": "eval",
+    "bench": "bench",
 }
 
 
