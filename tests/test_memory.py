@@ -201,3 +201,17 @@ def test_cli_offload_options_reach_accelerate(tiny_dir, tmp_path, capsys):
     code, _, err = run_cli(["analyze", str(folder), "--metrics", "angular", "--max-memory", "cpu:1KB",
                             "--offload-folder", str(tmp_path / "off2")], capsys)
     assert code == 2 and "no room for even one block" in err and err.count("\n") == 1
+
+
+def test_offloaded_auto_dtype_never_writes_an_upcast_copy_to_disk(llama_bf16):
+    folder, model = llama_bf16
+    shape = model_shape(model.config, folder)
+    work = Workload(metrics=("angular",), batch_size=1, seq_len=16)
+    small_budget = shape.num_parameters  # bytes: room for a quarter of the float32 weights
+    plan, note = memory.choose_dtype(shape, work, "offload", {"cpu": 64 * GIB}, small_budget)
+    assert plan.dtype == torch.bfloat16 and "offloaded to disk" in note
+    plan, note = memory.choose_dtype(shape, work, "offload", {"cpu": 64 * GIB}, 64 * GIB)
+    assert plan.dtype == torch.float32 and note is None  # everything fits in the budget
+    f32 = memory.ModelShape(**{**shape.__dict__, "checkpoint_dtype": torch.float32})
+    plan, note = memory.choose_dtype(f32, work, "offload", {"cpu": 64 * GIB}, small_budget)
+    assert plan.dtype == torch.float32  # stored float32: offloading reads the checkpoint as is

@@ -351,10 +351,14 @@ def choose_dtype(shape: ModelShape, workload: Workload, device: str, available: 
     full = estimate(shape, torch.float32, workload, device, available, budget)
     # offloaded: float32 only when no weight would go to disk (an up-cast copy of the rest
     # would be written there and read back for every block run)
-    on_disk = device == "offload" and shape.num_parameters * 4 > (budget if budget is not None else full.limit)
+    on_disk = (device == "offload" and shape.checkpoint_dtype != torch.float32
+               and shape.num_parameters * 4 > (budget if budget is not None else full.limit))
     if full.fits and not on_disk:
         return full, None
-    low_dtype = fallback_dtype(shape.checkpoint_dtype, device.split(":")[0])
+    kind = device.split(":")[0]
+    if kind == "offload":  # accelerate computes on the GPU when there is one
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    low_dtype = fallback_dtype(shape.checkpoint_dtype, kind)
     low = estimate(shape, low_dtype, workload, device, available, budget)
     if not low.runs:
         raise DepthprobeError(refusal(low))
