@@ -185,7 +185,8 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
     size = _bytes(dtype)
     metrics, tokens = set(workload.metrics), workload.batch_tokens
     d, inter, layers = shape.hidden, shape.intermediate, shape.num_layers
-    mapped = device == "cpu" and shape.safetensors and dtype == shape.checkpoint_dtype
+    # CPU-resident weights of the stored dtype stay views of the memory-mapped files
+    mapped = device in ("cpu", "offload") and shape.safetensors and dtype == shape.checkpoint_dtype
     grad = "grad" in metrics or "attribution" in metrics
     weights = shape.num_parameters * size
     if device == "offload":  # accelerate keeps the --max-memory share resident, one block more in use
