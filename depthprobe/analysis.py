@@ -180,6 +180,8 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     objective = Objective(stack)
     was_training = model.training
     model.eval()
+    if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
+        torch.cuda.reset_peak_memory_stats(stack.device)
     try:
         main = run_main_pass(stack, windows, config.metrics, batch_size=config.batch_size,
                              loss=needs_loss(config.metrics) if loss is None else loss, progress=progress)
@@ -295,7 +297,10 @@ class RunSummary:
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(stack.device),
             metrics=list(config.metrics), timings_s=timings, versions=versions(), notes=notes, nonfinite=nonfinite,
             interrupted=interrupted, config=config.to_dict(),
-            extra={k: v for out in sweeps.values() for k, v in out.summary.items()}, nonfinite_weights=bad_weights,
+            extra={k: v for out in sweeps.values() for k, v in out.summary.items()}
+            | ({"cuda_peak_memory_bytes": torch.cuda.max_memory_allocated(stack.device)}
+               if stack.device.type == "cuda" else {}),
+            nonfinite_weights=bad_weights,
         )
 
 

@@ -21,9 +21,17 @@ def _stack(*decorators):
 model_options = _stack(
     click.argument("model"),
     click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or hub repo)."),
-    click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True),
+    click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
+                 help="auto: float32 when the memory plan fits, else the checkpoint's dtype (said in one line)."),
     click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
-    click.option("--device-map", default=None, help="transformers device_map, e.g. 'auto' for multi-GPU."),
+    click.option("--device-map", default=None,
+                 help="accelerate placement: auto, balanced, balanced_low_0 or sequential (multi-GPU, offload)."),
+    click.option("--max-memory", default=None,
+                 help="Per-device budget for --device-map, e.g. 0:70GiB,cpu:20GiB (implies --device-map auto)."),
+    click.option("--offload-folder", type=click.Path(file_okay=False), default=None,
+                 help="Folder for weights that fit in no budget (disk offload; implies --device-map auto)."),
+    click.option("--dry-run", is_flag=True, help="Print the memory plan (weights, gradients, activations, "
+                 "peak vs available) and exit without loading."),
     click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
     click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own code (off by default)."),
     click.option("--layers-path", default=None, help="Dotted path of the block list, e.g. model.layers."),
@@ -44,18 +52,34 @@ common_options = _stack(
 
 
 def load_from_options(opts: dict):
-    """(model, tokenizer) from the parsed ``model_options``."""
-    from depthprobe.model.load import load_model
+    """(model, tokenizer) from the parsed ``model_options``; with ``--dry-run``, print the
+    memory plan and exit 0 before loading."""
+    from depthprobe.model.load import load_model, plan_load
+    from depthprobe.model.memory import check_offload_supports
 
-    return load_model(
-        opts["model"],
-        gguf_file=opts["gguf_file"],
-        dtype=opts["dtype"],
-        device=opts["device"],
-        device_map=opts["device_map"],
-        revision=opts["revision"],
-        trust_remote_code=opts["trust_remote_code"],
-    )
+    model_args = {key: opts[key] for key in ("gguf_file", "dtype", "device", "device_map", "max_memory",
+                                             "offload_folder", "revision", "trust_remote_code")}
+    workload = _workload(opts)
+    if opts.get("dry_run"):
+        plan, note = plan_load(opts["model"], workload=workload, **model_args)
+        click.echo(plan.format())
+        if note:
+            click.echo(note)
+        raise click.exceptions.Exit(0)
+    model, tokenizer = load_model(opts["model"], workload=workload, **model_args)
+    check_offload_supports(model, workload.metrics)
+    # later steps (convert --check) reuse the dtype actually chosen by --dtype auto
+    opts["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return model, tokenizer
+
+
+def _workload(opts: dict):
+    """What the memory plan assumes: this command's metrics and batch tokens."""
+    from depthprobe.model.memory import Workload, metrics_of
+
+    metrics = metrics_of(opts["metrics"]) if opts.get("metrics") else ("angular", "drop")
+    return Workload(metrics=metrics, batch_size=opts.get("batch_size", 4), seq_len=opts.get("seq_len", 256),
+                    num_sequences=opts.get("num_sequences", 8))
 
 
 def analysis_kwargs(opts: dict) -> dict:

@@ -28,6 +28,7 @@ from torch import nn
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
+from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
 from depthprobe.model.stack import ENCODER_TYPES
 
 log = logging.getLogger(__name__)
@@ -111,12 +112,15 @@ def load_model(
     source: str | os.PathLike,
     *,
     gguf_file: str | None = None,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     device: str = "auto",
     device_map: str | dict | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache: bool = True,
+    max_memory: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    workload: Workload | None = None,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -124,9 +128,17 @@ def load_model(
         source: hub id (``meta-llama/Llama-2-7b``), local folder, path to a ``.gguf`` file,
             or a packaged model alias (``smollm2``, ``minilm``).
         gguf_file: GGUF file name inside ``source`` (folder or hub repo).
-        dtype: ``float32`` (default), ``bfloat16``, ``float16`` or ``float64``.
+        dtype: ``auto`` (default: float32 when the memory plan fits, else the checkpoint's
+            dtype, said in one logged line), ``float32``, ``bfloat16``, ``float16``, ``float64``.
         device: ``cpu``, ``cuda``, ``mps`` or ``auto``; ignored when ``device_map`` is set.
-        device_map: passed to transformers (e.g. ``"auto"`` to spread a large model).
+        device_map: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict,
+            passed unchanged to transformers / accelerate (big-model loading with hooks).
+        max_memory: per-device budget, ``"0:70GiB,cpu:20GiB"`` or accelerate's dict; implies
+            ``device_map="auto"``.
+        offload_folder: where accelerate puts the weights that fit nowhere (disk offload);
+            implies ``device_map="auto"``.
+        workload: metrics and batch tokens the memory plan assumes (default: the default
+            analysis); see :mod:`depthprobe.model.memory`.
         revision: hub revision (branch, tag or commit).
         trust_remote_code: run the model repo's own code. Off unless asked.
         cache: cache de-quantized GGUF weights as safetensors (see module docs).
@@ -136,8 +148,99 @@ def load_model(
     Example:
         >>> model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")  # doctest: +SKIP
     """
-    torch_dtype = resolve_dtype(dtype)
+    max_memory = parse_max_memory(max_memory)
+    device_map = resolve_device_map(device_map, max_memory, offload_folder)
     target = None if device_map is not None else resolve_device(device)
+    source, gguf_file = resolve_source(source, gguf_file, cache)
+    # corrupt or mismatched files: one line, before transformers (or the memory plan) reads them
+    check_model_files(source, gguf_file, trust_remote_code)
+    if gguf_file and cache and Path(source).is_dir():
+        cached = _gguf_cache_dir(Path(source) / gguf_file)
+        if cached is not None:  # de-quantize once, then load the float32 safetensors cache
+            model, tokenizer = _from_pretrained(source, gguf_file, torch.float32, None, revision, trust_remote_code)
+            _save_dequantized(model, tokenizer, cached)
+            source, gguf_file = str(cached), None
+            del model
+
+    torch_dtype = _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, workload,
+                                 revision, trust_remote_code)
+    load_kwargs = {"max_memory": max_memory, "offload_folder": offload_folder} if device_map is not None else {}
+    with loader_errors(source):
+        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code,
+                                            **load_kwargs)
+    check_loaded(model, tokenizer, source)
+    if gguf_file:
+        _forget_gguf_quantization(model)
+    if target is not None:
+        model.to(target)
+    model.eval()
+    return model, tokenizer
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(device_map, max_memory: dict | None, offload_folder) -> str | dict | None:
+    """A known accelerate strategy or a dict; ``--max-memory`` / ``--offload-folder`` alone
+    imply ``auto`` (accelerate needs a device map to place weights by budget)."""
+    if device_map is None and (max_memory or offload_folder):
+        return "auto"
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise DepthprobeError(f"unknown --device-map {device_map!r}; choose one of {', '.join(DEVICE_MAPS)}")
+    return device_map
+
+
+def _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, workload, revision,
+                   trust_remote_code) -> torch.dtype:
+    """The dtype to load in, after the memory plan: ``auto`` chooses, an explicit dtype is
+    checked; a run that cannot fit is refused here, before any weight is read."""
+    wanted = "auto" if dtype == "auto" else resolve_dtype(dtype)
+    try:
+        plan, note = make_plan(source, gguf_file, dtype=wanted, device=target, device_map=device_map,
+                               max_memory=max_memory, workload=workload,
+                               config_kwargs={"revision": revision, "trust_remote_code": trust_remote_code})
+    except (OSError, ValueError, KeyError) as exc:  # no config readable: loading says why
+        log.info("no memory plan for %s (%s)", source, _first_line(exc))
+        return torch.float32 if wanted == "auto" else wanted
+    log.info("%s", plan.format())
+    if note:
+        log.warning("%s", note)
+    return plan.dtype
+
+
+def plan_load(
+    source: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    workload: Workload | None = None,
+) -> tuple[MemoryPlan, str | None]:
+    """The memory plan :func:`load_model` would follow with these arguments, and its
+    one-line dtype note; reads the config and safetensors headers only (``--dry-run``).
+    Raises the one-line refusal when nothing fits."""
+    max_memory = parse_max_memory(max_memory)
+    device_map = resolve_device_map(device_map, max_memory, offload_folder)
+    target = None if device_map is not None else resolve_device(device)
+    source, gguf_file = resolve_source(source, gguf_file)
+    wanted = "auto" if dtype == "auto" else resolve_dtype(dtype)
+    try:
+        return make_plan(source, gguf_file, dtype=wanted, device=target, device_map=device_map,
+                         max_memory=max_memory, workload=workload,
+                         config_kwargs={"revision": revision, "trust_remote_code": trust_remote_code})
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(source, exc) from exc
+
+
+def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, cache: bool = True
+                   ) -> tuple[str, str | None]:
+    """``(folder or hub id, GGUF file name or None)`` for a packaged alias, a ``.gguf`` path, a
+    folder or a hub id; a GGUF already de-quantized into the cache resolves to that folder."""
     source = str(source)
     if source in PACKAGED_MODELS:
         folder, packaged_gguf = packaged_model_path(source)
@@ -153,29 +256,14 @@ def load_model(
     if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).is_file():
         raise DepthprobeError(f"--gguf-file {gguf_file!r} not found in {source}")
 
-    check_model_files(source, gguf_file, trust_remote_code)  # corrupt or mismatched files: one line, before transformers reads them
     if gguf_file and cache and Path(source).is_dir():
         cached = _gguf_cache_dir(Path(source) / gguf_file)
         if cached is not None and (cached / "config.json").is_file():
             source, gguf_file = str(cached), None
-        elif cached is not None:
-            model, tokenizer = _from_pretrained(source, gguf_file, torch.float32, None, revision, trust_remote_code)
-            _save_dequantized(model, tokenizer, cached)
-            source, gguf_file = str(cached), None
-            del model
-
-    with loader_errors(source):
-        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code)
-    check_loaded(model, tokenizer, source)
-    if gguf_file:
-        _forget_gguf_quantization(model)
-    if target is not None:
-        model.to(target)
-    model.eval()
-    return model, tokenizer
+    return source, gguf_file
 
 
-def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code):
+def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code, **load_kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     import depthprobe
@@ -201,7 +289,7 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
     if loader is not None:
         model = loader.load(source, config, torch_dtype)
     else:
-        model = _auto_from_pretrained(auto, source, torch_dtype, device_map, kwargs)
+        model = _auto_from_pretrained(auto, source, torch_dtype, device_map, {**kwargs, **load_kwargs})
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:

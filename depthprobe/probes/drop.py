@@ -251,8 +251,10 @@ def _fingerprint(stack: LayerStack, input_ids: torch.Tensor, sublayers: bool, bl
     h = hashlib.sha256()
     h.update(input_ids.numpy().tobytes())
     h.update(f"{type(stack.model).__name__}:{len(stack)}:{sublayers}:{list(block_sizes)}".encode())
-    first = next(stack.blocks.parameters())
-    h.update(first.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    # weights offloaded by accelerate are meta tensors (no data): use the first resident one
+    first = next((p for p in stack.blocks.parameters() if not p.is_meta), None)
+    if first is not None:
+        h.update(first.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -1,0 +1,472 @@
+"""A memory plan made before any weight is read: will this analysis fit, and in which dtype?
+
+The plan comes from the model's config (parameter counts of a meta-device model: no
+memory, no weights read), the checkpoint's safetensors headers (stored dtype and size) and
+the workload (metrics, batch tokens). It estimates, in bytes:
+
+- ``weights``: parameters in the compute dtype. On a CPU, safetensors weights loaded in
+  their stored dtype stay memory-mapped (file-backed pages the kernel can drop and re-read),
+  so they are counted apart from anonymous memory; an up-cast copy is anonymous.
+- ``gradients``: one gradient per block parameter (``grad``), in the compute dtype.
+- ``activations``: what the backward keeps per token and block (about ``10 d + 5 I``
+  values for a gated-MLP block, ``d`` the width and ``I`` the MLP width) or, forward only,
+  one block's transient tensors, plus the logits in float32 for the loss.
+- ``hooks``: the float64 unit vectors of every residual state (``angular``), one logit
+  tensor per block for the logit lens.
+- ``states``: the drop sweep's cached block inputs, ``(L + 1) B T d`` values.
+
+peak = runtime + anonymous weights + max(main pass, drop sweep), compared with the memory
+available (``MemAvailable`` of ``/proc/meminfo``, the cgroup limit if lower, and each GPU's
+free memory).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from depthprobe.errors import DepthprobeError
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+#: interpreter, torch, transformers and allocator slack (measured: ~0.17 GB after import,
+#: ~0.4 GB after the first passes)
+RUNTIME_BYTES = int(0.45 * GIB)
+#: the share of available memory a plan may use; the rest absorbs estimate error and others
+HEADROOM = 0.9
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_BLOCK_NAME = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run will compute: the metrics and the tokens of one forward pass."""
+
+    metrics: tuple[str, ...] = ("angular", "variance", "grad", "lens")
+    batch_size: int = 4
+    seq_len: int = 256
+    num_sequences: int = 8
+
+    @property
+    def batch_tokens(self) -> int:
+        return min(self.batch_size, self.num_sequences) * self.seq_len
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes read from the config and a meta-device copy of the model (no weights)."""
+
+    num_parameters: int
+    block_parameters: int
+    num_layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    checkpoint_dtype: torch.dtype
+    checkpoint_bytes: int | None  # size of the safetensors data, when the headers were read
+    safetensors: bool  # weights in safetensors files (memory-mappable)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Estimated bytes of each part of a run and whether it fits; see the module docs."""
+
+    dtype: torch.dtype
+    device: str  # "cpu", "cuda:0", or "offload" when accelerate places the weights
+    shape: ModelShape
+    workload: Workload
+    weights: int
+    mapped: bool  # weights stay memory-mapped (not anonymous memory)
+    gradients: int
+    activations: int
+    hooks: int
+    states: int
+    available: dict[str, int] = field(default_factory=dict)
+    budget: int | None = None  # --max-memory's share for this device, when given
+
+    @property
+    def main_pass(self) -> int:
+        return self.gradients + self.activations + self.hooks
+
+    @property
+    def peak_anonymous(self) -> int:
+        """Peak of the process's anonymous (non file-backed) memory."""
+        anon_weights = 0 if self.mapped else self.weights
+        return RUNTIME_BYTES + anon_weights + max(self.main_pass, self.states + self.activations_forward)
+
+    @property
+    def activations_forward(self) -> int:
+        return self.activations if "grad" not in self.workload.metrics else _forward_transient(self)
+
+    @property
+    def peak_resident(self) -> int:
+        """Anonymous peak plus the memory-mapped weights (what runs without re-reading disk)."""
+        return self.peak_anonymous + (self.weights if self.mapped else 0)
+
+    @property
+    def limit(self) -> int:
+        avail = self.available.get("cpu" if self.device == "offload" else self.device)
+        if self.budget is not None and self.device != "offload":
+            return self.budget if avail is None else min(self.budget, avail)
+        return int(HEADROOM * avail) if avail is not None else 1 << 62  # unknown (mps): do not refuse
+
+    @property
+    def fits(self) -> bool:
+        """Everything resident, mapped weights included, within the available memory."""
+        return self.peak_resident <= self.limit
+
+    @property
+    def runs(self) -> bool:
+        """Anonymous memory fits: it completes, re-reading mapped weights from disk if needed."""
+        return self.peak_anonymous <= self.limit
+
+    def rows(self) -> list[tuple[str, int]]:
+        weights = "weights (memory-mapped)" if self.mapped else "weights"
+        return [
+            (weights, self.weights),
+            ("gradients", self.gradients),
+            ("activations", self.activations),
+            ("hooks (angular units, lens logits)", self.hooks),
+            ("drop sweep cached states", self.states),
+            ("runtime", RUNTIME_BYTES),
+            ("peak, anonymous memory", self.peak_anonymous),
+            ("peak, resident (with mapped weights)", self.peak_resident),
+        ]
+
+    def format(self) -> str:
+        """Multi-line text for ``--dry-run`` and ``-v``."""
+        s, w = self.shape, self.workload
+        head = (
+            f"memory plan: {s.num_parameters / 1e9:.2f} B parameters ({s.num_layers} blocks, d={s.hidden}) "
+            f"in {_name(self.dtype)} on {self.device} (checkpoint {_name(s.checkpoint_dtype)}); "
+            f"metrics {','.join(w.metrics)}; {w.batch_tokens} tokens per forward"
+        )
+        lines = [head] + [f"  {name:<38s} {gb(v):>9s}" for name, v in self.rows()]
+        for dev, avail in self.available.items():
+            lines.append(f"  {'available on ' + dev:<38s} {gb(avail):>9s}")
+        if self.budget is not None:
+            lines.append(f"  {'--max-memory for ' + self.device:<38s} {gb(self.budget):>9s}")
+        verdict = "fits" if self.fits else ("runs, re-reading mapped weights from disk (slow)" if self.runs
+                                            else "does not fit")
+        lines.append(f"  verdict: {verdict}")
+        return "\n".join(lines)
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _forward_transient(plan: MemoryPlan) -> int:
+    """One block's forward temporaries plus the float32 logits and their log-softmax."""
+    s, tokens, size = plan.shape, plan.workload.batch_tokens, _bytes(plan.dtype)
+    return tokens * ((4 * s.hidden + 3 * s.intermediate) * size + s.vocab * (size + 8))
+
+
+def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: str = "cpu",
+             available: dict[str, int] | None = None, budget: int | None = None) -> MemoryPlan:
+    """The plan for ``shape`` run in ``dtype`` on ``device`` (formulas in the module docs)."""
+    size = _bytes(dtype)
+    metrics, tokens = set(workload.metrics), workload.batch_tokens
+    d, inter, layers = shape.hidden, shape.intermediate, shape.num_layers
+    # CPU-resident weights of the stored dtype stay views of the memory-mapped files
+    mapped = device in ("cpu", "offload") and shape.safetensors and dtype == shape.checkpoint_dtype
+    grad = "grad" in metrics or "attribution" in metrics
+    weights = shape.num_parameters * size
+    if device == "offload":  # accelerate keeps the --max-memory share resident, one block more in use
+        block = shape.block_parameters // max(layers, 1) * size
+        weights = min(weights, (budget if budget is not None else weights) + block)
+    plan = MemoryPlan(
+        dtype=dtype, device=device, shape=shape, workload=workload,
+        weights=weights, mapped=mapped,
+        gradients=shape.block_parameters * size if "grad" in metrics else 0,
+        activations=0, hooks=0,
+        states=(layers + 1) * tokens * d * size if "drop" in metrics else 0,
+        available=dict(available or {}), budget=budget,
+    )
+    backward = tokens * layers * (10 * d + 5 * inter) * size + tokens * shape.vocab * (size + 12)
+    hooks = (layers + 1) * tokens * d * 8 if "angular" in metrics else 0
+    hooks += tokens * shape.vocab * (size + 8) if "lens" in metrics else 0
+    activations = backward if grad else _forward_transient(plan)
+    return replace(plan, activations=activations, hooks=hooks)
+
+
+# ---------------------------------------------------------------------------- inputs
+def available_memory() -> dict[str, int]:
+    """Bytes available now: ``cpu`` (MemAvailable, capped by a cgroup limit) and ``cuda:N``."""
+    avail: dict[str, int] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail["cpu"] = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if "cpu" not in avail:
+        import psutil
+
+        avail["cpu"] = int(psutil.virtual_memory().available)
+    cgroup = _cgroup_room()
+    if cgroup is not None:
+        avail["cpu"] = min(avail["cpu"], cgroup)
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            avail[f"cuda:{i}"] = int(torch.cuda.mem_get_info(i)[0])
+    return avail
+
+
+def _cgroup_room() -> int | None:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - used, 0)
+
+
+def safetensors_headers(folder: str | os.PathLike) -> tuple[torch.dtype | None, int] | None:
+    """(most common stored dtype, bytes of tensor data) from the headers of every
+    ``*.safetensors`` file in ``folder`` (8-byte length + JSON, no tensor data read)."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return None
+    counts: dict[str, int] = {}
+    total = 0
+    for path in files:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            counts[info["dtype"]] = counts.get(info["dtype"], 0) + end - begin
+            total += end - begin
+    stored = max(counts, key=counts.get)
+    return SAFETENSORS_DTYPES.get(stored), total
+
+
+def config_dtype(config) -> torch.dtype:
+    """The checkpoint's dtype as its config states it (float32 when unstated)."""
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else torch.float32
+
+
+def model_shape(config, folder: str | os.PathLike | None = None, gguf: bool = False) -> ModelShape:
+    """Parameter counts from a meta-device model built from ``config`` (no memory used)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    with init_empty_weights():
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # encoders and other configs without a causal-LM class
+            model = AutoModel.from_config(config)
+    model.tie_weights()  # tied embeddings count once
+    total = blocks = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:  # tied weights count once
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        blocks += p.numel() if _BLOCK_NAME.search("." + name) else 0
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
+    inter = int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or getattr(text, "ffn_dim", 0)
+                or 4 * hidden)
+    layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 1)
+    headers = safetensors_headers(folder) if folder is not None and Path(folder).is_dir() and not gguf else None
+    stored = headers[0] if headers and headers[0] is not None else config_dtype(config)
+    if gguf:
+        stored = torch.float32  # GGUF weights are de-quantized to float32 (and cached as such)
+    return ModelShape(
+        num_parameters=total, block_parameters=blocks, num_layers=layers, hidden=hidden, intermediate=inter,
+        vocab=int(getattr(text, "vocab_size", 0) or 0), checkpoint_dtype=stored,
+        checkpoint_bytes=headers[1] if headers else None, safetensors=headers is not None,
+    )
+
+
+# ---------------------------------------------------------------------------- decisions
+def parse_max_memory(value: str | dict | None) -> dict | None:
+    """``"0:70GiB,cpu:20GiB"`` -> ``{0: "70GiB", "cpu": "20GiB"}`` (accelerate's format)."""
+    if value is None or isinstance(value, dict):
+        return value
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict = {}
+    for part in (p.strip() for p in value.split(",") if p.strip()):
+        dev, sep, size = part.rpartition(":")
+        dev = dev.strip()
+        if not sep or not size.strip():
+            raise DepthprobeError(f"--max-memory takes DEVICE:SIZE pairs like 0:70GiB,cpu:20GiB (got {part!r})")
+        try:
+            convert_file_size_to_int(size.strip())
+        except ValueError as exc:
+            raise DepthprobeError(f"--max-memory {part!r}: {size!r} is not a size like 20GiB or 500MB") from exc
+        key = dev.removeprefix("cuda:")
+        if key.isdigit():
+            out[int(key)] = size.strip()
+        elif key in ("cpu", "disk", "mps"):
+            out[key] = size.strip()
+        else:
+            raise DepthprobeError(f"--max-memory device {dev!r} unknown; use a GPU index (0, 1, ...), cpu or disk")
+    if not out:
+        raise DepthprobeError("--max-memory is empty; give DEVICE:SIZE pairs like 0:70GiB,cpu:20GiB")
+    return out
+
+
+def fallback_dtype(checkpoint: torch.dtype, device: str) -> torch.dtype:
+    """The dtype to use when float32 does not fit: the checkpoint's own, but bfloat16 on a
+    CPU for float16 (CPU float16 kernels are slow and overflow-prone), and half precision
+    for a float32 checkpoint (GGUF de-quantized)."""
+    if checkpoint == torch.float16 and device == "cpu":
+        return torch.bfloat16
+    if checkpoint in (torch.float32, torch.float64):
+        return torch.bfloat16 if device == "cpu" else torch.float16
+    return checkpoint
+
+
+def choose_dtype(shape: ModelShape, workload: Workload, device: str, available: dict[str, int],
+                 budget: int | None = None) -> tuple[MemoryPlan, str | None]:
+    """``--dtype auto``: the plan in float32 when it fits, else in the fallback dtype, and
+    the one-line note saying so (None when float32 was kept). Raises the refusal when
+    nothing fits."""
+    full = estimate(shape, torch.float32, workload, device, available, budget)
+    # offloaded: float32 only when no weight would go to disk (an up-cast copy of the rest
+    # would be written there and read back for every block run)
+    on_disk = (device == "offload" and shape.checkpoint_dtype != torch.float32
+               and shape.num_parameters * 4 > (budget if budget is not None else full.limit))
+    if full.fits and not on_disk:
+        return full, None
+    kind = device.split(":")[0]
+    if kind == "offload":  # accelerate computes on the GPU when there is one
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    low_dtype = fallback_dtype(shape.checkpoint_dtype, kind)
+    low = estimate(shape, low_dtype, workload, device, available, budget)
+    if not low.runs:
+        raise DepthprobeError(refusal(low))
+    why = (f"float32 weights ({gb(shape.num_parameters * 4)}) would be offloaded to disk" if on_disk
+           else f"float32 needs {gb(full.peak_resident)} and {gb(full.limit)} is usable on {device}")
+    note = f"{why}: loading in {_name(low_dtype)} (pass --dtype float32 to insist)"
+    if not low.fits:
+        note += "; the weights stay memory-mapped and parts are re-read from disk, which is slow"
+    return low, note
+
+
+def refusal(plan: MemoryPlan) -> str:
+    """One line: what does not fit, and the options that would."""
+    where = "cpu" if plan.device == "offload" else plan.device
+    options = []
+    if plan.device != "offload":
+        options.append(f"--max-memory cpu:{max(plan.limit // GIB - 1, 1)}GiB --offload-folder DIR")
+    heavy = [m for m in plan.workload.metrics if m in ("grad", "attribution")]
+    if heavy:
+        lighter = estimate(plan.shape, plan.dtype, replace(plan.workload, metrics=tuple(
+            m for m in plan.workload.metrics if m not in heavy)), plan.device, plan.available, plan.budget)
+        if lighter.runs:
+            options.append(f"--metrics without {','.join(heavy)} ({gb(lighter.peak_anonymous)})")
+    if plan.workload.batch_size > 1:
+        options.append("a smaller --batch-size")
+    if where == "cpu":
+        options.append("a GPU (--device cuda)")
+    return (
+        f"this run needs about {gb(plan.peak_anonymous)} of memory in {_name(plan.dtype)} "
+        f"({gb(plan.gradients)} of gradients) and {gb(plan.limit)} is usable on {where}; "
+        f"it would be killed, so nothing was loaded. Options: {'; '.join(options)}"
+    )
+
+
+def offloaded_modules(model: torch.nn.Module) -> list[str]:
+    """Modules whose weights accelerate keeps off the execution device and moves in for
+    each forward (``device_map`` with a cpu or disk share next to a faster device)."""
+    names = []
+    for name, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
+            names.append(name)
+    return names
+
+
+def check_offload_supports(model: torch.nn.Module, metrics: Sequence[str]) -> None:
+    """One-line refusals after an offloaded load: a model put on disk whole (accelerate
+    cannot run it), and gradient metrics on offloaded modules (their weights are fresh
+    tensors at every forward, so their gradients would be lost)."""
+    placement = getattr(model, "hf_device_map", None) or {}
+    if set(placement) == {""} and placement[""] == "disk":
+        raise DepthprobeError(
+            "--max-memory leaves no room for even one block, so accelerate put the whole model on disk as one "
+            "piece (which it cannot run); give the cpu (or GPU) budget at least a few blocks"
+        )
+    heavy = [m for m in metrics if m in ("grad", "attribution")]
+    offloaded = offloaded_modules(model) if heavy else []
+    if offloaded:
+        raise DepthprobeError(
+            f"--metrics {','.join(heavy)} needs every block's weights in memory, and {len(offloaded)} module(s) "
+            f"were offloaded ({offloaded[0]}, ...); drop {','.join(heavy)} from --metrics (the forward-only "
+            "metrics and drop work offloaded), raise --max-memory, or use --dtype bfloat16"
+        )
+
+
+def make_plan(source: str, gguf_file: str | None = None, *, dtype: torch.dtype | str = "auto",
+              device: torch.device | str | None = "cpu", device_map=None, max_memory: dict | None = None,
+              workload: Workload | None = None, config_kwargs: dict | None = None
+              ) -> tuple[MemoryPlan, str | None]:
+    """The plan for loading ``source`` (a folder, hub id, or folder + ``gguf_file``) and the
+    one-line dtype note of ``--dtype auto``. ``device`` None means accelerate places the
+    weights (``device_map``). Raises the one-line refusal when the run cannot fit."""
+    from transformers import AutoConfig
+
+    kwargs = dict(config_kwargs or {})
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    shape = model_shape(config, source if Path(source).is_dir() else None, gguf=bool(gguf_file))
+    where = "offload" if device_map is not None else _device_key(device)
+    budget = None
+    if max_memory:
+        from accelerate.utils import convert_file_size_to_int
+
+        key = "cpu" if where in ("cpu", "offload") else int(where.split(":")[1] if ":" in where else 0)
+        if key in max_memory:
+            budget = convert_file_size_to_int(max_memory[key])
+    workload = workload or Workload()
+    available = available_memory()
+    if dtype == "auto":
+        return choose_dtype(shape, workload, where, available, budget)
+    plan = estimate(shape, dtype, workload, where, available, budget)
+    if not plan.runs:
+        raise DepthprobeError(refusal(plan))
+    return plan, None
+
+
+def _device_key(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{device.index or 0}"
+    return device.type
+
+
+def metrics_of(opts_metrics: str | Sequence[str] | None) -> tuple[str, ...]:
+    if opts_metrics is None:
+        return Workload().metrics
+    if isinstance(opts_metrics, str):
+        return tuple(m.strip() for m in opts_metrics.split(",") if m.strip())
+    return tuple(opts_metrics)
