@@ -157,7 +157,7 @@ def check_loaded(model, tokenizer, source: str) -> None:
         if len(tokenizer) > rows:
             log.warning("%s: %d added tokens have no embedding row; text that spells them out would fail",
                         source, len(tokenizer) - rows)
-    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not p.isfinite().all()]
+    bad = [name for name, p in model.named_parameters() if _nonfinite(p)]
     if bad:
         log.warning("%s: %d weight tensor(s) hold NaN/inf values, e.g. %s", source, len(bad), bad[0])
 
@@ -165,7 +165,13 @@ def check_loaded(model, tokenizer, source: str) -> None:
 def nonfinite_weight_blocks(stack) -> list[int]:
     """Indices of the blocks whose parameters hold NaN or inf."""
     return [i for i, block in enumerate(stack.blocks)
-            if any(p.is_floating_point() and not p.isfinite().all() for p in block.parameters())]
+            if any(_nonfinite(p) for p in block.parameters())]
+
+
+def _nonfinite(p) -> bool:
+    """A floating-point parameter holding NaN/inf; weights offloaded by accelerate (meta
+    placeholders) are not read here."""
+    return p.is_floating_point() and p.device.type != "meta" and not bool(p.isfinite().all())
 
 
 def require_positive_ints(obj, names, flags: bool = False) -> None:
