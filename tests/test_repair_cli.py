@@ -111,7 +111,7 @@ def test_smollm2_repaired_export_reproduces_printed_loss(tmp_path, smollm2, caps
     out = tmp_path / "smol-repaired"
     code, stdout, err = run_cli(
         ["prune", "smollm2", "--remove", "20,21", "--no-curve", "--num-sequences", "1", "--seq-len", "64",
-         "--repair", "linear", "--repair-windows", "30", "--out", str(out), "--quiet", "--no-report",
+         "--repair", "linear", "--repair-windows", "48", "--out", str(out), "--quiet", "--no-report",
          "--device", "cpu"],
         capsys,
     )
