@@ -26,6 +26,7 @@ from torch import nn
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import ENCODER_TYPES
+from depthprobe.results import model_source
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     target = None if device_map is not None else resolve_device(device)
     source = str(source)
+    if source not in PACKAGED_MODELS:
+        source = model_source(source)  # a train run folder keeps its model in model/
     if source in PACKAGED_MODELS:
         folder, packaged_gguf = packaged_model_path(source)
         source, gguf_file = str(folder), gguf_file or packaged_gguf
