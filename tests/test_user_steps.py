@@ -3,6 +3,7 @@ should see. Fast tests on hand-made runs and tiny random models; real models mar
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from depthprobe.cli import main
@@ -77,3 +78,114 @@ def test_plot_layers_single_result_draws_the_values():
     result = synthetic(8)
     fig = F.plot_layers(result, ["angular_distance"])
     assert list(fig.axes[0].lines[0].get_ydata()) == list(result.layers["angular_distance"])
+
+
+# --- 3. one notion of a run folder -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A train folder, a prune folder and an analyze folder made by the commands, tiny sizes."""
+    from tests.tiny_models import save_tiny
+
+    root = tmp_path_factory.mktemp("folders")
+    tiny = save_tiny("llama", root / "tiny")
+    small = ["--num-sequences", "2", "--seq-len", "16", "--device", "cpu", "-q"]
+    for args in (
+        ["train", "--norm", "pre", "--preset", "tiny", "--steps", "2", "--max-tokens", "20000", "--val-windows", "2",
+         "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--out", str(root / "train"), "-q"],
+        ["prune", str(tiny), "--remove", "1", "--no-curve", "--out", str(root / "prune"), *small],
+        ["analyze", str(tiny), "--metrics", "angular,variance", "--out", str(root / "analyze"), *small],
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        assert exc.value.code == 0, args
+    return root
+
+
+def test_check_and_load_accept_prune_and_train_folders(folders, capsys):
+    from depthprobe.results import AnalysisResult
+
+    for kind in ("train", "prune"):
+        loaded = AnalysisResult.load(folders / kind)
+        inner = AnalysisResult.load(folders / kind / "analysis")
+        pd.testing.assert_frame_equal(loaded.layers, inner.layers)
+        code, out, err = run_cli(["check", str(folders / kind), "--baseline", str(folders / kind / "analysis")],
+                                 capsys)
+        assert code == 0 and out.startswith("OK: "), err
+    assert AnalysisResult.load(folders / "prune").num_layers == 3  # the pruned model's own table
+
+
+def test_analyze_a_train_folder_finds_its_model(folders, capsys):
+    import depthprobe
+
+    code, out, err = run_cli(["analyze", str(folders / "train"), "--metrics", "angular", "--num-sequences", "2",
+                              "--seq-len", "16", "--device", "cpu", "-q", "--out", str(folders / "re")], capsys)
+    assert code == 0, err
+    model, tok = depthprobe.load_model(str(folders / "train" / "model"), device="cpu")
+    direct = depthprobe.analyze(model, tok, metrics="angular", num_sequences=2, seq_len=16, progress=False)
+    again = pd.read_csv(folders / "re" / "layers.csv")
+    assert list(again["angular_distance"]) == pytest.approx(list(direct.layers["angular_distance"]), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("analyze", "holds analysis results, not a model; analyze the model it measured"),
+])
+def test_analyze_a_folder_without_a_model_says_so(folders, capsys, kind, message):
+    code, _, err = run_cli(["analyze", str(folders / kind), "--num-sequences", "2", "--seq-len", "16"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["check", str(tmp_path / "empty"), "--baseline", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "not a depthprobe run folder" in err
+
+
+# --- 2. a prune folder's report describes the pruned model ------------------------------------
+
+def test_prune_report_leads_with_what_was_removed(folders, capsys):
+    import json
+
+    import depthprobe
+    from depthprobe.data import make_windows
+
+    code, _, err = run_cli(["prune", str(folders / "tiny"), "--num-layers", "2", "--strategy", "greedy",
+                            "--num-sequences", "2", "--seq-len", "16", "--device", "cpu", "-q",
+                            "--out", str(folders / "greedy")], capsys)
+    assert code == 0, err
+    out = folders / "greedy"
+    p = json.loads((out / "prune.json").read_text())
+    own = json.loads((out / "analysis" / "summary.json").read_text())
+    assert own["num_layers"] == 2 and json.loads((out / "original" / "summary.json").read_text())["num_layers"] == 4
+    assert own["base_loss"] == pytest.approx(p["loss_after"], rel=1e-5)
+    # the pruned model's own angular distances: the exported folder analyzed on the same windows
+    model, tok = depthprobe.load_model(str(out), device="cpu")
+    windows = make_windows(tok, num_sequences=2, seq_len=16)
+    direct = depthprobe.analyze(model, windows=windows, metrics="angular", progress=False)
+    saved = pd.read_csv(out / "analysis" / "layers.csv")
+    assert list(saved["angular_distance"]) == pytest.approx(list(direct.layers["angular_distance"]), rel=1e-5)
+
+    page = (out / "report.html").read_text()
+    removed = ", ".join(map(str, p["removed"]))
+    lead = (f"Removed 2 of 4 blocks ({removed}; strategy greedy): 4 → 2 blocks.")
+    assert lead in page and page.index(lead) < page.index("Findings")
+    assert f"Calibration loss {p['loss_before']:.4f} → {p['loss_after']:.4f}" in page
+    assert "<tr><td>blocks</td><td>2</td>" in page
+
+
+def test_prune_lead_quotes_heldout_when_measured():
+    from depthprobe.report.prune_summary import prune_sentences
+
+    result = synthetic(6)
+    result.summary["prune"] = {"removed": [3, 4], "num_removed": 2, "num_layers_before": 8, "num_layers_after": 6,
+                               "strategy": "drop", "objective": "lm_loss", "loss_before": 3.0, "loss_after": 3.5,
+                               "perplexity_before": 20.0855, "perplexity_after": 33.1155,
+                               "heldout_loss_before": 3.2, "heldout_loss_after": 3.9,
+                               "heldout_perplexity_before": 24.5325, "heldout_perplexity_after": 49.402}
+    text = " ".join(prune_sentences(result))
+    assert "Removed 2 of 8 blocks (3, 4; strategy drop): 8 → 6 blocks." in text
+    assert "Calibration loss 3.0000 → 3.5000 (perplexity 20.09 → 33.12, +64.9%)" in text
+    assert "Held-out loss 3.2000 → 3.9000 (perplexity 24.53 → 49.40, +101.4%)" in text
+    del result.summary["prune"]["heldout_loss_after"]
+    assert "No held-out loss was measured" in " ".join(prune_sentences(result))
+    assert prune_sentences(synthetic(6)) == []

@@ -46,6 +46,8 @@ class PruneResult:
     analysis: AnalysisResult
     #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
     excess: pd.DataFrame | None = None
+    #: the pruned model's own diagnostics (angular, variance; same windows); ``analysis`` is the original's
+    pruned_analysis: AnalysisResult | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -141,11 +143,29 @@ def prune(
     excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
                          analysis, excess)
+    result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
         out = save_model(model, tokenizer, out_dir)
         write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
         if table is not None:
             table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
             excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
-        analysis.save(out / "analysis")
+        # analysis/ describes the model this folder holds; original/ the one blocks were chosen from
+        result.pruned_analysis.save(out / "analysis")
+        analysis.save(out / "original")
+    return result
+
+
+def analyze_pruned(model: torch.nn.Module, windows, original: AnalysisResult, removed: list[int],
+                   progress: bool = True) -> AnalysisResult:
+    """The pruned model's own angular and variance diagnostics on the windows that chose the
+    blocks: one forward pass (its ``base_loss`` is the calibration loss after pruning)."""
+    from depthprobe.analysis import analyze
+
+    config = original.summary["config"]
+    result = analyze(model, windows=windows, metrics="angular,variance", batch_size=config["batch_size"],
+                     layers_path=config["layers_path"], progress=progress,
+                     model_name=f"{original.summary['model']} without blocks {', '.join(map(str, removed))}")
+    result.summary["pruned_from"] = {"model": original.summary["model"], "removed": removed,
+                                     "num_layers": original.num_layers}
     return result

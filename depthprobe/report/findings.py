@@ -82,9 +82,10 @@ def findings(result: AnalysisResult) -> list[str]:
         if len(ok):
             best = ok.sort_values(["num_removed", "loss"], ascending=[False, True]).iloc[0]
             k = int(best["num_removed"])
+            before = result.summary.get("pruned_from", {}).get("num_layers", n)  # the curve is the original's
             if k > 0:
                 out.append(
-                    f"{k} of {n} layers could be removed for at most a {round((PPL_BUDGET - 1) * 100)}% perplexity "
+                    f"{k} of {before} layers could be removed for at most a {round((PPL_BUDGET - 1) * 100)}% perplexity "
                     f"increase (strategy {best['strategy']}: layers {str(best['removed']).replace(';', ', ')}; "
                     f"loss {base:.3f} → {best['loss']:.3f})."
                 )

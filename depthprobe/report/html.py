@@ -26,6 +26,7 @@ import pandas as pd
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
 from depthprobe.report.findings import findings
+from depthprobe.report.prune_summary import prune_html
 from depthprobe.results import SUMMARY_JSON, AnalysisResult
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
@@ -158,7 +159,8 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     title = title or ("depthprobe: " + " vs ".join(F.run_label(r) for r in runs))
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">Generated {time.strftime("%Y-%m-%d %H:%M")} by depthprobe. '
-             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs)]
+             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs),
+             prune_html(runs, F.run_label)]
     for run in runs:
         sentences = findings(run)
         if sentences:
