@@ -189,3 +189,44 @@ def test_prune_lead_quotes_heldout_when_measured():
     del result.summary["prune"]["heldout_loss_after"]
     assert "No held-out loss was measured" in " ".join(prune_sentences(result))
     assert prune_sentences(synthetic(6)) == []
+
+
+# --- 4. check blames the setup before the model -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_texts(tmp_path_factory, folders):
+    """The same tiny model analyzed on two different texts with equal token counts."""
+    import depthprobe
+    from depthprobe.data import builtin_text
+
+    root = tmp_path_factory.mktemp("texts")
+    text = builtin_text()
+    runs = {}
+    for name, part in (("a", text[:20_000]), ("b", text[40_000:60_000])):
+        (root / f"{name}.txt").write_text(part)
+        model, tok = depthprobe.load_model(str(folders / "tiny"), device="cpu")
+        result = depthprobe.analyze(model, tok, metrics="angular,variance", num_sequences=2, seq_len=16,
+                                    text_file=root / f"{name}.txt", progress=False)
+        runs[name] = result.save(root / name)
+    return runs
+
+
+def test_check_reports_a_different_text_first(two_texts, capsys):
+    a, b = two_texts["a"], two_texts["b"]
+    code, out, err = run_cli(["check", str(a), "--baseline", str(b)], capsys)
+    assert code == 2 and out == ""
+    assert "measured differently (calibration text" in err and "--allow-different-text" in err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["check", str(a), "--baseline", str(b), "--allow-different-text"], capsys)
+    assert code == 1 and out.startswith("note: measured differently: calibration text")  # values did move
+
+
+def test_check_reports_a_different_dtype_and_windows(two_texts, tmp_path, capsys):
+    from depthprobe.results import AnalysisResult
+
+    other = AnalysisResult.load(two_texts["a"])
+    other.summary["dtype"], other.summary["num_sequences"] = "float64", 4
+    other.save(tmp_path / "other")
+    code, _, err = run_cli(["check", str(tmp_path / "other"), "--baseline", str(two_texts["a"])], capsys)
+    assert code == 2 and "windows 4 in the run vs 2 in the baseline" in err
+    assert "dtype 'float64' in the run vs 'float32' in the baseline" in err
