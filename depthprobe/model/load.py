@@ -117,6 +117,7 @@ def load_model(
     source = str(source)
     if source not in PACKAGED_MODELS:
         source = model_source(source)  # a train run folder keeps its model in model/
+    alias = source if source in PACKAGED_MODELS else None
     if source in PACKAGED_MODELS:
         folder, packaged_gguf = packaged_model_path(source)
         source, gguf_file = str(folder), gguf_file or packaged_gguf
@@ -141,9 +142,12 @@ def load_model(
             source, gguf_file = str(cached), None
             del model
 
+    log.info("loading %s%s as %s", source, f" ({gguf_file})" if gguf_file else "", torch_dtype)
     model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code)
     if gguf_file:
         _forget_gguf_quantization(model)
+    if alias is not None:  # results name the packaged model, not its cache folder
+        model.config._name_or_path = alias
     if target is not None:
         model.to(target)
     model.eval()
