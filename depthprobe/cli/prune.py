@@ -10,6 +10,7 @@ from depthprobe.cli.options import (
     data_options,
     load_from_options,
     model_options,
+    refuse_existing_out,
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
@@ -40,6 +41,7 @@ def _layer_list(value: str | None) -> list[int] | None:
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--force", is_flag=True, help="Write into an existing, non-empty --out.")
 @common_options
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
@@ -62,6 +64,7 @@ def command(**opts) -> None:
     remove = _layer_list(opts["remove"])
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
+    refuse_existing_out(opts["out_dir"], opts["force"])
     model, tokenizer = load_from_options(opts)
     result = prune(
         model,

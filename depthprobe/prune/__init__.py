@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from depthprobe.prune.select import (
 )
 from depthprobe.results import AnalysisResult, write_json
 from depthprobe.stats import prune_excess
+
+log = logging.getLogger(__name__)
 
 __all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
 
@@ -143,6 +146,7 @@ def prune(
     excess = prune_excess(table) if table is not None else None
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
                          analysis, excess)
+    log.info("removed blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
     result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
         out = save_model(model, tokenizer, out_dir)
@@ -150,6 +154,9 @@ def prune(
         if table is not None:
             table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
             excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
+        else:  # --force into an older prune folder: its curve would describe another pruning
+            for stale in ("prune_curve.csv", "prune_excess.csv"):
+                (out / stale).unlink(missing_ok=True)
         # analysis/ describes the model this folder holds; original/ the one blocks were chosen from
         result.pruned_analysis.save(out / "analysis")
         analysis.save(out / "original")
