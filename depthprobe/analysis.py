@@ -169,6 +169,8 @@ def analyze(
     if "grad" in wanted and objective != "lm_loss":
         notes.append("grad: no gradient metrics: this model has no LM head (an encoder), so no training objective")
 
+    log.info("analyze %s: %d blocks, metrics %s, %d windows x %d tokens of %s", type(model).__name__, len(stack),
+             ",".join(config.metrics), windows.num_sequences, windows.seq_len, windows.source)
     was_training = model.training
     model.eval()
     try:
@@ -176,6 +178,8 @@ def analyze(
     finally:
         model.train(was_training)
 
+    log.info("main pass done in %.1f s (base loss %s)", stats.timings["pass"],
+             None if stats.base_loss is None else round(stats.base_loss, 4))
     columns: dict[str, Sequence[float]] = dict(stats.columns)
     timings = dict(stats.timings)
     tables: dict[str, pd.DataFrame] = {}
@@ -196,6 +200,7 @@ def analyze(
             tables.update(out.tables)
             summary_extra.update(out.summary)
             timings[name] = out.seconds or (time.perf_counter() - t0)
+            log.info("%s sweep done in %.1f s", name, timings[name])
 
     layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in columns.items()}})
     nonfinite = {

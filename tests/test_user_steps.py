@@ -230,3 +230,111 @@ def test_check_reports_a_different_dtype_and_windows(two_texts, tmp_path, capsys
     code, _, err = run_cli(["check", str(tmp_path / "other"), "--baseline", str(two_texts["a"])], capsys)
     assert code == 2 and "windows 4 in the run vs 2 in the baseline" in err
     assert "dtype 'float64' in the run vs 'float32' in the baseline" in err
+
+
+# --- 5. smaller stumbles -----------------------------------------------------------------------
+
+def test_analyze_without_out_says_nothing_was_saved(folders, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for quiet in ([], ["-q"]):
+        code, out, err = run_cli(["analyze", str(folders / "tiny"), "--metrics", "angular", "--num-sequences", "2",
+                                  "--seq-len", "16", "--device", "cpu", *quiet], capsys)
+        assert code == 0 and "Nothing saved: add --out DIR" in err
+        assert ("angular_distance" in out) == (not quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _interrupt_drop_after(monkeypatch, calls_before_interrupt: int):
+    from depthprobe.prune import sweep
+
+    calls = {"n": 0}
+    real_run = sweep.BatchScorer.run
+
+    def flaky_run(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > calls_before_interrupt:
+            raise KeyboardInterrupt
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(sweep.BatchScorer, "run", flaky_run)
+
+
+@pytest.mark.parametrize("metrics", ["drop", "angular,drop"])
+def test_interrupt_before_the_first_drop_batch(folders, tmp_path, capsys, monkeypatch, metrics):
+    _interrupt_drop_after(monkeypatch, 0)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["analyze", str(folders / "tiny"), "--metrics", metrics, "--num-sequences", "4",
+                            "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "-q", "--out", str(out)], capsys)
+    assert code == 2 and "--resume" not in err
+    if metrics == "drop":  # nothing measured: no layer-only table, no empty report
+        assert "before any metric finished; nothing was saved" in err
+        assert not (out / "layers.csv").exists() and not (out / "report.html").exists()
+    else:
+        assert pd.read_csv(out / "layers.csv").columns.tolist() == ["layer", "angular_distance", "block_influence"]
+
+
+def test_interrupt_after_a_drop_batch_offers_resume(folders, tmp_path, capsys, monkeypatch):
+    per_batch = 4 * 3  # 4 blocks: block, attention and MLP drops (--block-sizes '')
+    _interrupt_drop_after(monkeypatch, per_batch + 1)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["analyze", str(folders / "tiny"), "--metrics", "angular,drop", "--block-sizes", "",
+                            "--num-sequences", "4", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "-q",
+                            "--out", str(out)], capsys)
+    assert code == 2 and "(rerun with --resume to continue the drop sweep)" in err
+    assert len((out / "drop_progress.jsonl").read_text().splitlines()) == 2  # header + one batch
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_train_and_prune_keep_an_existing_out(folders, tmp_path, capsys, command):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    args = (["prune", str(folders / "tiny"), "--remove", "1", "--no-curve", "--num-sequences", "2", "--seq-len", "16",
+             "--device", "cpu", "-q", "--no-report"] if command == "prune" else
+            ["train", "--preset", "tiny", "--steps", "1", "--max-tokens", "20000", "--val-windows", "2",
+             "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "-q", "--no-report"])
+    code, _, err = run_cli([*args, "--out", str(out)], capsys)
+    assert code == 2 and f"--out {out} exists and is not empty" in err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    code, _, err = run_cli([*args, "--out", str(out), "--force"], capsys)
+    assert code == 0, err
+    assert (out / "precious.txt").read_text() == "keep me" and len(list(out.iterdir())) > 1
+
+
+def test_verbose_logs_depthprobes_own_steps(folders, tmp_path, capsys, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="depthprobe")
+    code, _, _ = run_cli(["analyze", str(folders / "tiny"), "--metrics", "angular", "--num-sequences", "2",
+                          "--seq-len", "16", "--device", "cpu", "-q", "-v", "--out", str(tmp_path / "v")], capsys)
+    assert code == 0
+    messages = [(r.name, r.getMessage()) for r in caplog.records if r.name.startswith("depthprobe")]
+    assert ("depthprobe.model.load", f"loading {folders / 'tiny'} as torch.float32") in messages
+    assert any(name == "depthprobe.analysis" and "2 windows x 16 tokens" in m for name, m in messages)
+
+
+def test_unknown_command_suggests_the_closest(capsys):
+    code, _, err = run_cli(["analyse", "smollm2"], capsys)
+    assert code == 2 and "no command 'analyse'; did you mean `depthprobe analyze`?" in err
+    code, _, err = run_cli(["frobnicate"], capsys)
+    assert code == 2 and "commands: analyze, prune" in err
+
+
+def test_dir_and_reprs_are_short(folders):
+    import depthprobe
+    from tests.tiny_models import build_tiny
+
+    depthprobe.analyze  # noqa: B018 - imported on first use, then also a global
+    names = dir(depthprobe)
+    assert len(names) == len(set(names)) and {"analyze", "LayerStack", "AnalysisResult"} <= set(names)
+    stack = depthprobe.LayerStack.from_model(build_tiny("llama"))
+    assert repr(stack) == ("LayerStack(LlamaForCausalLM, family='llama', blocks=4 at 'model.layers', head=yes)")
+
+
+@pytest.mark.slow
+def test_packaged_model_is_named_by_its_alias(smollm2):
+    import depthprobe
+
+    model, tok = smollm2
+    result = depthprobe.analyze(model, tok, metrics="angular", num_sequences=1, seq_len=16, progress=False)
+    assert result.summary["model"] == "smollm2"
