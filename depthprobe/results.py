@@ -75,6 +75,13 @@ class AnalysisResult:
         }
         return cls(layers=layers, summary=summary, angular_distance=angular, tables=tables)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: header, findings, main figures and the per-layer table, self-contained."""
+        # imported on first display: loading results (the pytest plugin does) needs no matplotlib
+        from depthprobe.report.notebook import result_html
+
+        return result_html(self)
+
     def __repr__(self) -> str:
         s = self.summary
         return (

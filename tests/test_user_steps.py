@@ -338,3 +338,24 @@ def test_packaged_model_is_named_by_its_alias(smollm2):
     model, tok = smollm2
     result = depthprobe.analyze(model, tok, metrics="angular", num_sequences=1, seq_len=16, progress=False)
     assert result.summary["model"] == "smollm2"
+
+
+def test_notebook_shows_the_table_and_the_main_figures():
+    import base64
+    import re
+
+    result = synthetic(8, name="nb <model>")
+    page = result._repr_html_()
+    assert "nb &lt;model&gt;" in page and "<model>" not in page  # escaped
+    images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert [alt for alt, _ in images] == ["How much each block changes the stream", "Activation scale (log)",
+                                          "Gradient norms (log)", "Logit lens", "What dropping each block costs"]
+    assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
+    # self-contained: no script, no link, every src a data URI, no URL at all
+    assert "<script" not in page and "<link" not in page and "http" not in page
+    assert re.findall(r'src="([^":]*):', page) == ["data"] * len(images)
+    # the per-layer table: every layer with its angular distance as table_html formats it
+    rows = re.findall(r"<tr><td>(\d+)</td><td>([^<]*)</td>", page)
+    assert [int(layer) for layer, _ in rows] == list(range(8))
+    assert [float(v) for _, v in rows] == pytest.approx(list(result.layers["angular_distance"]), rel=1e-4)
+    assert "Findings" not in page and "most important is layer 0" in page
