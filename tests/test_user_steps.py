@@ -19,6 +19,14 @@ def run_cli(args, capsys):
     return exc.value.code, out, err
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def figure_texts(fig) -> str:
     return " ".join(t.get_text() for t in fig.texts)
 
@@ -359,3 +367,60 @@ def test_notebook_shows_the_table_and_the_main_figures():
     assert [int(layer) for layer, _ in rows] == list(range(8))
     assert [float(v) for _, v in rows] == pytest.approx(list(result.layers["angular_distance"]), rel=1e-4)
     assert "Findings" not in page and "most important is layer 0" in page
+
+
+# --- 5. captions that match the figures; comparison report ------------------------------------
+
+def _captions(page: str) -> dict[str, str]:
+    import re
+
+    return dict(re.findall(r'<img alt="([^"]*)"[^>]*><figcaption>([^<]*)</figcaption>', page))
+
+
+def test_captions_describe_what_is_drawn(tmp_path):
+    import html
+
+    from depthprobe.report import write_report
+
+    encoder = _without(synthetic(6, name="enc"), ["drop_delta_loss_attn", "drop_delta_loss_mlp", "grad_norm",
+                                                     "grad_norm_attn", "grad_norm_mlp"])
+    encoder.summary.update(norm_placement="post", objective="cosine_drift", base_loss=None, base_perplexity=None)
+    caps = {k: html.unescape(v) for k, v in _captions(write_report([encoder], tmp_path / "e.html").read_text()).items()}
+    assert "Pre-LN" not in caps["Activation scale"] and "Post-LN" in caps["Activation scale"]
+    assert "dashed" not in caps["Logit lens"] and "cosine drift" in caps["Logit lens"]
+    assert "attention" not in caps["What dropping each block costs"] and "MLP" not in caps["What dropping each block costs"]
+    fig = F.plot_lens(encoder)  # and indeed no dashed line is drawn
+    assert [line.get_linestyle() for line in fig.axes[0].lines] == ["-"]
+
+    decoder = synthetic(6)
+    decoder.summary["norm_placement"] = "pre"
+    caps = {k: html.unescape(v) for k, v in _captions(write_report([decoder], tmp_path / "d.html").read_text()).items()}
+    assert "Pre-LN" in caps["Activation scale"] and "dashed line" in caps["Logit lens"]
+    assert "only its attention (yellow) or only its MLP (green)" in caps["What dropping each block costs"]
+    assert len(F.plot_drop(decoder).axes[0].containers) == 3  # three bar groups, as the caption says
+
+
+def test_small_models_get_integer_layer_ticks():
+    result = synthetic(4)
+    for fig in (F.plot_layers(result, ["angular_distance"]), F.plot_lens(result), F.plot_drop(result),
+                F.plot_angular_heatmap(result), F.plot_prune_curve(result)):
+        fig.canvas.draw()
+        ticks = fig.axes[0].get_xticks()
+        assert len(ticks) and all(float(t).is_integer() for t in ticks)
+
+
+def test_comparison_report_leads_with_its_result_and_legend_is_outside(tmp_path):
+    from depthprobe.report import write_report
+
+    runs = [synthetic(6, name=v, seed=i) for i, v in enumerate(["pre", "post", "mix", "peri", "lns"])]
+    runs[0].tables["comparison"] = pd.DataFrame({"variant": ["pre", "post"], "val_loss_mean": [3.1, 3.3]})
+    page = write_report(runs, tmp_path / "cmp.html").read_text()
+    assert page.index("Comparison across seeds") < page.index("Findings") < page.index("How much each block")
+
+    fig = F.plot_grad_norms(runs)
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["pre", "post", "mix", "peri", "lns", "grad norm (block)",
+                                                         "grad norm (attention)", "grad norm (MLP)"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= fig.axes[0].get_window_extent(renderer).x1  # beside, not over

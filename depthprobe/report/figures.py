@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from depthprobe.errors import DepthprobeError  # noqa: E402
 from depthprobe.results import AnalysisResult  # noqa: E402
@@ -54,6 +55,8 @@ def _style(ax, xlabel="layer", ylabel=None):
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel(xlabel)
+    if xlabel in ("layer", "blocks removed"):  # small models: no tick at layer 2.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel:
         ax.set_ylabel(ylabel)
 
@@ -123,12 +126,18 @@ def plot_grad_norms(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure |
         color = COLORS[i % len(COLORS)]
         for column, style in (("grad_norm", "-"), ("grad_norm_attn", "--"), ("grad_norm_mlp", ":")):
             if column in run.layers:
-                label = f"{run_label(run)}: {LABELS[column]}" if len(runs) > 1 else LABELS[column]
+                # several runs: one legend entry per run (its color) plus one per line style
+                label = LABELS[column] if len(runs) == 1 else run_label(run) if style == "-" else None
                 ax.plot(run.layers["layer"], run.layers[column], style, color=color, lw=1.6, label=label,
                         marker="o" if style == "-" else None, ms=3)
     ax.set_yscale("log")
     _style(ax, ylabel="L2 norm of gradients")
-    ax.legend(fontsize=8)
+    if len(runs) == 1:
+        ax.legend(fontsize=8)
+    else:
+        for column, style in (("grad_norm", "-"), ("grad_norm_attn", "--"), ("grad_norm_mlp", ":")):
+            ax.plot([], [], style, color="#555555", label=LABELS[column])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     note_missing(fig, runs, ["grad_norm"])
     return fig
@@ -170,6 +179,8 @@ def plot_angular_heatmap(runs: AnalysisResult | Sequence[AnalysisResult]) -> Fig
                           extent=(0.5, matrix.shape[1] + 0.5, -0.5, matrix.shape[0] - 0.5))
         ax.set_xlabel("block size n")
         ax.set_ylabel("start layer l")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(run_label(run), fontsize=10)
         fig.colorbar(image, ax=ax, label="angular distance")
     fig.tight_layout()
