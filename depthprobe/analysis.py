@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe.caveats import caveats
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
@@ -249,11 +250,13 @@ def analyze(
     # drop intervals, proxies.csv and the verdict, when the drop sweep ran (else unchanged)
     from depthprobe.stats import add_proxy_statistics
 
-    return add_proxy_statistics(
+    result = add_proxy_statistics(
         result,
         n_boot=int(config.options.get("bootstrap_samples", 1000)),
         seed=int(config.options.get("bootstrap_seed", 0)),
     )
+    result.summary["notes"].extend(caveats(result.summary))  # statistics from too little data say so
+    return result
 
 
 @dataclass

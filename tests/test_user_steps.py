@@ -424,3 +424,28 @@ def test_comparison_report_leads_with_its_result_and_legend_is_outside(tmp_path)
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     assert legend.get_window_extent(renderer).x0 >= fig.axes[0].get_window_extent(renderer).x1  # beside, not over
+
+
+# --- 5. statistics from too little data carry a warning ----------------------------------------
+
+def test_bootstrap_over_two_windows_is_flagged(folders, tmp_path, capsys):
+    code, out, _ = run_cli(["analyze", str(folders / "tiny"), "--metrics", "angular,drop", "--block-sizes", "",
+                            "--num-sequences", "2", "--seq-len", "16", "--device", "cpu", "--out", str(tmp_path / "r")],
+                           capsys)
+    assert code == 0
+    warning = "bootstrapped over only 2 windows (fewer than 8)"
+    assert warning in out  # printed with the table and the verdict
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert warning in page and page.index(warning) < page.index("Which proxy predicts")
+
+
+def test_caveats_from_the_summary():
+    from depthprobe.caveats import caveats
+
+    boot = {"resamples": 1000}
+    assert caveats({"num_sequences": 8, "bootstrap": boot}) == []
+    assert caveats({"num_sequences": 2}) == []  # no bootstrap ran: nothing to warn about
+    assert "over only 7 windows" in caveats({"num_sequences": 7, "bootstrap": boot})[0]
+    assert caveats({"attribution_convergence_delta": 0.05}) == []
+    (text,) = caveats({"attribution_convergence_delta": 16.7})
+    assert "relative convergence delta 16.7 > 0.1" in text and "--attribution-steps" in text
