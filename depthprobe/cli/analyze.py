@@ -95,7 +95,9 @@ def command(**opts) -> None:
         raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
     if result.summary["nonfinite"]:
         where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
-        raise DepthprobeError(result.summary["notes"][-1] + where)
+        # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
+        note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
+        raise DepthprobeError(note + where)
 
 
 DROP_PROGRESS = "drop_progress.jsonl"
