@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
 
-.PHONY: install test demo compare-demo bench lint clean chromium screenshot
+.PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke
 
 install: $(STAMP) chromium
 
@@ -30,6 +30,10 @@ lint: install
 test: install lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
+# Every causal-LM architecture of the installed transformers, built tiny: docs/coverage.md
+coverage: install
+	HF_HUB_OFFLINE=1 $(PY) -m tests.arch_coverage --out docs/coverage.md
+
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 --out $(OUT)
 
@@ -37,6 +41,26 @@ demo: install
 compare-demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe compare --variants pre,post,mix,peri,lns --seeds 2 \
 		--preset cpu-small --steps 120 --out out/compare-demo
+
+# The seed papers' claims at CPU scale (analyses/, reports/README.md): one training campaign
+# (resumable: run again to continue a stopped one), then one script per claim.
+CLAIMS := curse_of_depth mixln_gradients periln_stability final_loss dyt_beside
+ANALYSIS_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)
+
+reports: install
+	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --runs out/campaign --out reports/campaign
+	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py || exit 1; done
+	$(ANALYSIS_ENV) $(PY) analyses/deep_layers_smollm2.py >/dev/null
+	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
+	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
+
+# The same scripts on tiny settings into a temporary folder (SMOKE_DIR=... to keep it); in `make test`.
+reports-smoke:
+	set -e; d=$${SMOKE_DIR:-$$(mktemp -d)}; echo "reports-smoke: $$d"; \
+	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --smoke --workers 2 --runs $$d/runs --out $$d/campaign >/dev/null; \
+	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py --campaign $$d/campaign --out $$d/$$c >/dev/null; done; \
+	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/readme.py --reports $$d >/dev/null
 
 # A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.
 screenshot: install
@@ -51,6 +75,7 @@ screenshot: install
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
 
 bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	for b in benchmarks/bench_*.py; do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 clean:

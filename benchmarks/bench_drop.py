@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from _common import alternate, report  # noqa: E402
 
 import depthprobe  # noqa: E402
-from depthprobe.prune.sweep import per_window_nll, run_drop_sweep  # noqa: E402
+from depthprobe.probes.drop import run_drop_sweep  # noqa: E402
+from depthprobe.probes.metrics import per_sequence_nll  # noqa: E402
 
 
 def llama7b_proportions() -> torch.nn.Module:
@@ -40,6 +41,9 @@ def bench(name: str, model: torch.nn.Module, ids: torch.Tensor, repeats: int) ->
     stack = depthprobe.LayerStack.from_model(model)
     L = len(stack)
     results = {}
+
+    def per_window_nll(logits, ids):
+        return per_sequence_nll(logits, ids).numpy()
 
     @torch.no_grad()
     def naive_sweep():

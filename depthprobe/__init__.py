@@ -5,9 +5,10 @@ The flow, module by module::
     model/load.py   source -> (model, tokenizer)
     model/stack.py  LayerStack: embed -> blocks -> final norm -> head (the only family table)
     data.py         calibration text -> N windows of T tokens
-    probes/         hooks and pure metric functions
-    analysis.py     analyze(): one streaming pass (+ sweeps) -> AnalysisResult
-    results.py      the per-layer table, summary, save/load
+    probes/         hooks, pure metric functions, the objective, the streaming main pass,
+                    the sweep seam and the sweeps (drop damage, attribution)
+    analysis.py     analyze(): config -> main pass -> sweeps -> summary -> AnalysisResult
+    results.py      the per-layer table, summary, save/load, run-folder layout
     report/ prune/ stats.py testing/ train/ convert/   consumers of that table
     cli/            thin click commands over this API
 
@@ -37,6 +38,17 @@ _EXPORTS = {
     "Windows": "depthprobe.data",
     "make_windows": "depthprobe.data",
 }
+
+
+#: packages that register model types and loaders (``depthprobe.model.load.register_loader``)
+#: when imported; :func:`load_plugins` imports them before a model is loaded
+PLUGINS = ("depthprobe.train", "depthprobe.convert")
+
+
+def load_plugins() -> None:
+    """Import every package in :data:`PLUGINS` (each registers itself; cheap after the first call)."""
+    for module in PLUGINS:
+        importlib.import_module(module)
 
 
 def __getattr__(name: str):

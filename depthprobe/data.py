@@ -138,13 +138,19 @@ def make_windows(
     return Windows(torch.tensor(ids[:need], dtype=torch.long).view(num_sequences, seq_len), source)
 
 
-def _tokenize_stream(tokenizer, text: str, need: int) -> list[int]:
+def _chunk_chars(need: int) -> int:
+    return max(200_000, need * 8)
+
+
+def _tokenize_stream(tokenizer, text: str, need: int, chunk_chars: int | None = None) -> list[int]:
     """Token ids of ``text`` with no special tokens, stopping once ``need`` ids are there.
 
     Long texts are tokenized in paragraph-aligned chunks so a 100 MB file costs only what
     the windows use; chunk boundaries fall on blank lines, where BPE merges do not cross.
+    ``chunk_chars`` (default from ``need``) fixes the chunking, so a longer read of the
+    same text starts with exactly the ids a shorter one gave.
     """
-    chunk_chars = max(200_000, need * 8)
+    chunk_chars = chunk_chars or _chunk_chars(need)
     ids: list[int] = []
     pos = 0
     while pos < len(text) and len(ids) < need:
@@ -155,3 +161,88 @@ def _tokenize_stream(tokenizer, text: str, need: int) -> list[int]:
         ids.extend(tokenizer(text[pos:end], add_special_tokens=False)["input_ids"])
         pos = end
     return ids
+
+
+def heldout_windows(
+    tokenizer,
+    *,
+    num_sequences: int,
+    seq_len: int,
+    calibration: Windows | None = None,
+    text_file: str | None = None,
+    dataset: str | None = None,
+    max_positions: int | None = None,
+) -> Windows:
+    """Windows for scoring a pruned model on text that did not choose its layers.
+
+    With no text option: the **last** ``num_sequences * seq_len`` tokens of the built-in
+    text, which the calibration windows (the first ``N_cal * T_cal`` tokens when they
+    come from the built-in text) never touch; this is asserted on token positions, and
+    a text too short for both is a one-line error. The slice does not move with the
+    calibration size, so held-out losses of different runs are comparable.
+
+    With ``text_file`` / ``dataset``: windows of that text (its first tokens). When it
+    is the very text the calibration windows came from, the windows are taken from its
+    end, disjoint from the calibration ones (a file), or refused (a dataset: give
+    another split).
+    """
+    if text_file is not None and dataset is not None:
+        raise DepthprobeError("give at most one of --eval-text-file and --eval-dataset")
+    cal_source = calibration.source if calibration is not None else None
+    if dataset is not None and cal_source == f"dataset:{dataset}":
+        raise DepthprobeError(
+            f"--eval-dataset {dataset} is the calibration dataset; give another split, e.g. NAME:CONFIG:test"
+        )
+    if text_file is None and dataset is None:
+        source, text = BUILTIN, builtin_text()
+    elif text_file is not None and cal_source is not None and _same_file(text_file, cal_source):
+        source, text = str(text_file), read_text_file(text_file)
+    else:
+        windows = make_windows(tokenizer, num_sequences=num_sequences, seq_len=seq_len, text_file=text_file,
+                               dataset=dataset, max_positions=max_positions)
+        return Windows(windows.input_ids, f"heldout:{windows.source}")
+    _check_shape(num_sequences, seq_len, max_positions)
+    return _disjoint_tail(tokenizer, text, source, num_sequences, seq_len,
+                          calibration if cal_source == source else None)
+
+
+def _same_file(path: str, source: str) -> bool:
+    try:
+        return Path(path).expanduser().resolve() == Path(source).expanduser().resolve()
+    except OSError:
+        return False
+
+
+def _check_shape(num_sequences: int, seq_len: int, max_positions: int | None) -> None:
+    if num_sequences < 1:
+        raise DepthprobeError(f"held-out windows: need at least 1 (got {num_sequences})")
+    if seq_len < 2:
+        raise DepthprobeError(f"held-out windows need at least 2 tokens each (got {seq_len})")
+    if max_positions is not None and seq_len > max_positions:
+        raise DepthprobeError(
+            f"held-out --seq-len {seq_len} is longer than this model allows ({max_positions} positions)"
+        )
+
+
+def _disjoint_tail(tokenizer, text: str, source: str, num_sequences: int, seq_len: int,
+                   calibration: Windows | None) -> Windows:
+    """The last ``N*T`` tokens of ``text``, asserted disjoint from ``calibration`` (its first tokens)."""
+    need = num_sequences * seq_len
+    cal_need = calibration.input_ids.numel() if calibration is not None else 0
+    # the calibration's own chunking, so the stream's first ``cal_need`` ids are exactly its ids
+    ids = _tokenize_stream(tokenizer, text, need=len(text) + 1, chunk_chars=_chunk_chars(cal_need))
+    start = len(ids) - need
+    if start < cal_need:
+        raise DepthprobeError(
+            f"{source} has {len(ids)} tokens: {cal_need} calibration and {need} held-out tokens do not both fit; "
+            "lower --num-sequences / --seq-len, give --eval-text-file, or --no-heldout"
+        )
+    if calibration is not None and not torch.equal(
+        calibration.input_ids.flatten().cpu(), torch.tensor(ids[:cal_need], dtype=torch.long)
+    ):
+        raise DepthprobeError(
+            f"calibration windows do not match the start of {source}; pass held-out text with --eval-text-file"
+        )
+    held = torch.tensor(ids[start:], dtype=torch.long).view(num_sequences, seq_len)
+    log.info("held-out windows: tokens %d..%d of %s (calibration: 0..%d)", start, len(ids), source, cal_need)
+    return Windows(held, f"heldout:{source}[{start}:{len(ids)}]")

@@ -11,12 +11,22 @@ On disk (``--out DIR``):
 - ``summary.json``: model, architecture, num_layers, num_tokens, base_loss,
   base_perplexity, objective, dtype, device, versions, timings_s, metrics, notes, config.
 - any extra tables an analysis adds (``block_drop.csv``, ``proxies.csv``, ...).
+
+Other commands' folders (the one place that knows these names; :func:`load_run` reads them):
+
+- ``prune --out``: the pruned model, ``prune.json``, ``prune_curve.csv``, ``prune_excess.csv``
+  and ``analysis/`` (an analyze folder).
+- ``train --out``: ``metrics.csv``, ``train_layers.csv`` and ``analysis/``.
+- ``compare --out``: ``comparison.csv``, ``comparison_summary.csv`` and one training folder
+  per variant and seed, ``<variant>/seed<seed>/``; :func:`load_runs` expands it.
+- ``drop_progress.jsonl``: the drop sweep's finished batches while it runs (resume).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +37,18 @@ from depthprobe.errors import DepthprobeError
 LAYERS_CSV = "layers.csv"
 ANGULAR_CSV = "angular_distance.csv"
 SUMMARY_JSON = "summary.json"
+REPORT_HTML = "report.html"
+DROP_PROGRESS = "drop_progress.jsonl"
+ORIGINAL_DIR = "original"  # in a prune folder: the analysis of the model the blocks were chosen from
+ANALYSIS_DIR = "analysis"  # the analyze folder inside a prune or train folder
+PRUNE_JSON = "prune.json"
+PRUNE_CURVE_CSV = "prune_curve.csv"
+PRUNE_EXCESS_CSV = "prune_excess.csv"
+COMPARISON_CSV = "comparison.csv"
+COMPARISON_SUMMARY_CSV = "comparison_summary.csv"
+#: tables a prune or train folder keeps beside its ``analysis/`` folder
+SIDE_TABLES = ("prune_curve", "prune_excess", "metrics", "train_layers", "eval", "eval_retention", "bench",
+               "bench_speedup", "repair_curve")
 
 
 @dataclass
@@ -176,3 +198,64 @@ def _is_model_folder(folder: Path) -> bool:
         return "model_type" in json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return False
+def seed_dir(folder: str | Path, variant: str, seed: int) -> Path:
+    """Where a comparison keeps the training folder of one variant and seed."""
+    return Path(folder) / str(variant) / f"seed{seed}"
+
+
+def load_run(path: str | Path) -> AnalysisResult:
+    """An :class:`AnalysisResult` from one depthprobe output folder: analyze, prune or train
+    (see the module docs); a prune folder's ``prune.json`` goes to ``summary["prune"]``."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DepthprobeError(f"run folder not found: {path}")
+    if (folder / SUMMARY_JSON).is_file():
+        result = AnalysisResult.load(folder)
+    elif (folder / ANALYSIS_DIR / SUMMARY_JSON).is_file():
+        result = AnalysisResult.load(folder / ANALYSIS_DIR)
+    else:
+        raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
+    for name in SIDE_TABLES:
+        csv = folder / f"{name}.csv"
+        if csv.is_file() and name not in result.tables:
+            result.tables[name] = pd.read_csv(csv)
+    if (folder / PRUNE_JSON).is_file():
+        result.summary["prune"] = json.loads((folder / PRUNE_JSON).read_text())
+    result.summary.setdefault("label", folder.name if len(folder.name) < 40 else result.summary.get("model"))
+    return result
+
+
+def load_runs(path: str | Path) -> list[AnalysisResult]:
+    """The runs in one output folder: one, or one per variant for a ``compare`` folder (its
+    first analyzed seed, labelled; the first run carries the table ``comparison``)."""
+    folder = Path(path)
+    if not (folder / COMPARISON_CSV).is_file():
+        return [load_run(folder)]
+    runs_table = pd.read_csv(folder / COMPARISON_CSV)
+    runs: dict[str, AnalysisResult] = {}
+    for row in runs_table.itertuples(index=False):
+        run_dir = seed_dir(folder, row.variant, row.seed)
+        if row.variant not in runs and (run_dir / ANALYSIS_DIR / SUMMARY_JSON).is_file():
+            runs[row.variant] = load_run(run_dir)
+            runs[row.variant].summary["label"] = f"{row.variant} (seed {row.seed})"
+    if not runs:
+        raise DepthprobeError(f"{path}: no run of this comparison was analyzed (all diverged?); nothing to report")
+    first = next(iter(runs.values()))
+    summary_csv = folder / COMPARISON_SUMMARY_CSV
+    first.tables["comparison"] = pd.read_csv(summary_csv if summary_csv.is_file() else folder / COMPARISON_CSV)
+    return list(runs.values())
+
+
+def parse_list(value: str | Sequence | None, flag: str, cast: Callable = str, example: str = "a,b") -> list:
+    """``"2, 4,8"`` -> ``[2, 4, 8]`` (with ``cast=int``): the one comma-list parser of options.
+
+    Empty items are skipped; a list is cast item by item; a bad item is a one-line error
+    naming ``flag``.
+    """
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        return [cast(v.strip() if isinstance(v, str) else v) for v in items if not (isinstance(v, str) and not v.strip())]
+    except (TypeError, ValueError) as exc:
+        raise DepthprobeError(f"{flag} takes a comma-separated list like {example} (got {value!r})") from exc

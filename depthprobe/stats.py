@@ -38,6 +38,7 @@ constant (rho undefined) are left out of the percentiles.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -47,6 +48,8 @@ import pandas as pd
 from scipy import stats as sps
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.probes.sweep import DEFAULT_BOOTSTRAP_SAMPLES, BootstrapOptions
+from depthprobe.results import AnalysisResult
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,12 @@ PROXIES: dict[str, str] = {
 }
 
 TRUTH = "drop_delta_loss"
-DEFAULT_BOOT = 1000
+#: columns of :func:`proxy_table`
+PROXY_COLUMNS = [
+    "proxy", "name", "spearman", "spearman_lo", "spearman_hi", "kendall", "kendall_lo", "kendall_hi",
+    "n_layers", "n_windows", "resampled", "text",
+]  # fmt: skip
+DEFAULT_BOOT = DEFAULT_BOOTSTRAP_SAMPLES
 DEFAULT_LEVEL = 0.95
 
 
@@ -250,11 +258,7 @@ def proxy_table(
         }
         row["text"] = agreement_text(row)
         rows.append(row)
-    columns = [
-        "proxy", "name", "spearman", "spearman_lo", "spearman_hi", "kendall", "kendall_lo", "kendall_hi",
-        "n_layers", "n_windows", "resampled", "text",
-    ]  # fmt: skip
-    table = pd.DataFrame(rows, columns=columns)
+    table = pd.DataFrame(rows, columns=PROXY_COLUMNS)
     return table.sort_values("spearman", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -331,32 +335,31 @@ def prune_excess(curve: pd.DataFrame, reference: str = "greedy") -> pd.DataFrame
 
 
 # ---------------------------------------------------------------------------- wiring
-def add_proxy_statistics(
-    result, n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL, seed: int = 0
-):
-    """Add drop intervals, ``tables["proxies"]`` and the verdict to an analysis result.
+def with_proxy_statistics(result: AnalysisResult, bootstrap: BootstrapOptions | None = None) -> AnalysisResult:
+    """A new result with drop intervals, ``tables["proxies"]`` and the verdict (``result`` is
+    not changed).
 
-    Runs only when the result has ``drop_delta_loss`` and a ``drop_windows`` table (from the
-    drop sweep); otherwise returns ``result`` unchanged. Adds columns
-    ``drop_delta_loss_lo``/``_hi`` to ``result.layers``; when at least one proxy is present,
+    Applies when the result has ``drop_delta_loss`` and a ``drop_windows`` table (from the
+    drop sweep); otherwise returns ``result`` itself. Adds columns ``drop_delta_loss_lo``/``_hi``
+    to ``layers`` and ``summary["bootstrap"]``; when at least one proxy is present,
     ``tables["proxies"]`` (-> ``proxies.csv``) and ``summary["proxy_verdict"]``; when a
     ``prune_curve`` table with a greedy strategy is present, ``tables["prune_excess"]``.
     Per-window proxies come from ``tables["attribution_windows"]`` when present.
     """
-    layers, tables = result.layers, result.tables
-    if TRUTH not in layers or "drop_windows" not in tables:
+    boot = bootstrap or BootstrapOptions()
+    if TRUTH not in result.layers or "drop_windows" not in result.tables:
         return result
-    ci = drop_delta_interval(tables["drop_windows"], n_boot, level, seed)
+    layers, tables, summary = result.layers.copy(), dict(result.tables), dict(result.summary)
+    ci = drop_delta_interval(tables["drop_windows"], boot.samples, boot.level, boot.seed)
     for col in (f"{TRUTH}_lo", f"{TRUTH}_hi"):
         layers[col] = layers["layer"].map(dict(zip(ci["layer"], ci[col], strict=True)))
-    result.summary["bootstrap"] = {"resamples": n_boot, "level": level, "seed": seed, "over": "windows"}
+    summary["bootstrap"] = {"resamples": boot.samples, "level": boot.level, "seed": boot.seed, "over": "windows"}
     if proxy_values(layers):
-        table = proxy_table(
-            layers, tables["drop_windows"], tables.get("attribution_windows"), n_boot=n_boot, level=level, seed=seed
-        )
+        table = proxy_table(layers, tables["drop_windows"], tables.get("attribution_windows"),
+                            n_boot=boot.samples, level=boot.level, seed=boot.seed)
         tables["proxies"] = table
-        result.summary["proxy_verdict"] = verdict(table, level)
+        summary["proxy_verdict"] = verdict(table, boot.level)
     curve = tables.get("prune_curve")
     if curve is not None and "strategy" in curve and (curve["strategy"] == "greedy").any():
         tables["prune_excess"] = prune_excess(curve)
-    return result
+    return dataclasses.replace(result, layers=layers, summary=summary, tables=tables)

@@ -130,3 +130,54 @@ def test_analyze_with_layers_path_on_known_model(tiny_dir):
         progress=False,
     )
     assert len(r.layers) == 4
+
+
+def test_slice_layer_config_one_rule_for_keep_and_remove():
+    """Per-block lists keep the kept entries, index lists are renumbered, unrelated dicts and
+    token-id lists stay, first_k_dense_replace counts the kept dense blocks; keep_blocks restores."""
+    from transformers import LlamaConfig
+
+    from depthprobe.model.stack import slice_layer_config
+
+    config = LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         vocab_size=128)
+    config.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    config.mlp_only_layers = [1, 3]
+    config.moe_layers = [0, 1, 2, 3]
+    config.no_rope_layers = [1, 0, 1, 1]
+    config.first_k_dense_replace = 2
+    config.eos_token_id = [1, 2, 3, 4]
+    saved = slice_layer_config(config, [0, 2, 3], 4)
+    assert config.num_hidden_layers == 3
+    assert config.layer_types == ["sliding_attention", "sliding_attention", "full_attention"]
+    assert config.mlp_only_layers == [2]  # old block 3 is now block 2; block 1 is gone
+    assert config.moe_layers == [0, 1, 2]
+    assert config.no_rope_layers == [1, 1, 1]
+    assert config.first_k_dense_replace == 1  # of the first two blocks only block 0 is kept
+    assert config.eos_token_id == [1, 2, 3, 4]
+    assert config.id2label == {0: "LABEL_0", 1: "LABEL_1"}
+    assert saved["mlp_only_layers"] == [1, 3] and saved["num_hidden_layers"] == 4
+
+
+def test_keep_blocks_restores_config_and_layer_idx():
+    model = build_tiny("qwen2")
+    stack = LayerStack.from_model(model)
+    before = (model.config.num_hidden_layers, list(model.config.layer_types))
+    idx = [m.layer_idx for m in stack.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    with stack.keep_blocks([1, 3]):
+        assert model.config.num_hidden_layers == 2
+        assert model.config.layer_types == [before[1][1], before[1][3]]
+        assert [b.self_attn.layer_idx for b in stack._parent_and_attr()[0].layers] == [0, 1]
+    assert (model.config.num_hidden_layers, list(model.config.layer_types)) == before
+    assert [m.layer_idx for m in stack.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)] == idx
+
+
+def test_discovery_classifies_block_children_by_type_then_name():
+    from depthprobe.model.discover import classify
+
+    assert classify("post_attention_layernorm", nn.LayerNorm(4)) == "norm"
+    assert classify("resid_attn_dropout", nn.Dropout(0.1)) is None  # a name with "attn" is not an attention
+    assert classify("self_attn", nn.Linear(4, 4)) == "attn"
+    assert classify("feed_forward", nn.Linear(4, 4)) == "mlp"
+    assert classify("mixer", nn.Linear(4, 4)) == "mixer"
+    assert classify("scale", nn.Linear(4, 4)) == "other"

@@ -89,3 +89,26 @@ def test_cli_compare_unknown_variant_is_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error:") and "middle" in err and len(err.splitlines()) == 1
+
+
+def test_cli_compare_trains_dyt_beside_pre(tmp_path):
+    """dyt is a compare variant: it trains (its alpha learns), its model saves and reloads."""
+    import depthprobe
+    from depthprobe.train.model import DyT
+
+    out = tmp_path / "cmp"
+    args = [
+        "compare", "--variants", "pre,dyt", "--seeds", "1", "--preset", "tiny", "--steps", "3", "--batch-size", "4",
+        "--seq-len", "32", "--max-tokens", "40000", "--val-windows", "4", "--warmup", "1", "--device", "cpu",
+        "--metrics", "angular", "--dyt-alpha0", "0.7", "-q", "--no-report", "--out", str(out),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 0
+    runs = pd.read_csv(out / "comparison.csv").set_index("variant")
+    assert runs.loc["dyt", "steps_done"] == 3 and not runs.loc["dyt", "diverged"]
+    config = json.loads((out / "dyt" / "seed0" / "config.json").read_text())
+    assert config["model"]["norm_placement"] == "dyt" and config["model"]["dyt_alpha0"] == 0.7
+    model, _ = depthprobe.load_model(str(out / "dyt" / "seed0" / "model"), device="cpu")
+    alphas = [float(m.alpha) for m in model.modules() if isinstance(m, DyT)]
+    assert len(alphas) == 2 * 4 + 1 and any(abs(a - 0.7) > 1e-6 for a in alphas)  # learned, not frozen

@@ -37,6 +37,11 @@ def hand_norm(module, x, eps=1e-5):
     return x / torch.sqrt((x**2).mean(-1, keepdim=True) + eps) * module.weight
 
 
+def hand_dyt(module, x):
+    """DyT(x) = gamma * tanh(alpha * x) + beta, with the module's own parameters."""
+    return module.weight * torch.tanh(module.alpha * x) + module.bias
+
+
 def expected_block(placement: str, block, x, layer: int, num_layers: int, rope, mix_post: int = 1):
     """The DESIGN.md table, written out for attention then MLP."""
     sublayers = [
@@ -59,6 +64,8 @@ def expected_block(placement: str, block, x, layer: int, num_layers: int, rope, 
             h = h + f(hand_norm(n_in.norm, h) / math.sqrt(layer + 1))
         elif placement_l == "deepnorm":
             h = hand_norm(n_post, (2 * num_layers) ** 0.25 * h + f(h))
+        elif placement_l == "dyt":
+            h = h + f(hand_dyt(n_in, h))
     return h
 
 
@@ -199,3 +206,28 @@ def test_saved_model_loads_and_layerstack_finds_parts(tmp_path, placement):
     torch.testing.assert_close(got, want)
     names = [type(m).__name__ for m in stack.sublayer_modules(1, "mlp")]
     assert "SwiGLU" in names and ("RMSNorm" in names)
+
+
+def test_dyt_forward_is_its_formula_and_replaces_every_norm():
+    """DyT in numpy: gamma * tanh(alpha * x) + beta, alpha initialised to alpha0 (the paper's 0.5)."""
+    import numpy as np
+
+    from depthprobe.train.model import DyT
+
+    model = model_for("dyt", dyt_alpha0=0.8)
+    dyts = [m for m in model.modules() if isinstance(m, DyT)]
+    assert len(dyts) == 2 * TINY["num_hidden_layers"] + 1  # two per block and the final norm
+    assert isinstance(model.model.norm, DyT)
+    assert not any(isinstance(m, torch.nn.LayerNorm) or type(m).__name__ == "RMSNorm" for m in model.modules())
+    assert all(float(m.alpha) == pytest.approx(0.8, abs=1e-7) and bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in dyts)
+    assert float(DyT(5, 0.5).alpha) == 0.5 and ModelConfig().dyt_alpha0 == 0.5
+    norm = dyts[3]
+    with torch.no_grad():
+        norm.alpha.fill_(1.7)
+        norm.weight.copy_(torch.linspace(-2, 2, norm.weight.numel()))
+        norm.bias.copy_(torch.linspace(0.5, -1, norm.bias.numel()))
+    x = torch.randn(3, 5, TINY["hidden_size"], dtype=torch.float64) * 3
+    want = norm.weight.detach().numpy() * np.tanh(1.7 * x.numpy()) + norm.bias.detach().numpy()
+    np.testing.assert_allclose(norm(x).detach().numpy(), want, rtol=0, atol=1e-12)
+    with pytest.raises(DepthprobeError, match="dyt-alpha0"):
+        ModelConfig(norm_placement="dyt", dyt_alpha0=0.0)

@@ -24,6 +24,8 @@ COMMANDS = {
     "convert": "convert",
     "report": "report",
     "check": "check",
+    "eval": "eval",
+    "bench": "bench",
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from depthprobe.analysis import ALL_METRICS, DEFAULT_METRICS, analyze, parse_metrics
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -15,6 +16,8 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
+from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, DEFAULT_BLOCK_SIZES, AttributionOptions
+from depthprobe.results import DROP_PROGRESS, REPORT_HTML, parse_list
 
 
 @click.command("analyze")
@@ -22,13 +25,13 @@ from depthprobe.errors import DepthprobeError
 @data_options
 @click.option(
     "--metrics",
-    default="angular,variance,grad,lens",
+    default=",".join(DEFAULT_METRICS),
     show_default=True,
-    help="Comma list of angular,variance,grad,lens,drop,attribution.",
+    help=f"Comma list of {','.join(ALL_METRICS)}.",
 )
 @click.option(
     "--block-sizes",
-    default="2,4,8",
+    default=",".join(map(str, DEFAULT_BLOCK_SIZES)),
     show_default=True,
     help="With drop: sizes n of contiguous blocks l..l+n-1 to drop ('' to skip).",
 )
@@ -36,7 +39,8 @@ from depthprobe.errors import DepthprobeError
     "--attribution-steps",
     type=int,
     default=None,
-    help="Path points - 1 for --metrics attribution (default 8); cost is steps+1 forward+backward passes.",
+    help=f"Path points - 1 for --metrics attribution (default {DEFAULT_ATTRIBUTION_STEPS}); cost is steps+1 "
+    "forward+backward passes.",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
@@ -56,26 +60,19 @@ def command(**opts) -> None:
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
     """
-    from depthprobe.analysis import analyze, parse_metrics
     from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
     metrics = parse_metrics(opts["metrics"])
-    options = {"block_sizes": _int_list(opts["block_sizes"], "--block-sizes")}
-    if opts["attribution_steps"] is not None:  # check before the model loads
-        from depthprobe.probes.attribution import AttributionConfig
-
-        options["attribution_steps"] = AttributionConfig(steps=opts["attribution_steps"]).steps
+    # options are checked before the model loads
+    options = {"block_sizes": parse_list(opts["block_sizes"], "--block-sizes", int, "2,4,8")}
+    if opts["attribution_steps"] is not None:
+        options["attribution_steps"] = AttributionOptions(steps=opts["attribution_steps"]).steps
     if opts["resume"] and not opts["out_dir"]:
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
-    if opts["out_dir"] and "drop" in metrics:
-        # finished batches of the drop sweep are appended here, so Ctrl-C loses nothing
-        progress_file = Path(opts["out_dir"]) / DROP_PROGRESS
-        if progress_file.exists() and not opts["resume"]:
-            progress_file.unlink()
-        options["progress_file"] = str(progress_file)
     model, tokenizer = load_from_options(opts)
-    result = analyze(model, tokenizer, metrics=metrics, options=options, **analysis_kwargs(opts))
+    result = analyze(model, tokenizer, metrics=metrics, options=options, progress_dir=opts["out_dir"],
+                     resume=opts["resume"], **analysis_kwargs(opts))
     if not opts["quiet"]:
         click.echo(format_table(result))
         if result.summary.get("proxy_verdict"):
@@ -87,10 +84,8 @@ def command(**opts) -> None:
     elif measured:  # an interrupt before any metric finished leaves nothing worth a table or report
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
-            write_report([result], out / "report.html")
+            write_report([result], out / REPORT_HTML)
         click.echo(f"Results written to {out}/", err=True)
-        if not result.summary["interrupted"]:
-            (out / DROP_PROGRESS).unlink(missing_ok=True)
     if result.summary["interrupted"]:
         raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
     if result.summary["nonfinite"]:
@@ -98,9 +93,6 @@ def command(**opts) -> None:
         # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
         note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
         raise DepthprobeError(note + where)
-
-
-DROP_PROGRESS = "drop_progress.jsonl"
 
 
 def interrupted_message(sweep: str, out_dir: str | None, measured: list[str]) -> str:
@@ -112,13 +104,6 @@ def interrupted_message(sweep: str, out_dir: str | None, measured: list[str]) ->
     resumable = progress is not None and progress.is_file() and len(progress.read_text().splitlines()) > 1
     resume = f" (rerun with --resume to continue the {sweep} sweep)" if resumable else ""
     return f"interrupted during the {sweep} sweep; the metrics finished before it are {where}{resume}"
-
-
-def _int_list(value: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError as exc:
-        raise DepthprobeError(f"{flag} takes comma-separated integers like 2,4,8 (got {value!r})") from exc
 
 
 def format_table(result) -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from depthprobe.cli.options import common_options, setup_logging
 from depthprobe.cli.train import configs_from_options, train_options
+from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.train.model import PLACEMENT_NAMES
 
 
 @click.command("compare")
 @click.option(
-    "--variants", default="pre,post,mix,peri,lns", show_default=True, help="Comma list of pre,post,mix,peri,lns,deepnorm."
+    "--variants", default="pre,post,mix,peri,lns", show_default=True, help=f"Comma list of {','.join(PLACEMENT_NAMES)}."
 )
 @click.option("--seeds", "num_seeds", type=int, default=3, show_default=True, help="Seeds per variant.")
 @click.option("--seed", type=int, default=0, show_default=True, help="First seed (seed index i uses seed+i).")
@@ -38,10 +42,11 @@ def command(**opts) -> None:
       depthprobe compare --variants pre,lns --seeds 5 --preset cpu-small --steps 300 --out runs/lns
     """
     from depthprobe.analysis import parse_metrics
+    from depthprobe.report import write_report
     from depthprobe.train.compare import compare
 
     setup_logging(opts["verbose"])
-    variants = [v.strip() for v in opts["variants"].split(",") if v.strip()]
+    variants = parse_list(opts["variants"], "--variants", str, "pre,lns")
     model_cfg, train_cfg, data_cfg = configs_from_options(opts, "pre", opts["seed"])
     result = compare(
         variants,
@@ -52,8 +57,10 @@ def command(**opts) -> None:
         opts["out_dir"],
         metrics=parse_metrics(opts["metrics"]),
         progress=not opts["quiet"],
-        report=not opts["no_report"],
+        report=False,  # the library writes tables only; HTML is written here, at the edge
     )
+    if not opts["no_report"] and result.analyses:  # the folder expands to one run per variant
+        write_report([opts["out_dir"]], Path(opts["out_dir"]) / REPORT_HTML, title="depthprobe compare")
     if not opts["quiet"]:
         import pandas as pd
 

@@ -8,12 +8,13 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import load_from_options, model_options, setup_logging
+from depthprobe.convert.fold import KINDS
 from depthprobe.errors import DepthprobeError
 
 
 @click.command("convert")
 @model_options
-@click.option("--to", "to", type=click.Choice(["rmsnorm", "crmsnorm"]), required=True, help="Target norm.")
+@click.option("--to", "to", type=click.Choice(list(KINDS)), required=True, help="Target norm.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="New folder for the model.")
 @click.option("--check", is_flag=True, help="Reload the folder and print max |delta logit| on the built-in text.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what depthprobe does.")

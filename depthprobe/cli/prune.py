@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.cli.evaluate_options import (
+    PruneJudge,
+    heldout_options,
+    judge_options,
+    print_heldout,
+    quiet_harness,
+)
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
@@ -14,15 +21,8 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
-
-
-def _layer_list(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError as exc:
-        raise DepthprobeError(f"--remove takes comma-separated layer indices like 21,22,23 (got {value!r})") from exc
+from depthprobe.prune.select import STRATEGIES
+from depthprobe.results import REPORT_HTML, parse_list
 
 
 @click.command("prune")
@@ -30,42 +30,67 @@ def _layer_list(value: str | None) -> list[int] | None:
 @data_options
 @click.option("--remove", default=None, help="Comma list of 0-based blocks to remove, e.g. 21,22,23.")
 @click.option("--num-layers", "num_layers", type=int, default=None, help="Remove K blocks chosen by --strategy.")
-@click.option(
-    "--strategy",
-    type=click.Choice(["drop", "greedy", "angular", "block-influence", "block"]),
-    default="greedy",
-    show_default=True,
-    help="How to choose the K blocks.",
-)
+@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="greedy", show_default=True,
+              help="How to choose the K blocks.")
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Measure prune_curve.csv for every strategy.")
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @click.option("--force", is_flag=True, help="Write into an existing, non-empty --out.")
+@heldout_options
+@judge_options
+@click.option("--repair", type=click.Choice(["linear", "cosine"]), default=None,
+              help="Fit a linear map for each removed span and fuse it into the block before it.")
+@click.option("--repair-windows", type=int, default=64, show_default=True,
+              help="Windows of --seq-len tokens the maps are fit on (the last 20 percent validate).")
+@click.option("--repair-ridge", type=float, default=1e-3, show_default=True, help="Ridge toward no change (0: lstsq).")
+@click.option("--heal", type=click.Choice(["lora"]), default=None, help="Heal with LoRA, merged before export.")
+@click.option("--heal-steps", type=int, default=100, show_default=True, help="LoRA training steps.")
+@click.option("--heal-text-file", type=click.Path(dir_okay=False), default=None,
+              help="Healing text (default: the built-in text without the held-out windows).")
+@click.option("--heal-rank", type=int, default=8, show_default=True, help="LoRA rank.")
+@click.option("--heal-modules", default="seams", show_default=True,
+              help="seams (MLPs beside each seam), mlp (every MLP) or module names like down_proj,up_proj.")
+@click.option("--heal-lr", type=float, default=5e-4, show_default=True, help="LoRA learning rate.")
 @common_options
 def command(**opts) -> None:
     """Remove blocks of MODEL and save the smaller model to --out.
 
     The folder loads with plain transformers (AutoModelForCausalLM.from_pretrained) and holds
-    prune.json (what was removed, loss before/after), prune_curve.csv (loss against the
-    number of removed blocks for each strategy), prune_excess.csv (each strategy's loss
-    minus greedy's at the same K) and analysis/ (the per-layer table).
+    prune.json (what was removed, loss before/after on the calibration windows and on
+    held-out windows, with bootstrap intervals), prune_curve.csv (calibration and held-out
+    loss against the number of removed blocks for each strategy), prune_excess.csv (each
+    strategy's loss minus greedy's at the same K) and analysis/ (the per-layer table).
+    Held-out text: --eval-text-file / --eval-dataset, default the end of the built-in text,
+    which the calibration windows never touch. --eval-tasks adds eval.csv and
+    eval_retention.csv (lm-eval-harness before and after), --bench adds bench.csv and
+    bench_speedup.csv (tokens/s before and after).
 
     \b
     Examples:
       depthprobe prune smollm2 --num-layers 6 --strategy greedy --out runs/smol-24
       depthprobe prune smollm2 --remove 21,22,23 --out runs/smol-27 --no-curve
+      depthprobe prune smollm2 --num-layers 6 --eval-tasks depthprobe_cloze --bench --out runs/smol-24
       depthprobe prune ./my-model --num-layers 8 --strategy block --text-file corpus.txt --out pruned/
+      depthprobe prune smollm2 --num-layers 6 --strategy block --repair linear --out runs/smol-24-repaired
+      depthprobe prune smollm2 --num-layers 6 --repair linear --heal lora --heal-steps 100 --out runs/smol-24-healed
+
+    With --repair or --heal every loss is also measured on held-out text (repair_curve.csv,
+    repair_spans.csv, heal_losses.csv); a rerun of an interrupted --heal resumes from the
+    checkpoint in --out.
     """
     from depthprobe.prune import prune
     from depthprobe.report import write_report
 
     setup_logging(opts["verbose"])
-    remove = _layer_list(opts["remove"])
+    remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
     refuse_existing_out(opts["out_dir"], opts["force"])
+    quiet_harness(opts["verbose"])
     model, tokenizer = load_from_options(opts)
+    judge = PruneJudge(opts, model, tokenizer)
+    judge.measure("original")
     result = prune(
         model,
         tokenizer,
@@ -75,6 +100,10 @@ def command(**opts) -> None:
         curve=opts["curve"],
         curve_max=opts["curve_max"],
         out_dir=opts["out_dir"],
+        heldout=opts["heldout"],
+        eval_text_file=opts["eval_text_file"],
+        eval_dataset=opts["eval_dataset"],
+        seam=_seam_options(opts),
         **analysis_kwargs(opts),
     )
     s = result.summary()
@@ -86,11 +115,40 @@ def command(**opts) -> None:
         )
     else:
         click.echo(f"final-state cosine drift {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
+    print_heldout(s)
     if result.curve is not None and not opts["quiet"]:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
+    if result.seam is not None:
+        _echo_seam(result.seam)
+    judge.measure("pruned")
+    judge.write(opts["out_dir"])
     if not opts["no_report"]:
-        write_report([opts["out_dir"]], f"{opts['out_dir']}/report.html")
+        write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)
+
+
+def _seam_options(opts: dict):
+    """``SeamOptions`` from --repair / --heal (None when neither is asked)."""
+    from depthprobe.prune import HealConfig, SeamOptions
+
+    if opts["repair"] is None and opts["heal"] is None:
+        return None
+    heal = HealConfig(steps=opts["heal_steps"], rank=opts["heal_rank"], lr=opts["heal_lr"],
+                      targets=opts["heal_modules"], batch_size=opts["batch_size"])
+    return SeamOptions(repair=opts["repair"], heal=opts["heal"], repair_windows=opts["repair_windows"],
+                       ridge=opts["repair_ridge"], eval_text_file=opts.get("eval_text_file"), heal_config=heal,
+                       heal_text_file=opts["heal_text_file"], batch_size=opts["batch_size"])
+
+
+def _echo_seam(seam) -> None:
+    parts = [f"full {seam.heldout_full:.6f}", f"blocks removed {seam.heldout_plain:.6f}"]
+    for name, value in (("repaired", seam.heldout_repaired), ("healed", seam.heldout_healed)):
+        if value == value:  # not NaN
+            parts.append(f"{name} {value:.6f} ({100 * seam.recovered(value):.0f}% of the gap recovered)")
+    click.echo(f"held-out loss ({seam.heldout_source}): " + ", ".join(parts))
+    if seam.spans is not None:
+        for row in seam.spans[~seam.spans["applied"]].itertuples():
+            click.echo(f"  repair of blocks {row.start}..{row.stop - 1} declined: {row.reason}")

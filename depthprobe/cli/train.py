@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 
 from depthprobe.cli.options import _stack, common_options, refuse_existing_out, setup_logging
+from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
+from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
 
-PRESET_NAMES = ["tiny", "cpu-small", "71m", "130m", "250m", "1b"]
+PRESET_NAMES = list(PRESETS)
 
 #: options shared by `train` and `compare` (model shape, optimisation, data)
 train_options = _stack(
     click.option("--preset", type=click.Choice(PRESET_NAMES), default="tiny", show_default=True, help="Model size."),
-    click.option("--norm-type", type=click.Choice(["rms", "layer"]), default="rms", show_default=True),
+    click.option("--norm-type", type=click.Choice(list(NORM_TYPES)), default="rms", show_default=True),
     click.option("--mix-alpha", type=float, default=0.25, show_default=True, help="mix: fraction of Post-LN blocks."),
     click.option("--tie-embeddings/--untie-embeddings", default=False, show_default=True, help="Head shares embeddings."),
     click.option("--no-deepnorm-init", is_flag=True, help="deepnorm: keep the plain init."),
@@ -64,7 +67,7 @@ def configs_from_options(opts: dict, norm: str, seed: int):
 @click.command("train")
 @click.option(
     "--norm",
-    type=click.Choice(["pre", "post", "mix", "peri", "lns", "deepnorm"]),
+    type=click.Choice(list(PLACEMENT_NAMES)),
     default="pre",
     show_default=True,
     help="Where the normalization sits.",
@@ -117,5 +120,5 @@ def _report(trainer, opts: dict) -> None:
     from depthprobe.train.compare import analyze_run
 
     result = analyze_run(trainer.model, trainer.data, metrics="angular,variance,grad,lens", progress=not opts["quiet"])
-    out = result.save(f"{opts['out_dir']}/analysis").parent
-    write_report([out], out / "report.html")  # the run folder: analysis plus training curves
+    out = result.save(Path(opts["out_dir"]) / ANALYSIS_DIR).parent
+    write_report([out], out / REPORT_HTML)  # the run folder: analysis plus training curves

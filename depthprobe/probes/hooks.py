@@ -1,8 +1,7 @@
 """Temporary hooks on a :class:`LayerStack`, always removed when the ``with`` block ends.
 
-Hook sites share one naming grammar, used as keys in hooks, tables and reports:
-``blocks.{i}.resid_pre`` (x_i, input of block i), ``blocks.{i}.resid_post`` (x_{i+1}, its
-raw output), ``blocks.{i}.attn_out`` and ``blocks.{i}.mlp_out`` (sublayer contributions).
+Block callbacks receive ``(l, x_l, x_{l+1})``: block ``l``'s input and raw output, the same
+``x_l`` that the metric definitions and the ``layer`` column of every table use.
 """
 
 from __future__ import annotations
@@ -16,11 +15,6 @@ from depthprobe.model.stack import LayerStack, block_output
 
 #: callback(layer, x_in, x_out) for every block, in forward order
 BlockCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-def site(layer: int, name: str) -> str:
-    """The hook-site key, e.g. ``site(3, "resid_post") == "blocks.3.resid_post"``."""
-    return f"blocks.{layer}.{name}"
 
 
 def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -53,8 +47,8 @@ def zero_output(module: torch.nn.Module) -> Iterator[None]:
     """Make ``module`` contribute nothing: its (first) output is replaced by zeros."""
 
     def hook(mod, args, output):
-        if isinstance(output, tuple):
-            return (torch.zeros_like(output[0]), *output[1:])
+        if isinstance(output, (tuple, list)):
+            return type(output)([torch.zeros_like(output[0]), *output[1:]])
         return torch.zeros_like(output)
 
     handle = module.register_forward_hook(hook)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -99,6 +100,12 @@ def cosine_drift_sum(hidden: torch.Tensor, reference: torch.Tensor) -> float:
     return float((1 - (unit(hidden) * unit(reference)).sum(-1).clamp(-1, 1)).sum())
 
 
+def per_sequence_drift(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(hidden_t, reference_t) per sequence, ``(B, T, d) x 2 -> (B,)`` float64."""
+    cos = (unit(hidden) * unit(reference)).sum(-1).clamp(-1, 1)
+    return (1 - cos).view(hidden.shape[0], -1).mean(1)
+
+
 def grad_l2(params) -> float:
     """L2 norm of the gradients of ``params`` (those without a gradient count as zero)."""
     total = 0.0
@@ -106,3 +113,18 @@ def grad_l2(params) -> float:
         if p.grad is not None:
             total += float(p.grad.detach().to(torch.float64).pow(2).sum())
     return math.sqrt(total)
+
+
+def expert_counts(router_logits: torch.Tensor, top_k: int) -> np.ndarray:
+    """How many tokens route to each expert: ``count[e] = #{t : e in top_k(router_logits[t])}``,
+    ``(N, E) -> (E,)`` float64."""
+    k = min(top_k, router_logits.shape[-1])
+    chosen = router_logits.reshape(-1, router_logits.shape[-1]).topk(k, dim=-1).indices.reshape(-1)
+    return np.bincount(chosen.cpu().numpy(), minlength=router_logits.shape[-1]).astype(np.float64)
+
+
+def load_entropy(counts) -> float:
+    """Entropy of the expert load, ``H = -sum_e p_e log p_e`` with ``p_e = count_e / sum(count)``
+    (nats; ``log E`` for a perfectly balanced router, 0 when one expert takes every token)."""
+    total = float(sum(counts))
+    return float(-sum((c / total) * math.log(c / total) for c in counts if c > 0))

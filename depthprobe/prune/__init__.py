@@ -1,6 +1,7 @@
-"""Drop sweeps, layer choice and export of a pruned model.
+"""Layer choice, pruning curves and export of a pruned model.
 
-    sweep.py   drop_delta_loss (block, attention, MLP) and contiguous-block drops, prefix-cached
+    (the drop sweep that measures each block's damage is a probe: depthprobe.probes.drop;
+    ``depthprobe.prune.sweep`` re-exports it)
     select.py  strategies drop | greedy | angular | block-influence | block, pruning curves
                (and ``depthprobe.stats.prune_excess``: each strategy's loss against greedy's)
     export.py  remove blocks for good, save a model that loads with from_pretrained
@@ -10,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -19,8 +21,23 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from depthprobe.analysis import analyze, max_positions
+from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, score_removals
+from depthprobe.model.stack import LayerStack
+from depthprobe.probes.sweep import SweepOptions
 from depthprobe.prune.export import remove_blocks, save_model
+from depthprobe.prune.heal import HealConfig, heal_lora
+from depthprobe.prune.repair import RepairConfig, repair_linear
+from depthprobe.prune.seam import (
+    SeamOptions,
+    SeamReport,
+    after_removal,
+    before_removal,
+    curve_steps,
+    merge_curve,
+)
 from depthprobe.prune.select import (
     STRATEGIES,
     Evaluator,
@@ -30,12 +47,23 @@ from depthprobe.prune.select import (
     validate_k,
     validate_removal,
 )
-from depthprobe.results import AnalysisResult, write_json
+from depthprobe.results import (
+    ANALYSIS_DIR,
+    ORIGINAL_DIR,
+    PRUNE_CURVE_CSV,
+    PRUNE_EXCESS_CSV,
+    PRUNE_JSON,
+    AnalysisResult,
+    write_json,
+)
 from depthprobe.stats import prune_excess
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
+    "repair_linear", "save_model",
+]
 
-__all__ = ["STRATEGIES", "PruneResult", "prune", "remove_blocks", "save_model"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,6 +77,10 @@ class PruneResult:
     analysis: AnalysisResult
     #: per strategy and K: its loss against greedy's (the least harmful K found), ``stats.prune_excess``
     excess: pd.DataFrame | None = None
+    #: held-out loss before/after with bootstrap intervals (``evaluate.heldout.heldout_summary``)
+    heldout: dict | None = None
+    #: held-out losses of plain removal, repair and healing (``--repair`` / ``--heal``)
+    seam: SeamReport | None = None
     #: the pruned model's own diagnostics (angular, variance; same windows); ``analysis`` is the original's
     pruned_analysis: AnalysisResult | None = None
 
@@ -72,6 +104,8 @@ class PruneResult:
             "loss_after": self.loss_after,
             "perplexity_before": self.perplexity_before,
             "perplexity_after": self.perplexity_after,
+            **(self.heldout or {}),
+            **(self.seam.summary() if self.seam is not None else {}),
         }
 
 
@@ -86,20 +120,24 @@ def prune(
     curve_max: int | None = None,
     out_dir: str | Path | None = None,
     progress: bool = True,
+    heldout: bool = True,
+    eval_text_file: str | None = None,
+    eval_dataset: str | None = None,
+    seam: SeamOptions | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
     """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
     pruning curve of every strategy, remove the blocks in place and (with ``out_dir``) save.
+
+    With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
+    held-out windows (``eval_text_file`` / ``eval_dataset``, default the built-in text's
+    tail, never the calibration windows), with bootstrap intervals over windows.
 
     Example:
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
     """
-    from depthprobe.analysis import analyze, max_positions
-    from depthprobe.data import make_windows
-    from depthprobe.model.stack import LayerStack
-
     if (remove is None) == (num_layers is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
     if strategy not in (*STRATEGIES, "manual"):
@@ -113,19 +151,15 @@ def prune(
     if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
 
-    windows = analyze_kwargs.pop("windows", None)
-    if windows is None:
-        windows = make_windows(
-            tokenizer,
-            num_sequences=analyze_kwargs.pop("num_sequences", 8),
-            seq_len=analyze_kwargs.pop("seq_len", 256),
-            text_file=analyze_kwargs.pop("text_file", None),
-            dataset=analyze_kwargs.pop("dataset", None),
-            max_positions=max_positions(model),
-        )
+    windows = _windows(model, tokenizer, analyze_kwargs)
+    # held-out windows first: text too short for them fails before any sweep runs
+    held_windows = (heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
+                                    calibration=windows, text_file=eval_text_file, dataset=eval_dataset,
+                                    max_positions=max_positions(model)) if heldout and stack.is_causal_lm else None)
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
-    options = {**analyze_kwargs.pop("options", {}), "sublayers": False, "block_sizes": ()}
+    given = SweepOptions.parse(analyze_kwargs.pop("options", None))
+    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=()))
     analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
                        progress=progress, options=options, **analyze_kwargs)
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
@@ -142,33 +176,32 @@ def prune(
                             greedy_steps=steps, progress=progress)
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
+    held = None
+    if held_windows is not None:
+        held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
+    report = None
+    if seam is not None:  # repair / heal, scored on held-out text (depthprobe.prune.seam)
+        report = before_removal(model, tokenizer, remove, curve_steps(table, strategy, remove), windows, seam,
+                                max_positions=max_positions(model), progress=progress)
     remove_blocks(stack, remove)
+    if report is not None:
+        after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
     excess = prune_excess(table) if table is not None else None
+    table = merge_curve(table, report, strategy)
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess)
+                         analysis, excess, held, report)
     log.info("removed blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
     result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
-        out = save_model(model, tokenizer, out_dir)
-        write_json(out / "prune.json", {**result.summary(), "model": analysis.summary["model"]})
-        if table is not None:
-            table.to_csv(out / "prune_curve.csv", index=False, float_format="%.10g")
-            excess.to_csv(out / "prune_excess.csv", index=False, float_format="%.10g")
-        else:  # --force into an older prune folder: its curve would describe another pruning
-            for stale in ("prune_curve.csv", "prune_excess.csv"):
-                (out / stale).unlink(missing_ok=True)
-        # analysis/ describes the model this folder holds; original/ the one blocks were chosen from
-        result.pruned_analysis.save(out / "analysis")
-        analysis.save(out / "original")
+        _save(result, model, tokenizer, out_dir)
     return result
 
 
-def analyze_pruned(model: torch.nn.Module, windows, original: AnalysisResult, removed: list[int],
+def analyze_pruned(model: torch.nn.Module, windows: Windows, original: AnalysisResult, removed: list[int],
                    progress: bool = True) -> AnalysisResult:
-    """The pruned model's own angular and variance diagnostics on the windows that chose the
-    blocks: one forward pass (its ``base_loss`` is the calibration loss after pruning)."""
-    from depthprobe.analysis import analyze
-
+    """The pruned (and repaired or healed) model's own angular and variance diagnostics on the
+    windows that chose the blocks: one forward pass (its ``base_loss`` is the calibration loss
+    after pruning)."""
     config = original.summary["config"]
     result = analyze(model, windows=windows, metrics="angular,variance", batch_size=config["batch_size"],
                      layers_path=config["layers_path"], progress=progress,
@@ -176,3 +209,46 @@ def analyze_pruned(model: torch.nn.Module, windows, original: AnalysisResult, re
     result.summary["pruned_from"] = {"model": original.summary["model"], "removed": removed,
                                      "num_layers": original.num_layers}
     return result
+
+
+def _windows(model: torch.nn.Module, tokenizer, analyze_kwargs: dict) -> Windows:
+    """The calibration windows from ``analyze`` keyword arguments (those used are removed)."""
+    windows = analyze_kwargs.pop("windows", None)
+    if windows is not None:
+        return windows
+    return make_windows(
+        tokenizer,
+        num_sequences=analyze_kwargs.pop("num_sequences", 8),
+        seq_len=analyze_kwargs.pop("seq_len", 256),
+        text_file=analyze_kwargs.pop("text_file", None),
+        dataset=analyze_kwargs.pop("dataset", None),
+        max_positions=max_positions(model),
+    )
+
+
+def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str | Path) -> None:
+    """The pruned model, ``prune.json``, the curve tables and ``analysis/``."""
+    out = save_model(model, tokenizer, out_dir)
+    write_json(out / PRUNE_JSON, {**result.summary(), "model": result.analysis.summary["model"]})
+    if result.curve is not None:
+        result.curve.to_csv(out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
+        result.excess.to_csv(out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
+    else:  # --force into an older prune folder: its curve would describe another pruning
+        for stale in (PRUNE_CURVE_CSV, PRUNE_EXCESS_CSV):
+            (out / stale).unlink(missing_ok=True)
+    # analysis/ describes the model this folder holds; original/ the one the blocks were chosen from
+    (result.pruned_analysis or result.analysis).save(out / ANALYSIS_DIR)
+    result.analysis.save(out / ORIGINAL_DIR)
+    if result.seam is not None:
+        result.seam.save(out)
+
+
+def _heldout(stack, windows, held, remove, table, batch_size, progress):
+    """Held-out scores of the full and pruned model (and of every curve row) before removal."""
+    removals = [[], list(remove)]
+    if table is not None:
+        removals += [[int(v) for v in str(r).split(";") if v != ""] for r in table["removed"]]
+    scores = score_removals(stack, windows, held, removals, batch_size, progress)
+    if table is not None:
+        table = add_heldout_columns(table, scores)
+    return heldout_summary(scores[()], scores[tuple(sorted(remove))], held), table

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
-from depthprobe.prune.sweep import BatchScorer, capture_states, forward
+from depthprobe.probes.drop import BatchScorer, capture_states
+from depthprobe.probes.objective import Objective
 
 STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
 #: ranked strategies: the per-layer column whose smallest values are removed first
@@ -51,22 +52,25 @@ def validate_k(stack: LayerStack, k: int) -> int:
 class Evaluator:
     """Mean objective (LM loss or drift) of the model with some blocks removed, on fixed windows."""
 
-    def __init__(self, stack: LayerStack, input_ids: torch.Tensor, batch_size: int = 4, lm: bool | None = None):
+    def __init__(self, stack: LayerStack, input_ids: torch.Tensor, batch_size: int = 4):
         self.stack = stack
         self.input_ids = input_ids
         self.batch_size = batch_size
-        self.lm = stack.is_causal_lm if lm is None else lm
-        self.device = next(stack.embed.parameters()).device if stack.embed is not None else stack.device
+        self.objective = Objective(stack)
         self._reference: list[torch.Tensor] = []  # encoders: the full model's final hidden states
+
+    @property
+    def lm(self) -> bool:
+        return self.objective.lm
 
     def _batches(self):
         for start in range(0, self.input_ids.shape[0], self.batch_size):
-            yield start // self.batch_size, self.input_ids[start : start + self.batch_size].to(self.device)
+            yield start // self.batch_size, self.input_ids[start : start + self.batch_size].to(self.objective.device)
 
     def _scorer(self, b: int, ids: torch.Tensor) -> BatchScorer:
         if not self.lm and len(self._reference) <= b:
-            self._reference.append(forward(self.stack, ids, False).last_hidden_state)
-        return BatchScorer(self.stack, ids, self.lm, None if self.lm else self._reference[b])
+            self._reference.append(self.objective.reference(self.objective.forward(ids)))
+        return BatchScorer(self.objective, ids, None if self.lm else self._reference[b])
 
     @torch.no_grad()
     def loss(self, removed: Sequence[int] = ()) -> float:
@@ -76,7 +80,7 @@ class Evaluator:
         for b, ids in self._batches():
             scorer = self._scorer(b, ids)
             with self.stack.keep_blocks(keep):
-                values.append(scorer.from_output(forward(self.stack, ids, self.lm)))
+                values.append(scorer.from_output(self.objective.forward(ids)))
         return float(np.concatenate(values).mean())
 
     @torch.no_grad()
@@ -88,7 +92,7 @@ class Evaluator:
         sums = {c: [] for c in candidates}
         for b, ids in self._batches():
             scorer = self._scorer(b, ids)
-            states, _ = capture_states(self.stack, ids, self.lm, keep=keep)
+            states, _ = capture_states(self.objective, ids, keep=keep)
             for c in candidates:
                 rest = [i for i in keep if i > c]
                 sums[c].append(scorer.run(c, states[c], keep=rest))

@@ -2,7 +2,7 @@
 
     figures.py   plot_layers, plot_grad_norms, plot_lens, plot_angular_heatmap, plot_drop, ...
     findings.py  findings(result) -> plain-language sentences backed by the numbers
-    html.py      render / write_report / load_run / load_runs
+    html.py      render / write_report (run folders are read by depthprobe.results.load_runs)
 """
 
 from depthprobe.report.figures import (
@@ -17,7 +17,8 @@ from depthprobe.report.figures import (
     plot_training,
 )
 from depthprobe.report.findings import findings
-from depthprobe.report.html import load_run, load_runs, render, write_report
+from depthprobe.report.html import render, write_report
+from depthprobe.results import load_run, load_runs
 
 __all__ = [
     "findings",

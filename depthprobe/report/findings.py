@@ -37,6 +37,55 @@ def _span(first: int, last: int) -> str:
     return f"layer {first}" if first == last else f"layers {first}–{last}"
 
 
+def _drop_findings(layers: pd.DataFrame, has_ang: bool) -> list[str]:
+    """Sentences about the drop sweep: the longest cheap run, how many blocks are cheap."""
+    n = len(layers)
+    out: list[str] = []
+    drop = layers["drop_delta_loss"].to_numpy()
+    cheap = drop < CHEAP_DROP_NATS
+    runs = sorted(_runs(cheap), key=lambda r: r[1] - r[0], reverse=True)
+    if runs and runs[0][1] > runs[0][0]:
+        first, last = runs[0]
+        seg = slice(first, last + 1)
+        detail = f"each cost at most {drop[seg].max():.3f} nats when dropped"
+        if has_ang:
+            detail = (f"each change the stream by at most {layers['angular_distance'].to_numpy()[seg].max():.3f} "
+                      f"and {detail}")
+        out.append(f"{_span(first, last).capitalize()} {detail}.")
+    out.append(
+        f"{int(cheap.sum())} of {n} blocks cost less than {CHEAP_DROP_NATS} nats each when dropped alone; the "
+        f"most important is layer {int(np.argmax(drop))} (+{drop.max():.3f} nats without it)."
+    )
+    if has_ang and n >= 4:
+        rho = pd.Series(layers["angular_distance"]).rank().corr(pd.Series(drop).rank())
+        out.append(f"Angular distance and drop damage have a Spearman rank correlation of {rho:.2f} over layers.")
+    return out
+
+
+def _curve_findings(result: AnalysisResult) -> list[str]:
+    """How many layers fit in the perplexity budget, from a pruning curve."""
+    # a prune folder's table is the pruned model's; its curve counts the original's layers
+    n = result.summary.get("pruned_from", {}).get("num_layers", len(result.layers))
+    out: list[str] = []
+    curve = result.tables.get("prune_curve")
+    if curve is not None and len(curve) and result.summary.get("objective", "lm_loss") == "lm_loss":
+        base = curve[curve["num_removed"] == 0]["loss"].min()
+        budget = base + math.log(PPL_BUDGET)
+        ok = curve[curve["loss"] <= budget]
+        if len(ok):
+            best = ok.sort_values(["num_removed", "loss"], ascending=[False, True]).iloc[0]
+            k = int(best["num_removed"])
+            if k > 0:
+                out.append(
+                    f"{k} of {n} layers could be removed for at most a {round((PPL_BUDGET - 1) * 100)}% perplexity "
+                    f"increase (strategy {best['strategy']}: layers {str(best['removed']).replace(';', ', ')}; "
+                    f"loss {base:.3f} → {best['loss']:.3f})."
+                )
+            else:
+                out.append(f"No layer can be removed within a {round((PPL_BUDGET - 1) * 100)}% perplexity budget.")
+    return out
+
+
 def findings(result: AnalysisResult) -> list[str]:
     """Sentences about which layers earn their place, from the columns present."""
     layers = result.layers
@@ -55,42 +104,9 @@ def findings(result: AnalysisResult) -> list[str]:
             f"({ang.max():.3f})."
         )
     if has_drop:
-        drop = layers["drop_delta_loss"].to_numpy()
-        cheap = drop < CHEAP_DROP_NATS
-        runs = sorted(_runs(cheap), key=lambda r: r[1] - r[0], reverse=True)
-        if runs and runs[0][1] > runs[0][0]:
-            first, last = runs[0]
-            seg = slice(first, last + 1)
-            detail = f"each cost at most {drop[seg].max():.3f} nats when dropped"
-            if has_ang:
-                detail = (f"each change the stream by at most {layers['angular_distance'].to_numpy()[seg].max():.3f} "
-                          f"and {detail}")
-            out.append(f"{_span(first, last).capitalize()} {detail}.")
-        out.append(
-            f"{int(cheap.sum())} of {n} blocks cost less than {CHEAP_DROP_NATS} nats each when dropped alone; the "
-            f"most important is layer {int(np.argmax(drop))} (+{drop.max():.3f} nats without it)."
-        )
-        if has_ang and n >= 4:
-            rho = pd.Series(layers["angular_distance"]).rank().corr(pd.Series(drop).rank())
-            out.append(f"Angular distance and drop damage have a Spearman rank correlation of {rho:.2f} over layers.")
-    curve = result.tables.get("prune_curve")
+        out.extend(_drop_findings(layers, has_ang))
+    out.extend(_curve_findings(result))
     base_loss = result.summary.get("base_loss")
-    if curve is not None and len(curve) and result.summary.get("objective", "lm_loss") == "lm_loss":
-        base = curve[curve["num_removed"] == 0]["loss"].min()
-        budget = base + math.log(PPL_BUDGET)
-        ok = curve[curve["loss"] <= budget]
-        if len(ok):
-            best = ok.sort_values(["num_removed", "loss"], ascending=[False, True]).iloc[0]
-            k = int(best["num_removed"])
-            before = result.summary.get("pruned_from", {}).get("num_layers", n)  # the curve is the original's
-            if k > 0:
-                out.append(
-                    f"{k} of {before} layers could be removed for at most a {round((PPL_BUDGET - 1) * 100)}% perplexity "
-                    f"increase (strategy {best['strategy']}: layers {str(best['removed']).replace(';', ', ')}; "
-                    f"loss {base:.3f} → {best['loss']:.3f})."
-                )
-            else:
-                out.append(f"No layer can be removed within a {round((PPL_BUDGET - 1) * 100)}% perplexity budget.")
     if "grad_norm" in layers and layers["grad_norm"].notna().all() and (layers["grad_norm"] > 0).all():
         g = layers["grad_norm"].to_numpy()
         out.append(

@@ -2,12 +2,8 @@
 of inline JS for the sortable table. A Content-Security-Policy forbids every request, so
 the file works offline and cannot leak anything. Every user-supplied string is escaped.
 
-Run folders ``load_run`` reads: an ``analyze --out`` folder; a ``prune --out`` folder
-(``analysis/`` + ``prune.json`` + ``prune_curve.csv`` + ``prune_excess.csv``); a ``train
---out`` folder (``metrics.csv``, ``train_layers.csv``, ``analysis/``). ``load_runs`` also
-takes a ``compare --out`` folder (``comparison.csv`` and one training folder per variant and
-seed) and expands it into the first analyzed seed of each variant, the first carrying the
-comparison summary.
+This module only renders: run folders are read by :func:`depthprobe.results.load_runs`,
+the one place that knows their layout.
 """
 
 from __future__ import annotations
@@ -26,9 +22,11 @@ import pandas as pd
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
 from depthprobe.report.captions import activation_caption, drop_caption, lens_caption
+from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
 from depthprobe.report.prune_summary import prune_html
-from depthprobe.results import SUMMARY_JSON, AnalysisResult
+from depthprobe.report.repair_figures import plot_repair_curve
+from depthprobe.results import AnalysisResult, load_runs
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -62,47 +60,6 @@ window.addEventListener('load',function(){document.querySelectorAll('figure img'
   document.body.dataset.scripts=document.scripts.length;document.body.dataset.ready='1';});
 window.addEventListener('error',function(e){document.body.dataset.jsError=String(e.message);});
 """
-
-
-def load_runs(path: str | Path) -> list[AnalysisResult]:
-    """The runs in one output folder: one, or one per variant for a ``compare`` folder."""
-    folder = Path(path)
-    if not (folder / "comparison.csv").is_file():
-        return [load_run(folder)]
-    runs_table = pd.read_csv(folder / "comparison.csv")
-    runs: dict[str, AnalysisResult] = {}
-    for row in runs_table.itertuples(index=False):
-        run_dir = folder / str(row.variant) / f"seed{row.seed}"
-        if row.variant not in runs and (run_dir / "analysis" / SUMMARY_JSON).is_file():
-            runs[row.variant] = load_run(run_dir)
-            runs[row.variant].summary["label"] = f"{row.variant} (seed {row.seed})"
-    if not runs:
-        raise DepthprobeError(f"{path}: no run of this comparison was analyzed (all diverged?); nothing to report")
-    first = next(iter(runs.values()))
-    summary_csv = folder / "comparison_summary.csv"
-    first.tables["comparison"] = pd.read_csv(summary_csv if summary_csv.is_file() else folder / "comparison.csv")
-    return list(runs.values())
-
-
-def load_run(path: str | Path) -> AnalysisResult:
-    """An ``AnalysisResult`` from one depthprobe output folder (see module docs)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DepthprobeError(f"run folder not found: {path}")
-    if (folder / SUMMARY_JSON).is_file():
-        result = AnalysisResult.load(folder)
-    elif (folder / "analysis" / SUMMARY_JSON).is_file():
-        result = AnalysisResult.load(folder / "analysis")
-    else:
-        raise DepthprobeError(f"{path} holds no depthprobe results (no summary.json or analysis/summary.json)")
-    for name in ("prune_curve", "prune_excess", "metrics", "train_layers"):
-        csv = folder / f"{name}.csv"
-        if csv.is_file() and name not in result.tables:
-            result.tables[name] = pd.read_csv(csv)
-    if (folder / "prune.json").is_file():
-        result.summary["prune"] = json.loads((folder / "prune.json").read_text())
-    result.summary.setdefault("label", folder.name if len(folder.name) < 40 else result.summary.get("model"))
-    return result
 
 
 def figure_html(fig, caption: str, alt: str) -> str:
@@ -153,26 +110,8 @@ def _header(runs: Sequence[AnalysisResult]) -> str:
     return f'<table class="meta">{label_row}{"".join(rows)}</table>'
 
 
-def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
-    """The report as one HTML string."""
-    if not runs:
-        raise DepthprobeError("nothing to report: give at least one run")
-    title = title or ("depthprobe: " + " vs ".join(F.run_label(r) for r in runs))
-    parts = [f"<h1>{html.escape(title)}</h1>",
-             f'<p class="meta">Generated {time.strftime("%Y-%m-%d %H:%M")} by depthprobe. '
-             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs),
-             prune_html(runs, F.run_label)]
-    for run in runs:  # a comparison's main result, shown once and first, before the per-layer figures
-        if "comparison" in run.tables:
-            parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
-                         "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
-                         + table_html(run.tables["comparison"]))
-    for run in runs:
-        sentences = findings(run)
-        if sentences:
-            who = f" — {html.escape(F.run_label(run))}" if len(runs) > 1 else ""
-            parts.append(f'<div class="findings"><b>Findings{who}</b><ul>'
-                         + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul></div>")
+def _figure_sections(runs: Sequence[AnalysisResult]) -> list[tuple[str, object, str]]:
+    """(heading, figure or None, caption) for every figure the report can show."""
     sections = [
         ("How much each block changes the stream", F.plot_layers(runs, ["angular_distance", "block_influence"]),
          "Higher means the block rotates the residual stream more; a block near 0 passes its input on almost "
@@ -193,6 +132,9 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
         ("Pruning curves", F.plot_prune_curve(runs),
          "Loss after removing K blocks as chosen by each strategy; the lowest curve is the best proxy here, "
          "greedy re-measures after every removal."),
+        ("Repair and healing", plot_repair_curve(runs),
+         "Held-out loss: blocks removed (dashed), with a linear map fused at each seam (solid), healed with "
+         "LoRA (star); grey: the full model."),
     ]
     training = {F.run_label(r): r.tables["metrics"] for r in runs if "metrics" in r.tables}
     if training:
@@ -203,9 +145,33 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
             sections.append((f"Per-layer gradient norm during training — {F.run_label(run)}",
                              F.plot_grad_evolution(run.tables["train_layers"], F.run_label(run)),
                              "One line per diagnostic step, from early (dark) to late (yellow)."))
-    for heading, fig, caption in sections:
+    return sections
+
+
+def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
+    """The report as one HTML string."""
+    if not runs:
+        raise DepthprobeError("nothing to report: give at least one run")
+    title = title or ("depthprobe: " + " vs ".join(F.run_label(r) for r in runs))
+    parts = [f"<h1>{html.escape(title)}</h1>",
+             f'<p class="meta">Generated {time.strftime("%Y-%m-%d %H:%M")} by depthprobe. '
+             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs),
+             prune_html(runs, F.run_label)]
+    for run in runs:  # a comparison's main result: shown once, first
+        if "comparison" in run.tables:
+            parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
+                         "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
+                         + table_html(run.tables["comparison"]))
+    for run in runs:
+        sentences = findings(run)
+        if sentences:
+            who = f" — {html.escape(F.run_label(run))}" if len(runs) > 1 else ""
+            parts.append(f'<div class="findings"><b>Findings{who}</b><ul>'
+                         + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul></div>")
+    for heading, fig, caption in _figure_sections(runs):
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
+    parts += eval_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
                           ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
         for run in runs:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from depthprobe.errors import DepthprobeError
-from depthprobe.results import SUMMARY_JSON, AnalysisResult
+from depthprobe.results import SUMMARY_JSON, AnalysisResult, parse_list
 from depthprobe.testing.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare_runs, format_comparison, summarize
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ def _column(result: AnalysisResult, metric: str) -> pd.Series:
 def _columns(result: AnalysisResult, metrics: str | Sequence[str] | None) -> list[str]:
     if metrics is None:
         return [c for c in result.layers.columns if c != "layer"]
-    if isinstance(metrics, str):
-        metrics = [m.strip() for m in metrics.split(",") if m.strip()]
+    metrics = parse_list(metrics, "metrics")
     for m in metrics:
         _column(result, m)
     return list(metrics)

@@ -104,6 +104,7 @@ def depthprobe_analyze(pytestconfig: pytest.Config) -> Iterator[Callable[..., An
         gguf_file: str | None = None,
         layers_path: str | None = None,
     ) -> AnalysisResult:
+        # torch and transformers load on first use: pytest loads this plugin in every session
         from depthprobe.analysis import DEFAULT_METRICS, analyze, parse_metrics
         from depthprobe.model.load import load_model
 

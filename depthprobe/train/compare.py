@@ -114,17 +114,7 @@ def compare(
                 data=(data, tokenizer),
             )
             result = trainer.fit()
-            rows.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "final_val_loss": result.final_val_loss,
-                    "final_val_ppl": result.final_val_ppl,
-                    "diverged": result.diverged,
-                    "steps_done": result.steps_done,
-                    "seconds": result.seconds,
-                }
-            )
+            rows.append(_run_row(variant, seed, result))
             if result.diverged:
                 notes.append(f"{variant} seed {seed}: diverged at step {result.steps_done + 1}; not analyzed")
                 continue
@@ -143,6 +133,19 @@ def compare(
     if out is not None:
         _write(comparison, out, model_config, train_config, data_config, report)
     return comparison
+
+
+def _run_row(variant: str, seed: int, result) -> dict:
+    """One row of ``comparison.csv``."""
+    return {
+        "variant": variant,
+        "seed": seed,
+        "final_val_loss": result.final_val_loss,
+        "final_val_ppl": result.final_val_ppl,
+        "diverged": result.diverged,
+        "steps_done": result.steps_done,
+        "seconds": result.seconds,
+    }
 
 
 def summarize(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:

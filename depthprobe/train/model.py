@@ -16,6 +16,10 @@ peri       h = h + N_out(F(N_in(h)))                   norm_in, norm_out
 lns        h = h + F(N(h) / sqrt(l+1))                 norm_in scaled (Sun et al. 2025,
                                                        LayerNorm Scaling)
 deepnorm   h = N(beta*h + F(h)), beta = (2L)^(1/4)     norm_post, residual_scale
+dyt        pre, every norm (final one too) replaced by     norm_in (DyT)
+           DyT(x) = gamma*tanh(alpha*x) + beta
+           (Zhu et al. 2025, "Transformers without
+           Normalization")
 =========  ==========================================  ==================================
 
 All placements end with a final norm before the head. The model is a transformers
@@ -43,7 +47,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from depthprobe.errors import DepthprobeError
 
-PLACEMENT_NAMES = ("pre", "post", "mix", "peri", "lns", "deepnorm")
+PLACEMENT_NAMES = ("pre", "post", "mix", "peri", "lns", "deepnorm", "dyt")
 NORM_TYPES = ("rms", "layer")
 
 
@@ -63,6 +67,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mix_alpha: float = 0.25  # mix: fraction of blocks (from the bottom) that are Post-LN
     deepnorm_init: bool = True  # deepnorm: scale init of value/output/MLP weights by (8L)^(-1/4)
+    dyt_alpha0: float = 0.5  # dyt: initial alpha of every DyT (the paper's default)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False  # head shares the embedding matrix
     initializer_range: float = 0.02  # std of the normal init of linears and embeddings
@@ -78,6 +83,8 @@ class ModelConfig:
             raise DepthprobeError(
                 f"hidden size {self.hidden_size} must split into {self.num_attention_heads} heads of an even size"
             )
+        if not self.dyt_alpha0 > 0:
+            raise DepthprobeError(f"--dyt-alpha0 must be positive (got {self.dyt_alpha0})")
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise DepthprobeError(f"--mix-alpha must be between 0 and 1 (got {self.mix_alpha})")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings"):
@@ -152,7 +159,25 @@ class ScaledNorm(nn.Module):
         return self.norm(x) * self.scale
 
 
+class DyT(nn.Module):
+    """Dynamic Tanh, gamma * tanh(alpha * x) + beta (Zhu et al. 2025, "Transformers without
+    Normalization"): a norm-free stand-in for a norm; alpha is one learnable scalar (init
+    ``alpha0``), gamma and beta per channel (init ones and zeros)."""
+
+    def __init__(self, dim: int, alpha0: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha0)))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha * x) + self.bias
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
+    """The norm of ``cfg``: DyT in every position for ``dyt``, else RMSNorm or LayerNorm."""
+    if cfg.norm_placement == "dyt":
+        return DyT(cfg.hidden_size, cfg.dyt_alpha0)
     if cfg.norm_type == "rms":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -281,6 +306,7 @@ PLACEMENTS = {
     "peri": peri_norms,
     "lns": lns_norms,
     "deepnorm": deepnorm_norms,
+    "dyt": pre_norms,  # pre's positions; make_norm returns DyT for this placement
 }
 
 

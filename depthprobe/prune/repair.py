@@ -1,0 +1,420 @@
+"""Training-free repair of the seam that removing blocks leaves (after ReplaceMe, 2025).
+
+Removing the span of blocks ``s..e-1`` hands block ``e`` the stream ``x_s`` instead of the
+``x_e`` it was trained on. Let ``p = s - 1`` be the last kept block before the span and split
+its output (a Pre-LN block adds its sublayer outputs to the stream) as::
+
+    x_s = y + m        m = output of p's MLP writer (Llama ``mlp.down_proj``), (N, d)
+                       y = everything else: p's input plus its attention output
+
+A linear map ``T`` (d x d) applied to ``m`` alone is exactly fusable into the writer's
+weights (``W' = T^T W``, ``b' = T^T b`` for ``y = W h + b``), so the repaired block computes
+``y + m T`` with the original architecture. A map of the whole stream ``x_s`` would not be:
+``y`` is no linear output of any one weight. So ``T`` is fit to send ``y + m T`` to the full
+model's ``x_e``, i.e. ``m T ≈ r = x_e - y``:
+
+- ``linear``: ``T = argmin ||m T - r||² + λ ||T - I||²`` in float64, solved as one least-squares
+  problem on ``[m; √λ I] T = [r; √λ I]``. The ridge pulls toward ``T = I``, which is plain
+  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares).
+- ``cosine``: start from the ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
+  over tokens by Adam (the next block reads the stream through a norm, so the direction is
+  what it sees).
+
+Spans are repaired one after another from the shallowest, each fit on the model with the
+earlier spans already removed and repaired, each against the full model's stream captured
+before any weight changed. The windows are split: the first part fits, the last part
+validates; a span whose repair does not lower the validation loss is declined (one line in
+the log and in the table), so repair never does worse than plain removal on that split.
+A span starting at block 0 has no block before it and is left as it is; so are families whose
+sublayer outputs pass through a norm before the stream (Post-LN, Peri-LN), where no linear
+map fuses exactly; each fused map is checked against the explicit ``y + m T`` on one window.
+
+Example:
+    >>> result = repair_linear(model, [21, 22, 23], windows)        # doctest: +SKIP
+    >>> result.table[["start", "stop", "applied", "val_loss_plain", "val_loss_repaired"]]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from depthprobe.data import Windows
+from depthprobe.errors import DepthprobeError
+from depthprobe.model.stack import LayerStack, block_output
+from depthprobe.prune.select import Evaluator
+
+log = logging.getLogger(__name__)
+
+METHODS = ("linear", "cosine")
+#: placements whose sublayer outputs are added to the stream as they are (fusable exactly)
+_ADDITIVE = ("pre", "parallel", "unknown")
+#: last resort when the family table names no writer (module paths inside one block)
+_WRITER_NAMES = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2", "mlp.fc_out")
+
+
+def removed_spans(removed: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive indices as half-open ``(start, stop)``: [3,4,7] -> [(3,5),(7,8)]."""
+    spans: list[tuple[int, int]] = []
+    for i in sorted(set(removed)):
+        if spans and spans[-1][1] == i:
+            spans[-1] = (spans[-1][0], i + 1)
+        else:
+            spans.append((i, i + 1))
+    return spans
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: y = x W + b, W (in, out)
+
+
+def _out_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return int(module.nf) if _is_conv1d(module) else None
+
+
+def mlp_writer(stack: LayerStack, layer: int) -> tuple[str, nn.Module] | None:
+    """The linear that writes block ``layer``'s MLP output into the stream, as (path, module).
+
+    From the family table: the last stream writer, else the MLP output module when it is a
+    linear, else the last linear inside it; a few common names as a fallback.
+    """
+    block = stack.blocks[layer]
+    d = _hidden_size(stack)
+    names: list[str] = []
+    spec = stack.spec
+    if spec is not None and spec.stream is not None:
+        names.append(spec.stream.writers[-1])
+    if spec is not None and spec.mlp_out:
+        names.append(spec.mlp_out)
+        inner = block.get_submodule(spec.mlp_out) if _has(block, spec.mlp_out) else None
+        if inner is not None:
+            linears = [n for n, m in inner.named_modules() if n and _out_features(m) == d]
+            names += [f"{spec.mlp_out}.{n}" for n in linears[-1:]]
+    names += list(_WRITER_NAMES)
+    for name in names:
+        module = block.get_submodule(name) if _has(block, name) else None
+        if module is not None and _out_features(module) == d:
+            return name, module
+    return None
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _hidden_size(stack: LayerStack) -> int:
+    config = getattr(stack.model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise DepthprobeError(f"cannot tell the stream width of {type(stack.model).__name__}: no hidden_size in its config")
+
+
+def solve_linear(m: torch.Tensor, r: torch.Tensor, ridge: float = 0.0,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``T = argmin_T Σ_t w_t² ||m_t T - r_t||² + λ ||T - I||²``, ``λ = ridge · Σ_t w_t² ||m_t||² / d``,
+    in float64 (``w = 1`` without ``weights``).
+
+    ``m, r``: (N, d). Solved by least squares on the stacked system ``[w m; √λ I] T = [w r; √λ I]``
+    (no normal equations, so ``ridge = 0`` equals ``numpy.linalg.lstsq(m, r)``).
+    """
+    m64, r64 = m.double(), r.double()
+    if weights is not None:
+        m64, r64 = m64 * weights.double()[:, None], r64 * weights.double()[:, None]
+    d = m64.shape[1]
+    if ridge > 0:
+        lam = ridge * float((m64 * m64).sum()) / d
+        eye = torch.eye(d, dtype=torch.float64) * lam**0.5
+        m64, r64 = torch.cat([m64, eye]), torch.cat([r64, eye])
+    return torch.linalg.lstsq(m64, r64, driver="gelsd").solution
+
+
+def solve_cosine(m: torch.Tensor, y: torch.Tensor, target: torch.Tensor, start: torch.Tensor, *,
+                 steps: int = 300, lr: float = 1e-4, batch_tokens: int = 4096, seed: int = 0) -> torch.Tensor:
+    """Minimise ``mean_t 1 - cos(y_t + m_t T, target_t)`` over T by Adam from ``start``."""
+    T = start.float().clone().requires_grad_(True)
+    opt = torch.optim.Adam([T], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, m.shape[0], (min(batch_tokens, m.shape[0]),), generator=g)
+        out = y[idx] + m[idx] @ T
+        loss = (1 - torch.nn.functional.cosine_similarity(out, target[idx], dim=-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return T.detach().double()
+
+
+@torch.no_grad()
+def fuse_map(writer: nn.Module, T: torch.Tensor) -> None:
+    """Make ``writer``'s output ``o`` become ``o T`` (row vectors), in place.
+
+    ``nn.Linear`` (``o = h Wᵀ + b``): ``W ← Tᵀ W``, ``b ← Tᵀ b``; GPT-2 ``Conv1D``
+    (``o = h W + b``): ``W ← W T``, ``b ← b T``. Computed in float64, stored in the weight's dtype.
+    """
+    T = T.double().to(writer.weight.device)
+    w = writer.weight.double()
+    new_w = w @ T if _is_conv1d(writer) else T.T @ w
+    writer.weight.copy_(new_w.to(writer.weight.dtype))
+    if getattr(writer, "bias", None) is not None:
+        writer.bias.copy_((writer.bias.double() @ T).to(writer.bias.dtype))
+
+
+class _Stop(Exception):
+    """Raised by a hook once every needed state is captured: the rest of the forward is skipped."""
+
+
+def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, str], last: nn.Module,
+                   lm: bool) -> dict[str, torch.Tensor]:
+    """Forward ``ids`` and return each hooked module's output (by name), stopping after ``last``."""
+    got: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def make(name: str, module: nn.Module):
+        def hook(mod, args, output):
+            got[name] = block_output(output).detach().float().reshape(-1, block_output(output).shape[-1])
+            if mod is last:
+                raise _Stop
+        return module.register_forward_hook(hook)
+
+    try:
+        handles = [make(name, module) for module, name in hooks.items()]
+        try:
+            stack.model(input_ids=ids, use_cache=False) if lm else stack.model(input_ids=ids)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
+                  lm: bool) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """The full model's stream ``x_e`` (output of block e-1) for each span end ``e``: (N·T, d).
+
+    Also ``(m, y)`` of the first span's seam block: before any repair the model that skips
+    the spans computes the same prefix, so that pass is saved.
+    """
+    ends = sorted({stop for _, stop in spans})
+    hooks = {stack.blocks[e - 1]: str(e) for e in ends}
+    p = spans[0][0] - 1
+    found = mlp_writer(stack, p) if p >= 0 else None
+    if found is not None:
+        hooks.update({found[1]: "m", stack.blocks[p]: "x"})
+    last = stack.blocks[ends[-1] - 1]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in hooks.values()}
+    for start in range(0, windows.shape[0], batch_size):
+        got = _run_capturing(stack, windows[start : start + batch_size].to(stack.device), hooks, last, lm)
+        for name in parts:
+            parts[name].append(got[name])
+    cat = {name: torch.cat(v) for name, v in parts.items()}
+    first = (cat["m"], cat["x"] - cat["m"]) if found is not None else None
+    return {e: cat[str(e)] for e in ends}, first
+
+
+def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
+                 batch_size: int, lm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, y)`` at block ``p`` of the model that runs only ``keep``: writer output and the rest."""
+    block = stack.blocks[p]
+    ms, ys = [], []
+    with stack.keep_blocks(keep):
+        for start in range(0, windows.shape[0], batch_size):
+            got = _run_capturing(stack, windows[start : start + batch_size].to(stack.device),
+                                 {writer: "m", block: "x"}, block, lm)
+            ms.append(got["m"])
+            ys.append(got["x"] - got["m"])
+    return torch.cat(ms), torch.cat(ys)
+
+
+@dataclass
+class RepairResult:
+    """What :func:`repair_linear` did, span by span; ``restore()`` puts the old weights back."""
+
+    method: str
+    table: pd.DataFrame
+    #: the fused map of each applied span, ``(start, stop) -> T`` (float64, d x d)
+    maps: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    _saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = field(default_factory=list, repr=False)
+
+    @property
+    def applied(self) -> list[tuple[int, int]]:
+        rows = self.table[self.table["applied"]]
+        return [(int(a), int(b)) for a, b in zip(rows["start"], rows["stop"], strict=True)]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for writer, weight, bias in reversed(self._saved):
+            writer.weight.copy_(weight)
+            if bias is not None:
+                writer.bias.copy_(bias)
+        self._saved.clear()
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    method: str = "linear"
+    #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares
+    ridge: float = 1e-3
+    #: "norm": each token weighted by 1 / ||x_e|| (the next block reads the stream through a
+    #: norm, so relative error is what counts and a few huge-norm tokens do not dominate)
+    weighting: str = "norm"
+    #: last fraction of the windows that validates instead of fitting (0: no check, always fuse)
+    val_fraction: float = 0.2
+    batch_size: int = 4
+    cosine_steps: int = 300
+    cosine_lr: float = 1e-4
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise DepthprobeError(f"unknown --repair {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.weighting not in ("norm", "none"):
+            raise DepthprobeError(f"unknown repair weighting {self.weighting!r}; choose norm or none")
+        if self.ridge < 0 or not 0 <= self.val_fraction < 1:
+            raise DepthprobeError("--repair-ridge must be >= 0 and the validation fraction in [0, 1)")
+
+
+def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | torch.Tensor,
+                  config: RepairConfig | None = None, *, progress: bool = False, **options) -> RepairResult:
+    """Fit and fuse one linear map per removed span (module docs); blocks stay in the model.
+
+    ``removed``: 0-based blocks of ``model`` that will be removed (``remove_blocks`` after).
+    ``windows``: token windows to fit on; the last ``val_fraction`` of them validate.
+    ``options`` override :class:`RepairConfig` fields (``method="cosine"``, ``ridge=0``...).
+    Returns the per-span table (start, stop, writer, fit_tokens, val_loss_plain,
+    val_loss_repaired, applied, reason); the model's writers hold the accepted maps.
+    """
+    config = config or RepairConfig(**options)
+    stack = LayerStack.from_model(model)
+    ids = windows.input_ids if isinstance(windows, Windows) else windows
+    n_val = int(round(ids.shape[0] * config.val_fraction))
+    if config.val_fraction > 0 and (n_val < 1 or n_val >= ids.shape[0]):
+        raise DepthprobeError(f"repair needs at least 2 windows to fit and validate (got {ids.shape[0]}); give more")
+    fit_ids, val_ids = ids[: ids.shape[0] - n_val], ids[ids.shape[0] - n_val :]
+    d = _hidden_size(stack)
+    if fit_ids.numel() < d:
+        raise DepthprobeError(f"repair fits a {d}x{d} map and needs at least {d} tokens (got {fit_ids.numel()}); "
+                              "give more windows")
+    removed = sorted(stack.check_index(i) for i in removed)
+    spans = removed_spans(removed)
+    keep = [i for i in range(len(stack)) if i not in set(removed)]
+    lm = stack.is_causal_lm
+    result = RepairResult(config.method, pd.DataFrame())
+    rows = []
+    targets, first = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else ({}, None)
+    val = Evaluator(stack, val_ids, config.batch_size, lm) if n_val else None
+    val_loss = val.loss(removed) if val else float("nan")
+    for start, stop in tqdm(spans, desc=f"repair ({config.method})", disable=not progress, leave=False):
+        states = first if (start, stop) == spans[0] else None
+        row, val_loss = _repair_span(stack, start, stop, keep, targets, fit_ids.numel(), val, removed, val_loss,
+                                     config, result, ids, states)
+        rows.append(row)
+    result.table = pd.DataFrame(rows)
+    return result
+
+
+def _fusable(stack: LayerStack) -> bool:
+    return stack.norm_placement in _ADDITIVE
+
+
+def _decline(start: int, stop: int, reason: str, **extra) -> dict:
+    log.info("span %d..%d: repair declined (%s)", start, stop - 1, reason)
+    return {"start": start, "stop": stop, "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
+            "val_loss_plain": extra.get("plain", float("nan")), "val_loss_repaired": extra.get("repaired", float("nan")),
+            "applied": False, "reason": reason}
+
+
+def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
+    """Fit, fuse, check and validate one span; returns its table row and the validation loss now."""
+    if start == 0:
+        return _decline(start, stop, "no kept block before it to fuse into"), val_loss
+    if not targets:
+        return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly"), val_loss
+    p = start - 1
+    found = mlp_writer(stack, p)
+    if found is None:
+        return _decline(start, stop, f"no MLP output linear found in block {p}"), val_loss
+    name, writer = found
+    m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
+    target = targets[stop]
+    weights = 1 / target[:n_fit].norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
+    T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge, weights)
+    if config.method == "cosine":
+        T = solve_cosine(m[:n_fit], y[:n_fit], target[:n_fit], T, steps=config.cosine_steps, lr=config.cosine_lr)
+    saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
+    fuse_map(writer, T)
+    info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss}
+    if not _fused_matches(stack, ids[:1], keep, p, writer, m, y, T):
+        _restore(saved)
+        return _decline(start, stop, "the fused block does not reproduce y + mT (writer not additive)", **info), val_loss
+    repaired = val.loss(removed) if val is not None else float("nan")
+    if val is not None and not repaired < val_loss:
+        _restore(saved)
+        return _decline(start, stop, f"validation loss {repaired:.4f} >= {val_loss:.4f} without it",
+                        repaired=repaired, **info), val_loss
+    result._saved.append(saved)
+    result.maps[(start, stop)] = T
+    log.info("span %d..%d: map fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, info["writer"],
+             val_loss, repaired)
+    row = {
+        "start": start, "stop": stop, "writer": info["writer"], "fit_tokens": n_fit, "val_loss_plain": val_loss,
+        "val_loss_repaired": repaired, "applied": True, "reason": ""}
+    return row, repaired if val is not None else val_loss
+
+
+@torch.no_grad()
+def _restore(saved) -> None:
+    writer, weight, bias = saved
+    writer.weight.copy_(weight)
+    if bias is not None:
+        writer.bias.copy_(bias)
+
+
+def _fused_matches(stack, one, keep, p, writer, m, y, T) -> bool:
+    """Block p's new output on one window equals the explicit ``y + m T`` (relative 1e-4)."""
+    m_now, y_now = _seam_states(stack, one, keep, p, writer, 1, stack.is_causal_lm)
+    n = y_now.shape[0]
+    explicit = (y[:n].double() + m[:n].double() @ T).float()
+    fused = y_now + m_now  # block p's output with the fused writer
+    return bool(torch.linalg.norm(fused - explicit) <= 1e-4 * torch.linalg.norm(explicit))
+
+
+def heldout_loss(model: nn.Module, heldout: Windows, removed: Sequence[int] = (), batch_size: int = 4) -> float:
+    """Mean-token LM loss (encoders: final-state drift) of ``model`` without blocks ``removed``."""
+    return Evaluator(LayerStack.from_model(model), heldout.input_ids, batch_size).loss(removed)
+
+
+def repair_curve(model: nn.Module, removed_by_k: dict[int, list[int]], fit: Windows, heldout: Windows,
+                 config: RepairConfig, progress: bool = True) -> pd.DataFrame:
+    """For each K: held-out loss with blocks ``removed_by_k[K]`` removed, plain and repaired.
+
+    Each repair is undone before the next K. Columns: num_removed, heldout_loss_plain,
+    heldout_loss_repaired, repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
+    """
+    rows = []
+    for k, removed in tqdm(sorted(removed_by_k.items()), desc="repair curve", disable=not progress, leave=False):
+        plain = heldout_loss(model, heldout, removed, config.batch_size)
+        result = repair_linear(model, removed, fit, config)
+        try:
+            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else plain
+        finally:
+            result.restore()
+        rows.append((k, plain, repaired, _span_text(result.applied)))
+    return pd.DataFrame(rows, columns=["num_removed", "heldout_loss_plain", "heldout_loss_repaired",
+                                       "repair_spans_applied"])
+
+
+def _span_text(spans: Sequence[tuple[int, int]]) -> str:
+    return ";".join(f"{a}-{b - 1}" if b - a > 1 else str(a) for a, b in spans)
