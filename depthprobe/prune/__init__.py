@@ -204,7 +204,7 @@ def analyze_pruned(model: torch.nn.Module, windows: Windows, original: AnalysisR
     after pruning)."""
     config = original.summary["config"]
     result = analyze(model, windows=windows, metrics="angular,variance", batch_size=config["batch_size"],
-                     layers_path=config["layers_path"], progress=progress,
+                     layers_path=config["layers_path"], progress=progress, loss=True,
                      model_name=f"{original.summary['model']} without blocks {', '.join(map(str, removed))}")
     result.summary["pruned_from"] = {"model": original.summary["model"], "removed": removed,
                                      "num_layers": original.num_layers}
