@@ -36,6 +36,7 @@ NEEDS_ELSEWHERE = {
     "./pre-ln-run/model": "a placeholder for the user's own trainer folder",
     "report runs/gpt2 runs/gpt2-rms": "needs the gpt2 run above",
     "check runs/today": "runs/today and runs/last-week are the user's own runs",
+    "my_task.yaml": "the user's own lm-eval task file",
 }
 #: commands not run: they are what runs this test, or take tens of minutes by design
 NOT_RUN = {
@@ -72,6 +73,8 @@ PYTHON = python_blocks(README.read_text())
 SHRINK = {  # option -> tiny value (calibration windows, training steps, sizes)
     "--num-sequences": "2", "--seq-len": "32", "--steps": "3", "--preset": "tiny", "--seeds": "1",
     "--attribution-steps": "2", "--block-sizes": "2", "--batch-size": "2", "--num-layers": "3",
+    "--eval-limit": "20", "--limit": "20", "--heal-steps": "2", "--repair-windows": "8",
+    "--prompt-lens": "16,32", "--new-tokens": "4", "--batch-sizes": "1,2",
 }
 ADD = {  # options a command gets when it does not give them, so defaults stay small
     "analyze": {"--num-sequences": "2", "--seq-len": "32"},
