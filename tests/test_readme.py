@@ -196,13 +196,17 @@ def _run_once(index: int, workdir: Path, outcomes: dict, capsys, monkeypatch) ->
         return
     if shlex.split(command)[0] == "pytest":
         _write_readme_test_file(workdir)
-    outcomes[index] = _run_in(workdir, command, capsys, monkeypatch)
+    try:
+        outcomes[index] = _run_in(workdir, command, capsys, monkeypatch)
+    except Exception as exc:  # a crash is this command's failure, not every later command's  # noqa: BLE001
+        outcomes[index] = (1, "", f"Traceback: {type(exc).__name__}: {exc}")
 
 
 def _producers(index: int, workdir: Path) -> list[int]:
     """Later commands whose ``--out`` is a missing folder that command ``index`` reads."""
     words = shlex.split(COMMANDS[index])
-    missing = {w for w in words[1:] if w.startswith("runs/") and not (workdir / w).exists()}
+    own_out = words[words.index("--out") + 1] if "--out" in words else None
+    missing = {w for w in words[1:] if w.startswith("runs/") and w != own_out and not (workdir / w).exists()}
     found = []
     for later in range(index + 1, len(COMMANDS)):
         later_words = shlex.split(COMMANDS[later])

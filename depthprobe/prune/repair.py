@@ -314,7 +314,7 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     result = RepairResult(config.method, pd.DataFrame())
     rows = []
     targets, first = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else ({}, None)
-    val = Evaluator(stack, val_ids, config.batch_size, lm) if n_val else None
+    val = Evaluator(stack, val_ids, config.batch_size) if n_val else None  # it reads the objective itself
     val_loss = val.loss(removed) if val else float("nan")
     for start, stop in tqdm(spans, desc=f"repair ({config.method})", disable=not progress, leave=False):
         states = first if (start, stop) == spans[0] else None
