@@ -124,7 +124,8 @@ def workdir(tmp_path_factory):
     (folder / "corpus.txt").write_text(text)
     save_tiny("llama", folder / "my-model")
     if not REAL:
-        save_tiny("llama", folder / "smollm2-standin", num_hidden_layers=30)
+        # SmolLM2's depth and enough positions for the API defaults (256-token windows)
+        save_tiny("llama", folder / "smollm2-standin", num_hidden_layers=30, max_position_embeddings=2048)
     return folder
 
 
