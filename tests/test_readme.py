@@ -244,6 +244,6 @@ def test_readme_python_blocks(workdir, monkeypatch):
         body = body.replace('"runs/smol-24"', '"runs/api-smol-24"').replace('"runs/smol"', '"runs/api-smol"')
         exec(compile(body, str(README), "exec"), namespace)  # noqa: S102 - the README's own example
     result = namespace["result"]
-    assert len(result.layers) == 30 and result.summary["num_tokens"] == 64
+    assert len(result.layers) == 30  # (later README blocks reuse the name `result` with other window sizes)
     pruned = namespace["r"]
     assert len(pruned.removed) == 3 and len(pruned.curve)  # (a random stand-in may even improve when pruned)
