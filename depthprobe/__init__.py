@@ -60,7 +60,7 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS})  # a name imported on first use is in both
 
 
 __all__ = ["AnalysisResult", "DepthprobeError", "LayerStack", "ProbeConfig", "Windows", "analyze", "load_model",

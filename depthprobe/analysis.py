@@ -30,6 +30,7 @@ import torch
 import transformers
 
 from depthprobe import __version__
+from depthprobe.caveats import caveats
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import nonfinite_weight_blocks
@@ -155,7 +156,10 @@ def analyze(
                      progress=progress, loss=loss)
     if progress_dir is not None and not result.summary["interrupted"]:
         (Path(progress_dir) / DROP_PROGRESS).unlink(missing_ok=True)
-    return with_proxy_statistics(result, config.options.bootstrap)
+    result = with_proxy_statistics(result, config.options.bootstrap)
+    # statistics from too little data say so (summary notes: printed by the CLI, in the report)
+    result.summary["notes"] = [*result.summary.get("notes", []), *caveats(result.summary)]
+    return result
 
 
 def _with_progress_file(options: SweepOptions, metrics: Sequence[str], progress_dir, resume: bool) -> SweepOptions:
@@ -178,6 +182,8 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     stack = stack or LayerStack.from_model(model, config.layers_path)
     windows = windows if windows is not None else _windows(model, tokenizer, config)
     objective = Objective(stack)
+    log.info("analyze %s: %d blocks, metrics %s, %d windows x %d tokens of %s", type(model).__name__, len(stack),
+             ",".join(config.metrics), windows.num_sequences, windows.seq_len, windows.source)
     was_training = model.training
     model.eval()
     if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
@@ -189,6 +195,7 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
         model.train(was_training)
     ctx = SweepContext(stack, windows, objective, config.batch_size, config.options, main.base_loss,
                        main.window_nll, progress)
+    log.info("main pass done (base loss %s)", None if main.base_loss is None else round(main.base_loss, 4))
     sweeps, interrupted = run_sweeps(ctx, config.metrics)
     layers = pd.DataFrame({"layer": np.arange(len(stack)),
                            **{k: np.asarray(v, float) for k, v in main.columns.items()},

@@ -40,6 +40,7 @@ ANGULAR_CSV = "angular_distance.csv"
 SUMMARY_JSON = "summary.json"
 REPORT_HTML = "report.html"
 DROP_PROGRESS = "drop_progress.jsonl"
+ORIGINAL_DIR = "original"  # in a prune folder: the analysis of the model the blocks were chosen from
 ANALYSIS_DIR = "analysis"  # the analyze folder inside a prune or train folder
 PRUNE_JSON = "prune.json"
 PRUNE_CURVE_CSV = "prune_curve.csv"
@@ -84,10 +85,9 @@ class AnalysisResult:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> AnalysisResult:
-        """Read a folder written by :meth:`save` (or by ``depthprobe analyze --out``)."""
-        run = Path(run_dir)
-        if not (run / LAYERS_CSV).is_file() or not (run / SUMMARY_JSON).is_file():
-            raise DepthprobeError(f"{run_dir} is not a depthprobe run folder (no {LAYERS_CSV} / {SUMMARY_JSON})")
+        """Read a folder written by :meth:`save` or any run folder (analyze, prune or train
+        ``--out``: see :func:`analysis_dir`)."""
+        run = analysis_dir(run_dir)
         layers = pd.read_csv(run / LAYERS_CSV)
         summary = json.loads((run / SUMMARY_JSON).read_text())
         angular = pd.read_csv(run / ANGULAR_CSV, index_col=0) if (run / ANGULAR_CSV).is_file() else None
@@ -97,6 +97,13 @@ class AnalysisResult:
             p.stem: pd.read_csv(p) for p in sorted(run.glob("*.csv")) if p.name not in (LAYERS_CSV, ANGULAR_CSV)
         }
         return cls(layers=layers, summary=summary, angular_distance=angular, tables=tables)
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view: header, findings, main figures and the per-layer table, self-contained."""
+        # imported on first display: loading results (the pytest plugin does) needs no matplotlib
+        from depthprobe.report.notebook import result_html
+
+        return result_html(self)
 
     def __repr__(self) -> str:
         s = self.summary
@@ -138,6 +145,60 @@ def _jsonable(value):
     return value
 
 
+def analysis_dir(path: str | Path) -> Path:
+    """The folder holding ``layers.csv`` and ``summary.json`` of any depthprobe run folder:
+    the folder itself (``analyze --out``) or its ``analysis/`` (``prune --out``, ``train --out``).
+
+    A ``compare --out`` folder holds one run per variant and seed: the error names one.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DepthprobeError(f"run folder not found: {path}")
+    for candidate in (folder, folder / "analysis"):
+        if (candidate / LAYERS_CSV).is_file() and (candidate / SUMMARY_JSON).is_file():
+            return candidate
+    seeds = sorted(folder.glob("*/seed*/analysis"))
+    if (folder / "comparison.csv").is_file() and seeds:
+        raise DepthprobeError(f"{path} is a `depthprobe compare` folder with one run per variant and seed; "
+                              f"pass one of them, e.g. {seeds[0].parent}")
+    if (folder / "model" / "config.json").is_file():
+        raise DepthprobeError(f"{path} is a training run without an analysis (trained with --no-report?); "
+                              f"run `depthprobe analyze {path} --out {folder / 'analysis'}` first")
+    raise DepthprobeError(f"{path} is not a depthprobe run folder (no {LAYERS_CSV} and {SUMMARY_JSON} in it or "
+                          "in its analysis/); give a folder written by analyze, prune or train --out")
+
+
+def model_source(source: str | Path) -> str:
+    """Where the model of a run folder is, for commands that load a model (``analyze``, ``prune``).
+
+    A ``train --out`` folder keeps its model in ``model/``; a ``prune --out`` folder is a model
+    folder itself; an ``analyze --out`` or ``compare --out`` folder holds no model (one-line
+    error saying what to pass). Anything else (hub id, model folder, file) is returned unchanged.
+    """
+    folder = Path(source).expanduser()
+    if not folder.is_dir() or _is_model_folder(folder):
+        return str(source)
+    if _is_model_folder(folder / "model"):
+        return str(folder / "model")
+    if (folder / "comparison.csv").is_file():
+        models = sorted(folder.glob("*/seed*/model"))
+        example = f", e.g. {models[0].parent}" if models else ""
+        raise DepthprobeError(f"{source} is a `depthprobe compare` folder: it holds one model per variant and seed; "
+                              f"pass one run folder{example}")
+    if (folder / SUMMARY_JSON).is_file():
+        measured = json.loads((folder / SUMMARY_JSON).read_text()).get("model")
+        raise DepthprobeError(f"{source} holds analysis results, not a model; analyze the model it measured"
+                              + (f" ({measured})" if measured else ""))
+    return str(source)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A transformers model folder: a config.json naming a model type (a training run's own
+    config.json, beside its model/ folder, names none)."""
+    try:
+        return "model_type" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 def seed_dir(folder: str | Path, variant: str, seed: int) -> Path:
     """Where a comparison keeps the training folder of one variant and seed."""
     return Path(folder) / str(variant) / f"seed{seed}"

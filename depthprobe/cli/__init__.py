@@ -6,6 +6,7 @@ Every command parses options, calls the Python API, prints and writes. A
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -37,6 +38,15 @@ class LazyGroup(click.Group):
         if name not in COMMANDS or not _has_module(COMMANDS[name]):
             return None
         return importlib.import_module(f"depthprobe.cli.{COMMANDS[name]}").command
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        """An unknown command names the closest one (``analyse`` -> ``analyze``)."""
+        name = args[0] if args else ""
+        if args and not name.startswith("-") and self.get_command(ctx, name) is None:
+            close = difflib.get_close_matches(name, self.list_commands(ctx), n=1, cutoff=0.6)
+            hint = f"; did you mean `depthprobe {close[0]}`?" if close else f"; commands: {', '.join(COMMANDS)}"
+            raise click.UsageError(f"no command {name!r}{hint}", ctx)
+        return super().resolve_command(ctx, args)
 
 
 def _has_module(mod: str) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from depthprobe.analysis import ALL_METRICS, DEFAULT_METRICS, analyze, parse_metrics
@@ -15,7 +17,7 @@ from depthprobe.cli.options import (
 )
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, DEFAULT_BLOCK_SIZES, AttributionOptions
-from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.results import DROP_PROGRESS, REPORT_HTML, parse_list
 from depthprobe.safeio import locks_out
 
 
@@ -77,19 +79,33 @@ def command(**opts) -> None:
         click.echo(format_table(result))
         if result.summary.get("proxy_verdict"):
             click.echo(result.summary["proxy_verdict"])
-    if opts["out_dir"]:
+    measured = [c for c in result.layers.columns if c != "layer"]
+    if not opts["out_dir"]:
+        # said even with -q (benchmarks time `analyze -q` without --out): a silent run saves nothing
+        click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
+    elif measured:  # an interrupt before any metric finished leaves nothing worth a table or report
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
             write_report([result], out / REPORT_HTML)
         click.echo(f"Results written to {out}/", err=True)
     if result.summary["interrupted"]:
-        where = f"saved in {opts['out_dir']}" if opts["out_dir"] else "not saved (no --out)"
-        resume = " (rerun with --resume to continue the drop sweep)" if opts["out_dir"] else ""
-        raise DepthprobeError(f"interrupted during the {result.summary['interrupted']} sweep; the metrics "
-                              f"finished before it are {where}{resume}")
+        raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
     if result.summary["nonfinite"]:
         where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
-        raise DepthprobeError(result.summary["notes"][-1] + where)
+        # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
+        note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
+        raise DepthprobeError(note + where)
+
+
+def interrupted_message(sweep: str, out_dir: str | None, measured: list[str]) -> str:
+    """What an interrupt kept: saved metrics, and --resume only when a drop batch finished."""
+    if not measured:
+        return f"interrupted during the {sweep} sweep before any metric finished; nothing was saved"
+    where = f"saved in {out_dir}" if out_dir else "not saved (no --out)"
+    progress = Path(out_dir) / DROP_PROGRESS if out_dir else None
+    resumable = progress is not None and progress.is_file() and len(progress.read_text().splitlines()) > 1
+    resume = f" (rerun with --resume to continue the {sweep} sweep)" if resumable else ""
+    return f"interrupted during the {sweep} sweep; the metrics finished before it are {where}{resume}"
 
 
 def format_table(result) -> str:

@@ -20,13 +20,17 @@ from depthprobe.testing.compare import DEFAULT_ATOL, DEFAULT_RTOL
 )
 @click.option("--all", "show_all", is_flag=True, help="Print every compared value, not only what moved.")
 @click.option("--out", "out_csv", type=click.Path(dir_okay=False), default=None, help="Write the full comparison CSV.")
+@click.option("--allow-different-text", is_flag=True,
+              help="Compare even when the model, calibration text, windows or dtype differ (exit 2 otherwise).")
 @click.pass_context
-def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show_all, out_csv) -> None:
+def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show_all, out_csv,
+            allow_different_text) -> None:
     """Compare RUN_DIR with a baseline, metric by metric and layer by layer.
 
-    Both folders are `depthprobe analyze --out` folders (or baselines written by the pytest
+    Both are run folders (analyze, prune or train --out; or baselines written by the pytest
     plugin). A value moved when |value - baseline| > atol + rtol*|baseline|; NaN on both
-    sides is equal. Exit 0 when nothing moved, 1 when something did, 2 on bad input.
+    sides is equal. Exit 0 when nothing moved, 1 when something did, 2 on bad input, including
+    runs of a different model, calibration text, window setup or dtype (--allow-different-text).
 
     \b
     Examples:
@@ -36,7 +40,10 @@ def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show
     """
     from depthprobe.testing.compare import compare_runs, format_comparison, summarize
 
-    table = compare_runs(run_dir, baseline_dir, rtol=rtol, atol=atol, metrics=metrics)
+    table = compare_runs(run_dir, baseline_dir, rtol=rtol, atol=atol, metrics=metrics,
+                         allow_different_text=allow_different_text)
+    for difference in table.attrs.get("setup_differences", []):
+        click.echo(f"note: measured differently: {difference}")
     moved = not table["ok"].all()
     if moved or show_all:
         click.echo(format_comparison(table, only_moved=not show_all, max_rows=len(table) if show_all else 50))

@@ -51,6 +51,17 @@ common_options = _stack(
 )
 
 
+def refuse_existing_out(out_dir: str, allowed: bool, how: str = "--force to write into it") -> None:
+    """An existing, non-empty ``--out`` is kept unless the user says otherwise (as ``convert`` does)."""
+    from pathlib import Path
+
+    from depthprobe.errors import DepthprobeError
+
+    out = Path(out_dir)
+    if not allowed and out.is_dir() and any(out.iterdir()):
+        raise DepthprobeError(f"--out {out_dir} exists and is not empty; choose a new folder, or pass {how}")
+
+
 def load_from_options(opts: dict):
     """(model, tokenizer) from the parsed ``model_options``; with ``--dry-run``, print the
     memory plan and exit 0 before loading."""

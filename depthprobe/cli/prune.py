@@ -17,6 +17,7 @@ from depthprobe.cli.options import (
     data_options,
     load_from_options,
     model_options,
+    refuse_existing_out,
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
@@ -37,6 +38,7 @@ from depthprobe.safeio import locks_out
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the pruned model.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted prune in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
+@click.option("--force", is_flag=True, help="Write into an existing, non-empty --out.")
 @heldout_options
 @judge_options
 @click.option("--repair", type=click.Choice(["linear", "cosine"]), default=None,
@@ -87,6 +89,7 @@ def command(**opts) -> None:
     remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
+    refuse_existing_out(opts["out_dir"], opts["force"])
     quiet_harness(opts["verbose"])
     model, tokenizer = load_from_options(opts)
     judge = PruneJudge(opts, model, tokenizer)

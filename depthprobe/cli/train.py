@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from depthprobe.cli.options import _stack, common_options, setup_logging
+from depthprobe.cli.options import _stack, common_options, refuse_existing_out, setup_logging
 from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
 from depthprobe.safeio import locks_out
 from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
@@ -77,6 +77,7 @@ def configs_from_options(opts: dict, norm: str, seed: int):
 @click.option("--seed", type=int, default=0, show_default=True, help="Fixes init and data order.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt.")
+@click.option("--force", is_flag=True, help="Start a new run in an existing, non-empty OUT.")
 @click.option("--no-report", is_flag=True, help="Do not analyze the final model into OUT/report.html.")
 @common_options
 @locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
@@ -98,6 +99,8 @@ def command(**opts) -> None:
     from depthprobe.train.trainer import Trainer
 
     setup_logging(opts["verbose"])
+    refuse_existing_out(opts["out_dir"], opts["resume"] or opts["force"],
+                        "--resume to continue that run, or --force to start a new one there")
     model_cfg, train_cfg, data_cfg = configs_from_options(opts, opts["norm"], opts["seed"])
     trainer = Trainer(model_cfg, train_cfg, data_cfg, opts["out_dir"], resume=opts["resume"], progress=not opts["quiet"])
     result = trainer.fit()

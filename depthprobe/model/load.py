@@ -30,6 +30,7 @@ from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
 from depthprobe.model.stack import ENCODER_TYPES
+from depthprobe.results import model_source
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def load_model(
     max_memory = parse_max_memory(max_memory)
     device_map = resolve_device_map(device_map, max_memory, offload_folder)
     target = None if device_map is not None else resolve_device(device)
+    alias = str(source) if str(source) in PACKAGED_MODELS else None
     source, gguf_file = resolve_source(source, gguf_file, cache)
     # corrupt or mismatched files: one line, before transformers (or the memory plan) reads them
     check_model_files(source, gguf_file, trust_remote_code)
@@ -165,10 +167,13 @@ def load_model(
     torch_dtype = _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, workload,
                                  revision, trust_remote_code)
     load_kwargs = {"max_memory": max_memory, "offload_folder": offload_folder} if device_map is not None else {}
+    log.info("loading %s%s as %s", source, f" ({gguf_file})" if gguf_file else "", torch_dtype)
     with loader_errors(source):
         model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code,
                                             **load_kwargs)
     check_loaded(model, tokenizer, source)
+    if alias is not None:  # results name the packaged model, not its cache folder
+        model.config._name_or_path = alias
     if gguf_file:
         _forget_gguf_quantization(model)
     if target is not None:
@@ -242,6 +247,8 @@ def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, cach
     """``(folder or hub id, GGUF file name or None)`` for a packaged alias, a ``.gguf`` path, a
     folder or a hub id; a GGUF already de-quantized into the cache resolves to that folder."""
     source = str(source)
+    if source not in PACKAGED_MODELS:
+        source = model_source(source)  # a train run folder keeps its model in model/
     if source in PACKAGED_MODELS:
         folder, packaged_gguf = packaged_model_path(source)
         source, gguf_file = str(folder), gguf_file or packaged_gguf

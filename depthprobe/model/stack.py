@@ -75,6 +75,10 @@ class LayerStack:
     #: why sublayers could not be found, when they could not
     sublayer_error: str | None = field(default=None, repr=False)
 
+    def __repr__(self) -> str:  # the dataclass default prints the whole model (twice)
+        return (f"LayerStack({type(self.model).__name__}, family={self.family!r}, blocks={len(self.blocks)} "
+                f"at {self.blocks_path!r}, head={'yes' if self.head is not None else 'no'})")
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model(cls, model: nn.Module, layers_path: str | None = None) -> LayerStack:

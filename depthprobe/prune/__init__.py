@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from depthprobe.prune.select import (
 )
 from depthprobe.results import (
     ANALYSIS_DIR,
+    ORIGINAL_DIR,
     PRUNE_CURVE_CSV,
     PRUNE_EXCESS_CSV,
     PRUNE_JSON,
@@ -67,6 +69,8 @@ __all__ = [
     "repair_linear", "save_model",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class PruneResult:
@@ -83,6 +87,8 @@ class PruneResult:
     heldout: dict | None = None
     #: held-out losses of plain removal, repair and healing (``--repair`` / ``--heal``)
     seam: SeamReport | None = None
+    #: the pruned model's own diagnostics (angular, variance; same windows); ``analysis`` is the original's
+    pruned_analysis: AnalysisResult | None = None
 
     @property
     def perplexity_before(self) -> float:
@@ -198,10 +204,26 @@ def prune(
     table = merge_curve(table, report, strategy)
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
                          analysis, excess, held, report)
+    log.info("removed blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
+    result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir)
         for journal in journals.values():  # everything is saved: nothing left to resume
             journal.unlink(missing_ok=True)
+    return result
+
+
+def analyze_pruned(model: torch.nn.Module, windows: Windows, original: AnalysisResult, removed: list[int],
+                   progress: bool = True) -> AnalysisResult:
+    """The pruned (and repaired or healed) model's own angular and variance diagnostics on the
+    windows that chose the blocks: one forward pass (its ``base_loss`` is the calibration loss
+    after pruning)."""
+    config = original.summary["config"]
+    result = analyze(model, windows=windows, metrics="angular,variance", batch_size=config["batch_size"],
+                     layers_path=config["layers_path"], progress=progress, loss=True,
+                     model_name=f"{original.summary['model']} without blocks {', '.join(map(str, removed))}")
+    result.summary["pruned_from"] = {"model": original.summary["model"], "removed": removed,
+                                     "num_layers": original.num_layers}
     return result
 
 
@@ -227,7 +249,12 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
     if result.curve is not None:
         atomic_to_csv(result.curve, out / PRUNE_CURVE_CSV, index=False, float_format="%.10g")
         atomic_to_csv(result.excess, out / PRUNE_EXCESS_CSV, index=False, float_format="%.10g")
-    result.analysis.save(out / ANALYSIS_DIR)
+    else:  # --force into an older prune folder: its curve would describe another pruning
+        for stale in (PRUNE_CURVE_CSV, PRUNE_EXCESS_CSV):
+            (out / stale).unlink(missing_ok=True)
+    # analysis/ describes the model this folder holds; original/ the one the blocks were chosen from
+    (result.pruned_analysis or result.analysis).save(out / ANALYSIS_DIR)
+    result.analysis.save(out / ORIGINAL_DIR)
     if result.seam is not None:
         result.seam.save(out)
 

@@ -1,6 +1,6 @@
 """Matplotlib figures of one or several runs, usable from notebooks and by the HTML report.
 
-Every function takes a list of runs (``AnalysisResult``; one is fine) and returns a
+Every function takes one run (``AnalysisResult``) or a list of runs and returns a
 ``matplotlib.figure.Figure`` or ``None`` when the runs hold no data for it. Runs keep the
 same color in every figure.
 
@@ -22,7 +22,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from depthprobe.errors import DepthprobeError  # noqa: E402
 from depthprobe.results import AnalysisResult  # noqa: E402
 
 COLORS = ["#1f5fa8", "#d1495b", "#2e9e6a", "#edae49", "#6a4c93", "#00798c", "#8d6a4f", "#555555"]
@@ -53,16 +55,45 @@ def _style(ax, xlabel="layer", ylabel=None):
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
     ax.set_xlabel(xlabel)
+    if xlabel in ("layer", "blocks removed"):  # small models: no tick at layer 2.5
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel:
         ax.set_ylabel(ylabel)
+
+
+def as_runs(runs: AnalysisResult | Sequence[AnalysisResult]) -> list[AnalysisResult]:
+    """A single result or a list of them, as a list (notebook users pass one result)."""
+    return [runs] if isinstance(runs, AnalysisResult) else list(runs)
+
+
+def _has(run: AnalysisResult, column: str) -> bool:
+    return column in run.layers and run.layers[column].notna().any()
+
+
+def note_missing(fig: Figure, runs: Sequence[AnalysisResult], columns: Sequence[str]) -> None:
+    """Say under the figure which runs were not drawn because they lack every one of ``columns``."""
+    absent = [run_label(r) for r in runs if not any(_has(r, c) for c in columns)]
+    if absent and len(absent) < len(runs):
+        fig.text(0.01, -0.02, "not measured in: " + ", ".join(absent), fontsize=8, color="#555555",
+                 va="top", ha="left")
 
 
 def _present(runs: Sequence[AnalysisResult], column: str) -> bool:
     return any(column in r.layers and r.layers[column].notna().any() for r in runs)
 
 
-def plot_layers(runs: Sequence[AnalysisResult], columns: Sequence[str], title: str | None = None) -> Figure | None:
-    """One panel per column, x = layer, one line per run (dashes tell sublayer columns apart)."""
+def plot_layers(runs: AnalysisResult | Sequence[AnalysisResult], columns: Sequence[str], title: str | None = None) -> Figure | None:
+    """One panel per column, x = layer, one line per run (dashes tell sublayer columns apart).
+
+    Raises ``DepthprobeError`` for a column that is neither a depthprobe metric nor in any run.
+    """
+    runs = as_runs(runs)
+    unknown = [c for c in columns if c not in LABELS and not any(c in r.layers for r in runs)]
+    if unknown:
+        available = sorted({c for r in runs for c in r.layers.columns if c != "layer"})
+        raise DepthprobeError(f"no column {', '.join(map(repr, unknown))} in these runs; "
+                              f"choose from {', '.join(available)}")
+    requested = list(columns)
     columns = [c for c in columns if _present(runs, c)]
     if not columns:
         return None
@@ -81,11 +112,13 @@ def plot_layers(runs: Sequence[AnalysisResult], columns: Sequence[str], title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    note_missing(fig, runs, requested)
     return fig
 
 
-def plot_grad_norms(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_grad_norms(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Gradient norm per layer: block total (solid), attention (dashed), MLP (dotted)."""
+    runs = as_runs(runs)
     if not _present(runs, "grad_norm"):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
@@ -93,23 +126,33 @@ def plot_grad_norms(runs: Sequence[AnalysisResult]) -> Figure | None:
         color = COLORS[i % len(COLORS)]
         for column, style in (("grad_norm", "-"), ("grad_norm_attn", "--"), ("grad_norm_mlp", ":")):
             if column in run.layers:
-                label = f"{run_label(run)}: {LABELS[column]}" if len(runs) > 1 else LABELS[column]
+                # several runs: one legend entry per run (its color) plus one per line style
+                label = LABELS[column] if len(runs) == 1 else run_label(run) if style == "-" else None
                 ax.plot(run.layers["layer"], run.layers[column], style, color=color, lw=1.6, label=label,
                         marker="o" if style == "-" else None, ms=3)
     ax.set_yscale("log")
     _style(ax, ylabel="L2 norm of gradients")
-    ax.legend(fontsize=8)
+    if len(runs) == 1:
+        ax.legend(fontsize=8)
+    else:
+        for column, style in (("grad_norm", "-"), ("grad_norm_attn", "--"), ("grad_norm_mlp", ":")):
+            ax.plot([], [], style, color="#555555", label=LABELS[column])
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
+    note_missing(fig, runs, ["grad_norm"])
     return fig
 
 
-def plot_lens(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_lens(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Logit-lens loss per layer with each run's full-model loss as a horizontal line."""
+    runs = as_runs(runs)
     if not _present(runs, "logit_lens_loss"):
         return None
     fig, ax = plt.subplots(figsize=(7.5, 3.4))
     for i, run in enumerate(runs):
         color = COLORS[i % len(COLORS)]
+        if not _has(run, "logit_lens_loss"):  # runs with other metric sets side by side
+            continue
         ax.plot(run.layers["layer"], run.layers["logit_lens_loss"], marker="o", ms=3, color=color,
                 label=run_label(run))
         base = run.summary.get("base_loss")
@@ -120,12 +163,13 @@ def plot_lens(runs: Sequence[AnalysisResult]) -> Figure | None:
     if len(runs) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
+    note_missing(fig, runs, ["logit_lens_loss"])
     return fig
 
 
-def plot_angular_heatmap(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_angular_heatmap(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Angular distance d(x_l, x_{l+n}): start layer l (y) × block size n (x), one panel per run."""
-    runs = [r for r in runs if r.angular_distance is not None]
+    runs = [r for r in as_runs(runs) if r.angular_distance is not None]
     if not runs:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
@@ -135,15 +179,18 @@ def plot_angular_heatmap(runs: Sequence[AnalysisResult]) -> Figure | None:
                           extent=(0.5, matrix.shape[1] + 0.5, -0.5, matrix.shape[0] - 0.5))
         ax.set_xlabel("block size n")
         ax.set_ylabel("start layer l")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(run_label(run), fontsize=10)
         fig.colorbar(image, ax=ax, label="angular distance")
     fig.tight_layout()
     return fig
 
 
-def plot_drop(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_drop(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Loss increase when each block (or only its attention / MLP) is dropped, per layer."""
-    runs = [r for r in runs if "drop_delta_loss" in r.layers]
+    all_runs = as_runs(runs)
+    runs = [r for r in all_runs if "drop_delta_loss" in r.layers]
     if not runs:
         return None
     fig, axes = plt.subplots(len(runs), 1, figsize=(9, 3.2 * len(runs)), squeeze=False)
@@ -165,12 +212,13 @@ def plot_drop(runs: Sequence[AnalysisResult]) -> Figure | None:
         ax.set_title(run_label(run), fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    note_missing(fig, all_runs, ["drop_delta_loss"])
     return fig
 
 
-def plot_block_drop(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_block_drop(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Gromov et al.: loss of removing blocks l..l+n−1 against d(x_l, x_{l+n}), per block size."""
-    runs = [r for r in runs if "block_drop" in r.tables and len(r.tables["block_drop"])]
+    runs = [r for r in as_runs(runs) if "block_drop" in r.tables and len(r.tables["block_drop"])]
     if not runs:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 3.6), squeeze=False)
@@ -187,9 +235,9 @@ def plot_block_drop(runs: Sequence[AnalysisResult]) -> Figure | None:
     return fig
 
 
-def plot_prune_curve(runs: Sequence[AnalysisResult]) -> Figure | None:
+def plot_prune_curve(runs: AnalysisResult | Sequence[AnalysisResult]) -> Figure | None:
     """Loss after removing K blocks, one line per strategy (solid: first run, dashed: others)."""
-    runs = [r for r in runs if "prune_curve" in r.tables]
+    runs = [r for r in as_runs(runs) if "prune_curve" in r.tables]
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7.5, 3.6))

@@ -64,7 +64,8 @@ def _drop_findings(layers: pd.DataFrame, has_ang: bool) -> list[str]:
 
 def _curve_findings(result: AnalysisResult) -> list[str]:
     """How many layers fit in the perplexity budget, from a pruning curve."""
-    n = len(result.layers)
+    # a prune folder's table is the pruned model's; its curve counts the original's layers
+    n = result.summary.get("pruned_from", {}).get("num_layers", len(result.layers))
     out: list[str] = []
     curve = result.tables.get("prune_curve")
     if curve is not None and len(curve) and result.summary.get("objective", "lm_loss") == "lm_loss":

@@ -21,8 +21,10 @@ import pandas as pd
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
+from depthprobe.report.captions import activation_caption, drop_caption, lens_caption
 from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
+from depthprobe.report.prune_summary import prune_html
 from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.results import AnalysisResult, load_runs
 from depthprobe.safeio import atomic_write_text
@@ -116,21 +118,16 @@ def _figure_sections(runs: Sequence[AnalysisResult]) -> list[tuple[str, object, 
          "Higher means the block rotates the residual stream more; a block near 0 passes its input on almost "
          "unchanged (angular distance = mean arccos(cos(x_l, x_l+1))/π; block influence = 1 − mean cos)."),
         ("Activation scale", F.plot_layers(runs, ["activation_variance", "max_abs_activation"]),
-         "Log scale. Steady growth with depth is the Pre-LN variance explosion; a spike in max |activation| "
-         "marks massive activations."),
+         activation_caption(runs)),
         ("Gradient norms", F.plot_grad_norms(runs),
          "Log scale: L2 norm of each block's parameter gradients for the mean-token LM loss; solid is the whole "
          "block, dashed the attention sublayer, dotted the MLP. Small values deep in a Pre-LN model mean those "
          "layers barely learn."),
-        ("Logit lens", F.plot_lens(runs),
-         "Loss when block l's output goes straight to the final norm and head; the dashed line is the full "
-         "model. Where the curve meets the line, later layers add little."),
+        ("Logit lens", F.plot_lens(runs), lens_caption(runs)),
         ("Angular distance between layers l and l+n", F.plot_angular_heatmap(runs),
          "Each cell is d(x_l, x_l+n); dark cells are runs of n blocks that change the stream little and are "
          "candidates for removal together (Gromov et al. 2024)."),
-        ("What dropping each block costs", F.plot_drop(runs),
-         "Bars: increase of the loss when block l (blue), only its attention (yellow) or only its MLP (green) is "
-         "removed; symmetric log scale, error bars are bootstrap intervals over windows when present."),
+        ("What dropping each block costs", F.plot_drop(runs), drop_caption(runs)),
         ("Dropping runs of blocks", F.plot_block_drop(runs),
          "Each dot removes blocks l..l+n−1; if angular distance predicts damage, dots rise from left to right."),
         ("Pruning curves", F.plot_prune_curve(runs),
@@ -159,7 +156,13 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     title = title or ("depthprobe: " + " vs ".join(F.run_label(r) for r in runs))
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">Generated {time.strftime("%Y-%m-%d %H:%M")} by depthprobe. '
-             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs)]
+             "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs),
+             prune_html(runs, F.run_label)]
+    for run in runs:  # a comparison's main result: shown once, first
+        if "comparison" in run.tables:
+            parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
+                         "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
+                         + table_html(run.tables["comparison"]))
     for run in runs:
         sentences = findings(run)
         if sentences:
@@ -176,11 +179,6 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
             if name in run.tables:
                 parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>"
                              + table_html(run.tables[name]))
-    for run in runs:  # a comparison's summary belongs to all its runs: shown once, unlabeled
-        if "comparison" in run.tables:
-            parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
-                         "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
-                         + table_html(run.tables["comparison"]))
     frames = []
     for run in runs:
         frame = run.layers.copy()

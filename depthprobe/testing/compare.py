@@ -36,8 +36,13 @@ def compare_runs(
     rtol: float = DEFAULT_RTOL,
     atol: float = DEFAULT_ATOL,
     metrics: str | Sequence[str] | None = None,
+    allow_different_text: bool = False,
 ) -> pd.DataFrame:
     """One row per (layer, metric) and per summary scalar: baseline, value, differences, ok.
+
+    Runs measured on a different model, calibration text, window setup or dtype are refused
+    first (a moved value would blame the model for the setup), unless ``allow_different_text``;
+    then the differences are in ``table.attrs["setup_differences"]``.
 
     Args:
         run: the new result (an :class:`AnalysisResult` or an ``analyze --out`` folder).
@@ -68,6 +73,10 @@ def compare_runs(
             f"the run has {run_r.num_layers} layers but the baseline has {base_r.num_layers}; "
             "compare runs of the same model"
         )
+    differences = setup_differences(run_r, base_r)
+    if differences and not allow_different_text:
+        raise DepthprobeError("the run and the baseline were measured differently (" + "; ".join(differences)
+                              + "); analyze with the baseline's settings, or pass --allow-different-text")
     run_tokens, base_tokens = run_r.summary.get("num_tokens"), base_r.summary.get("num_tokens")
     if run_tokens is not None and base_tokens is not None and run_tokens != base_tokens:
         raise DepthprobeError(
@@ -92,7 +101,25 @@ def compare_runs(
     frame["baseline"], frame["value"] = base, value
     frame["abs_diff"], frame["rel_diff"] = abs_diff, rel_diff
     frame["ok"] = np.isclose(value, base, rtol=rtol, atol=atol, equal_nan=True)
-    return frame[COLUMNS]
+    frame = frame[COLUMNS]
+    frame.attrs["setup_differences"] = differences
+    return frame
+
+
+#: summary fields that must agree before values can be blamed on the model: (key, what it is)
+SETUP_FIELDS = (("model", "model"), ("text_source", "calibration text"), ("num_sequences", "windows"),
+                ("seq_len", "tokens per window"), ("dtype", "dtype"))
+
+
+def setup_differences(run: AnalysisResult, baseline: AnalysisResult) -> list[str]:
+    """What differs in how the two were measured, e.g. ``"calibration text 'file:b.txt' vs 'file:a.txt'"``
+    (run first). Fields missing from either summary (older baselines) are not compared."""
+    out = []
+    for key, what in SETUP_FIELDS:
+        mine, theirs = run.summary.get(key), baseline.summary.get(key)
+        if mine is not None and theirs is not None and mine != theirs:
+            out.append(f"{what} {mine!r} in the run vs {theirs!r} in the baseline")
+    return out
 
 
 def format_comparison(table: pd.DataFrame, only_moved: bool = True, max_rows: int = 50) -> str:

@@ -334,7 +334,8 @@ class DepthprobeLMModel(DepthprobeLMPreTrainedModel):
         self.norm = make_norm(cfg)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:
+        """``use_cache`` is accepted (and unused: no KV cache) as transformers' base models take it."""
         T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise DepthprobeError(f"sequence of {T} tokens is longer than max_position_embeddings")
