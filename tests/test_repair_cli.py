@@ -46,7 +46,7 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     )
     assert code == 0, err
     info = json.loads((out / "prune.json").read_text())
-    line = next(x for x in stdout.splitlines() if x.startswith("held-out loss"))
+    line = next(x for x in stdout.splitlines() if x.startswith("repair/heal held-out loss"))
     assert f"healed {info['heldout_loss_healed']:.6f}" in line
     model, loss = _heldout_loss_by_hand(out, AutoTokenizer.from_pretrained(out))
     assert loss == pytest.approx(info["heldout_loss_healed"], abs=1e-5)

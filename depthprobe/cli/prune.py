@@ -152,7 +152,7 @@ def _echo_seam(seam) -> None:
     for name, value in (("repaired", seam.heldout_repaired), ("healed", seam.heldout_healed)):
         if value == value:  # not NaN
             parts.append(f"{name} {value:.6f} ({100 * seam.recovered(value):.0f}% of the gap recovered)")
-    click.echo(f"held-out loss ({seam.heldout_source}): " + ", ".join(parts))
+    click.echo(f"repair/heal held-out loss ({seam.heldout_source}): " + ", ".join(parts))
     if seam.spans is not None:
         for row in seam.spans[~seam.spans["applied"]].itertuples():
             click.echo(f"  repair of blocks {row.start}..{row.stop - 1} declined: {row.reason}")
