@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class Journal:
     """Finished steps of one run, keyed by a JSON-serialisable key; ``path=None`` records nothing."""
 
-    def __init__(self, path: str | Path | None, fingerprint: str):
+    def __init__(self, path: str | Path | None, fingerprint: str, what: str = "run"):
         self.path = Path(path) if path else None
         self.fingerprint = fingerprint
         self.steps: dict[str, object] = {}
@@ -37,7 +37,7 @@ class Journal:
             self.path.unlink()
             return
         if header.get("fingerprint") != fingerprint:
-            raise DepthprobeError(f"{self.path} belongs to a different run (other model, text or options); "
+            raise DepthprobeError(f"{self.path} belongs to a different {what} (other model, text or options); "
                                   "delete it or drop --resume")
         for line in lines[1:]:
             try:

@@ -18,7 +18,6 @@ skips the batches already there.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.errors import DepthprobeError
+from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import watch_blocks, zero_output
@@ -220,7 +219,7 @@ def run_drop_sweep(
     # sublayer drops where a block has a separable sublayer; the other cells stay empty
     can_sublayer = sublayers and any(stack.sublayer_layers(k, droppable=True) for k in ("attn", "mlp"))
     block_sizes = list(block_sizes)
-    done = _Progress(progress_file, _fingerprint(stack, input_ids, can_sublayer, block_sizes))
+    done = Journal(progress_file, _fingerprint(stack, input_ids, can_sublayer, block_sizes), what="sweep")
     tables = _DropTables(num_layers, n_windows, can_sublayer, block_sizes)
     steps_per_batch = num_layers * (1 + 2 * can_sublayer) + sum(num_layers - n + 1 for n in block_sizes)
     n_batches = -(-n_windows // batch_size)
@@ -257,41 +256,3 @@ def _fingerprint(stack: LayerStack, input_ids: torch.Tensor, sublayers: bool, bl
         h.update(first.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
-
-class _Progress:
-    """Append-only JSON-lines record of finished batches (one line per batch)."""
-
-    def __init__(self, path: str | Path | None, fingerprint: str):
-        self.path = Path(path) if path else None
-        self.fingerprint = fingerprint
-        self.batches: dict[int, dict] = {}
-        if self.path is None or not self.path.is_file():
-            return
-        lines = self.path.read_text().splitlines()
-        if not lines:
-            return
-        header = json.loads(lines[0])
-        if header.get("fingerprint") != fingerprint:
-            raise DepthprobeError(
-                f"{self.path} belongs to a different sweep (other model, text or options); delete it or drop --resume"
-            )
-        for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interrupt: recompute that batch
-                break
-            self.batches[rec["start"]] = rec["data"]
-
-    def get(self, start: int) -> dict | None:
-        return self.batches.get(start)
-
-    def append(self, start: int, data: dict) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with self.path.open("a") as f:
-            if new:
-                f.write(json.dumps({"fingerprint": self.fingerprint}) + "\n")
-            f.write(json.dumps({"start": start, "data": data}) + "\n")
-            f.flush()
