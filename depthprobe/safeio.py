@@ -210,6 +210,7 @@ def out_lock(out_dir: str | Path, command: str = "depthprobe") -> Iterator[Path]
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DepthprobeError(f"--out {out} is a file, not a folder; choose a folder")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -231,6 +232,9 @@ def out_lock(out_dir: str | Path, command: str = "depthprobe") -> Iterator[Path]
         with contextlib.suppress(OSError):
             os.unlink(path)  # unlink before unlocking: a waiter that opened the old file retries
         os.close(fd)
+        if created:  # a command refused before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def _acquire(path: Path, command: str) -> int:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import click
 
-from depthprobe.cli.options import load_from_options, model_options, setup_logging
+from depthprobe.cli.options import load_from_options, model_options, refuse_existing_out, setup_logging
 from depthprobe.convert.fold import KINDS
 from depthprobe.errors import DepthprobeError
-from depthprobe.safeio import LOCK_NAME, locks_out
+from depthprobe.safeio import locks_out
 
 
 @click.command("convert")
@@ -41,8 +41,7 @@ def command(**opts) -> None:
     if opts["layers_path"]:
         raise DepthprobeError("convert reads each family's layout from its table; drop --layers-path")
     out = Path(opts["out_dir"])
-    if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()):  # our own lock file is there
-        raise DepthprobeError(f"--out {out} exists and is not empty; choose a new folder")
+    refuse_existing_out(opts["out_dir"], allowed=False, how=None)
     model, tokenizer = load_from_options(opts)
     converted = convert(model, opts["to"])
     save_converted(converted, tokenizer, out)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
 
+from depthprobe.errors import DepthprobeError
 from depthprobe.model.load import DTYPES
+from depthprobe.safeio import LOCK_NAME
 
 
 def _stack(*decorators):
@@ -51,15 +54,13 @@ common_options = _stack(
 )
 
 
-def refuse_existing_out(out_dir: str, allowed: bool, how: str = "--force to write into it") -> None:
-    """An existing, non-empty ``--out`` is kept unless the user says otherwise (as ``convert`` does)."""
-    from pathlib import Path
-
-    from depthprobe.errors import DepthprobeError
-
+def refuse_existing_out(out_dir: str, allowed: bool, how: str | None = "--force to write into it") -> None:
+    """An existing, non-empty ``--out`` is kept unless the user says otherwise; the command's
+    own lock file (taken before this check) does not count."""
     out = Path(out_dir)
-    if not allowed and out.is_dir() and any(out.iterdir()):
-        raise DepthprobeError(f"--out {out_dir} exists and is not empty; choose a new folder, or pass {how}")
+    if not allowed and out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
+        advice = f", or pass {how}" if how else ""
+        raise DepthprobeError(f"--out {out_dir} exists and is not empty; choose a new folder{advice}")
 
 
 def load_from_options(opts: dict):

@@ -21,6 +21,7 @@ train_options = _stack(
     click.option("--mix-alpha", type=float, default=0.25, show_default=True, help="mix: fraction of Post-LN blocks."),
     click.option("--tie-embeddings/--untie-embeddings", default=False, show_default=True, help="Head shares embeddings."),
     click.option("--no-deepnorm-init", is_flag=True, help="deepnorm: keep the plain init."),
+    click.option("--dyt-alpha0", type=float, default=0.5, show_default=True, help="dyt: initial alpha of DyT."),
     click.option("--steps", type=int, default=200, show_default=True, help="Optimizer steps."),
     click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per step (global)."),
     click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per step."),
@@ -56,6 +57,7 @@ def configs_from_options(opts: dict, norm: str, seed: int):
         mix_alpha=opts["mix_alpha"],
         tie_word_embeddings=opts["tie_embeddings"],
         deepnorm_init=not opts["no_deepnorm_init"],
+        dyt_alpha0=opts["dyt_alpha0"],
         max_position_embeddings=max(256, opts["seq_len"]),
     )
     names = {f.name for f in dataclasses.fields(TrainConfig)}

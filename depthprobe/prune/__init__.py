@@ -158,7 +158,7 @@ def prune(
         k = len(remove)
     else:
         k = validate_k(stack, num_layers)
-    if not isinstance(getattr(getattr(model, "config", None), "num_hidden_layers", None), int):
+    if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
 
     windows = _windows(model, tokenizer, analyze_kwargs)
