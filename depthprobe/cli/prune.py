@@ -110,6 +110,16 @@ def command(**opts) -> None:
         seam=_seam_options(opts),
         **analysis_kwargs(opts),
     )
+    _echo_result(result, opts["quiet"])
+    judge.measure("pruned")
+    judge.write(opts["out_dir"])
+    if not opts["no_report"]:
+        write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
+    click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)
+
+
+def _echo_result(result, quiet: bool) -> None:
+    """What was removed, the loss before -> after, the curve (unless ``quiet``), the seam."""
     s = result.summary()
     click.echo(f"removed blocks {s['removed']} ({s['num_layers_before']} -> {s['num_layers_after']})")
     if s["objective"] == "lm_loss":
@@ -120,18 +130,13 @@ def command(**opts) -> None:
     else:
         click.echo(f"final-state cosine drift {s['loss_before']:.4g} -> {s['loss_after']:.4g}")
     print_heldout(s)
-    if result.curve is not None and not opts["quiet"]:
+    if result.curve is not None and not quiet:
         click.echo(result.curve.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
     if result.seam is not None:
         _echo_seam(result.seam)
-    judge.measure("pruned")
-    judge.write(opts["out_dir"])
-    if not opts["no_report"]:
-        write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
-    click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)
 
 
 def _seam_options(opts: dict):

@@ -123,7 +123,8 @@ def load_model(
     offload_folder: str | os.PathLike | None = None,
     workload: Workload | None = None,
 ) -> tuple[nn.Module, object]:
-    """Load ``(model, tokenizer)`` in eval mode.
+    """Load ``(model, tokenizer)`` in eval mode: causal LMs with their LM head, encoders (BERT
+    and kin) as the base model.
 
     Args:
         source: hub id (``meta-llama/Llama-2-7b``), local folder, path to a ``.gguf`` file,
@@ -143,8 +144,6 @@ def load_model(
         revision: hub revision (branch, tag or commit).
         trust_remote_code: run the model repo's own code. Off unless asked.
         cache: cache de-quantized GGUF weights as safetensors (see module docs).
-
-    Causal LMs load with their LM head; encoders (BERT and kin) as the base model.
 
     Example:
         >>> model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")  # doctest: +SKIP

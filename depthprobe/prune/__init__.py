@@ -138,34 +138,20 @@ def prune(
 
     With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
     held-out windows (``eval_text_file`` / ``eval_dataset``, default the built-in text's
-    tail, never the calibration windows), with bootstrap intervals over windows.
+    tail, never the calibration windows), with bootstrap intervals over windows. With
+    ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until the
+    model is saved; ``resume=True`` continues from them after a crash or a kill.
 
     Example:
         >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
         >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
         >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
-
-    With ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until
-    the model is saved; ``resume=True`` continues from them after a crash or a kill.
     """
-    if (remove is None) == (num_layers is None):
-        raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
-    if strategy not in (*STRATEGIES, "manual"):
-        raise DepthprobeError(f"unknown --strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    stack = LayerStack.from_model(model, analyze_kwargs.get("layers_path"))
-    if remove is not None:
-        remove = validate_removal(stack, remove)
-        k = len(remove)
-    else:
-        k = validate_k(stack, num_layers)
-    if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
-        raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
-
+    stack, remove, k = _validated(model, remove, num_layers, strategy, analyze_kwargs.get("layers_path"))
     windows = _windows(model, tokenizer, analyze_kwargs)
     # held-out windows first: text too short for them fails before any sweep runs
-    held_windows = (heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
-                                    calibration=windows, text_file=eval_text_file, dataset=eval_dataset,
-                                    max_positions=max_positions(model)) if heldout and stack.is_causal_lm else None)
+    held_windows = (_heldout_windows(model, tokenizer, windows, eval_text_file, eval_dataset)
+                    if heldout and stack.is_causal_lm else None)
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     given = SweepOptions.parse(analyze_kwargs.pop("options", None))
@@ -176,20 +162,11 @@ def prune(
     analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
                        progress=progress, options=options, **analyze_kwargs)
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
-    steps = None
-    if remove is None:
-        if strategy == "greedy":
-            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress,
-                           progress_file=journals.get(GREEDY_JOURNAL))
-            remove = steps[k].removed
-        else:
-            remove = choose(strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
-    table = None
-    if curve:
-        table = prune_curve(evaluator, analysis.layers, analysis.angular_distance, curve_max or k,
-                            greedy_steps=steps, progress=progress)
+    remove, table = _choose(evaluator, analysis, remove, k, strategy, curve, curve_max, progress,
+                            journals.get(GREEDY_JOURNAL))
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
+    log.info("removing blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
     held = None
     if held_windows is not None:
         held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
@@ -204,13 +181,51 @@ def prune(
     table = merge_curve(table, report, strategy)
     result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
                          analysis, excess, held, report)
-    log.info("removed blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
     result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir)
         for journal in journals.values():  # everything is saved: nothing left to resume
             journal.unlink(missing_ok=True)
     return result
+
+
+def _heldout_windows(model: torch.nn.Module, tokenizer, windows: Windows, text_file, dataset) -> Windows:
+    return heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
+                           calibration=windows, text_file=text_file, dataset=dataset,
+                           max_positions=max_positions(model))
+
+
+def _validated(model: torch.nn.Module, remove, num_layers, strategy: str, layers_path):
+    """``(stack, remove or None, K)`` after checking the request against the model."""
+    if (remove is None) == (num_layers is None):
+        raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
+    if strategy not in (*STRATEGIES, "manual"):
+        raise DepthprobeError(f"unknown --strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    stack = LayerStack.from_model(model, layers_path)
+    if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
+        raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
+    if remove is not None:
+        remove = validate_removal(stack, remove)
+        return stack, remove, len(remove)
+    return stack, None, validate_k(stack, num_layers)
+
+
+def _choose(evaluator: Evaluator, analysis: AnalysisResult, remove, k: int, strategy: str, curve: bool,
+            curve_max: int | None, progress: bool, greedy_journal) -> tuple[list[int], pd.DataFrame | None]:
+    """The blocks to remove (given, or by ``strategy``) and, with ``curve``, every strategy's curve."""
+    steps = None
+    if remove is None:
+        if strategy == "greedy":
+            steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress,
+                           progress_file=greedy_journal)
+            remove = steps[k].removed
+        else:
+            remove = choose(strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
+    table = None
+    if curve:
+        table = prune_curve(evaluator, analysis.layers, analysis.angular_distance, curve_max or k,
+                            greedy_steps=steps, progress=progress)
+    return remove, table
 
 
 def analyze_pruned(model: torch.nn.Module, windows: Windows, original: AnalysisResult, removed: list[int],

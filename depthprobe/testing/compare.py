@@ -68,21 +68,7 @@ def compare_runs(
     if not (rtol >= 0 and atol >= 0):  # also rejects NaN
         raise DepthprobeError(f"tolerances must be >= 0 (got rtol={rtol}, atol={atol})")
     run_r, base_r = _as_result(run, "run"), _as_result(baseline, "baseline")
-    if run_r.num_layers != base_r.num_layers:
-        raise DepthprobeError(
-            f"the run has {run_r.num_layers} layers but the baseline has {base_r.num_layers}; "
-            "compare runs of the same model"
-        )
-    differences = setup_differences(run_r, base_r)
-    if differences and not allow_different_text:
-        raise DepthprobeError("the run and the baseline were measured differently (" + "; ".join(differences)
-                              + "); analyze with the baseline's settings, or pass --allow-different-text")
-    run_tokens, base_tokens = run_r.summary.get("num_tokens"), base_r.summary.get("num_tokens")
-    if run_tokens is not None and base_tokens is not None and run_tokens != base_tokens:
-        raise DepthprobeError(
-            f"the run measured {run_tokens} tokens but the baseline {base_tokens}; "
-            "analyze with the baseline's --num-sequences and --seq-len"
-        )
+    differences = _comparable(run_r, base_r, allow_different_text)
     layer_metrics, scalars = _select(metrics, run_r, base_r)
 
     records = []
@@ -104,6 +90,26 @@ def compare_runs(
     frame = frame[COLUMNS]
     frame.attrs["setup_differences"] = differences
     return frame
+
+
+def _comparable(run_r: AnalysisResult, base_r: AnalysisResult, allow_different_text: bool) -> list[str]:
+    """Refuse runs that cannot be compared; the setup differences that were allowed."""
+    if run_r.num_layers != base_r.num_layers:
+        raise DepthprobeError(
+            f"the run has {run_r.num_layers} layers but the baseline has {base_r.num_layers}; "
+            "compare runs of the same model"
+        )
+    differences = setup_differences(run_r, base_r)
+    if differences and not allow_different_text:
+        raise DepthprobeError("the run and the baseline were measured differently (" + "; ".join(differences)
+                              + "); analyze with the baseline's settings, or pass --allow-different-text")
+    run_tokens, base_tokens = run_r.summary.get("num_tokens"), base_r.summary.get("num_tokens")
+    if run_tokens is not None and base_tokens is not None and run_tokens != base_tokens:
+        raise DepthprobeError(
+            f"the run measured {run_tokens} tokens but the baseline {base_tokens}; "
+            "analyze with the baseline's --num-sequences and --seq-len"
+        )
+    return differences
 
 
 #: summary fields that must agree before values can be blamed on the model: (key, what it is)
