@@ -167,9 +167,8 @@ def prune(
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
     log.info("removing blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
-    held = None
-    if held_windows is not None:
-        held, table = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
+    held, table = (_heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
+                   if held_windows is not None else (None, table))
     report = None
     if seam is not None:  # repair / heal, scored on held-out text (depthprobe.prune.seam)
         report = before_removal(model, tokenizer, remove, curve_steps(table, strategy, remove), windows, seam,
