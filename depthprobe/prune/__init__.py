@@ -182,9 +182,7 @@ def prune(
                          analysis, excess, held, report)
     result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
     if out_dir is not None:
-        _save(result, model, tokenizer, out_dir)
-        for journal in journals.values():  # everything is saved: nothing left to resume
-            journal.unlink(missing_ok=True)
+        _save(result, model, tokenizer, out_dir, journals)
     return result
 
 
@@ -256,7 +254,7 @@ def _windows(model: torch.nn.Module, tokenizer, analyze_kwargs: dict) -> Windows
     )
 
 
-def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str | Path) -> None:
+def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str | Path, journals: dict) -> None:
     """The pruned model, ``prune.json``, the curve tables and ``analysis/``."""
     out = save_model(model, tokenizer, out_dir)
     write_json(out / PRUNE_JSON, {**result.summary(), "model": result.analysis.summary["model"]})
@@ -271,6 +269,8 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
     result.analysis.save(out / ORIGINAL_DIR)
     if result.seam is not None:
         result.seam.save(out)
+    for journal in journals.values():  # everything is saved: nothing left to resume
+        journal.unlink(missing_ok=True)
 
 
 def _heldout(stack, windows, held, remove, table, batch_size, progress):
