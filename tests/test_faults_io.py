@@ -242,7 +242,7 @@ def test_file_size_limit_during_export(tiny_dir, tmp_path):
               "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000)); "
               "from depthprobe.cli import main; main(sys.argv[1:])")
     second = subprocess.run([sys.executable, "-c", script, *args[3:-6], "--remove", "2", "--no-curve", "--no-report",
-                             "--out", str(out)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "--force", "--out", str(out)], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = [line for line in second.stderr.strip().splitlines() if line.startswith("Error")]
     assert second.returncode == 2 and len(lines) == 1 and "File too large" in lines[0], second.stderr[-2000:]
     assert "Traceback" not in second.stderr

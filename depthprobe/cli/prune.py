@@ -89,7 +89,7 @@ def command(**opts) -> None:
     remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
     if (remove is None) == (opts["num_layers"] is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K")
-    refuse_existing_out(opts["out_dir"], opts["force"])
+    refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"], "--force to write into it, or --resume to continue")
     quiet_harness(opts["verbose"])
     model, tokenizer = load_from_options(opts)
     judge = PruneJudge(opts, model, tokenizer)
