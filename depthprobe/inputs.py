@@ -22,7 +22,7 @@ import pickle
 import re
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from depthprobe.errors import DepthprobeError
@@ -69,8 +69,12 @@ def check_gguf(path: Path) -> None:
                               "give a real .gguf file or a model folder")
 
 
-def check_model_files(source: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> None:
-    """See the module docs; does nothing for hub ids (nothing local to check yet)."""
+def check_model_files(source: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                      known_families: Collection[str] = ()) -> None:
+    """See the module docs; does nothing for hub ids (nothing local to check yet). A layer
+    count that disagrees with the weights is refused for ``known_families`` (one block per
+    layer, by the family table) and only logged for others, which may count repeated or
+    segmented stacks their own way."""
     folder = Path(source).expanduser()
     if not folder.is_dir():
         return
@@ -93,11 +97,15 @@ def check_model_files(source: str, gguf_file: str | None = None, trust_remote_co
     declared = next((config[k] for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int)), None)
     found = max(blocks) + 1
     extra = config.get("num_nextn_predict_layers") or 0  # multi-token-prediction blocks stored after the stack
-    if declared is not None and found not in (declared, declared + extra):
-        raise DepthprobeError(
-            f"{config_path} says {declared} layers but the weights in {folder} hold {found} blocks; the config "
-            "belongs to another model (fix num_hidden_layers or use the matching config)"
-        )
+    if declared is None or found in (declared, declared + extra):
+        return
+    if config.get("model_type") not in known_families:
+        log.warning("%s says %d layers but the weights hold %d blocks", config_path, declared, found)
+        return
+    raise DepthprobeError(
+        f"{config_path} says {declared} layers but the weights in {folder} hold {found} blocks; the config "
+        "belongs to another model (fix num_hidden_layers or use the matching config)"
+    )
 
 
 def refuse_custom_code(folder: Path) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
-from depthprobe.model.stack import ENCODER_TYPES
+from depthprobe.model.stack import ENCODER_TYPES, FAMILIES
 from depthprobe.results import model_source
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def load_model(
     alias = str(source) if str(source) in PACKAGED_MODELS else None
     source, gguf_file = resolve_source(source, gguf_file, cache)
     # corrupt or mismatched files: one line, before transformers (or the memory plan) reads them
-    check_model_files(source, gguf_file, trust_remote_code)
+    check_model_files(source, gguf_file, trust_remote_code, known_families=FAMILIES)
     if gguf_file and cache and Path(source).is_dir():
         cached = _gguf_cache_dir(Path(source) / gguf_file)
         if cached is not None:  # de-quantize once, then load the float32 safetensors cache
