@@ -89,7 +89,8 @@ def test_training_survives_sigkill(workdir, tmp_path):
             "32", "--eval-every", "4", "--diag-every", "4", "--val-windows", "4", "--max-tokens", "20000",
             "--device", "cpu", "--precision", "fp32", "--no-report", "--text-file", str(workdir / "text.txt"),
             "--out", "{out}", "-q"]
-    spec = {"root": str(tmp_path / "train"), "argv": args, "resume_argv": [*args, "--resume"], "fresh_argv": [*args, "--force"],
+    spec = {"root": str(tmp_path / "train"), "argv": args, "resume_argv": [*args, "--resume"],
+            "fresh_argv": [*args, "--force"],
             "resume_needs": "checkpoint.pt", "seed": 13, "points": POINTS}
     _check_points(tmp_path / "train", run_harness(spec), growing=("metrics.csv", "train_layers.csv"))
 

@@ -67,8 +67,8 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
 def _check_report(out, info):
     """The figure plots the CSV's numbers; the HTML report has the section."""
     from depthprobe.report import write_report
-    from depthprobe.results import load_run
     from depthprobe.report.repair_figures import plot_repair_curve
+    from depthprobe.results import load_run
 
     curve = pd.read_csv(out / "repair_curve.csv").sort_values("num_removed")
     ax = plot_repair_curve([load_run(out)]).axes[0]
