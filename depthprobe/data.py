@@ -107,14 +107,7 @@ def make_windows(
 
     Exactly one of ``text``, ``text_file``, ``dataset`` may be given; none means built-in.
     """
-    if num_sequences < 1:
-        raise DepthprobeError(f"--num-sequences must be at least 1 (got {num_sequences})")
-    if seq_len < 2:
-        raise DepthprobeError(f"--seq-len must be at least 2 tokens (got {seq_len})")
-    if max_positions is not None and seq_len > max_positions:
-        raise DepthprobeError(
-            f"--seq-len {seq_len} is longer than this model allows ({max_positions} positions); lower --seq-len"
-        )
+    _check_shape(num_sequences, seq_len, max_positions, what="")
     if sum(x is not None for x in (text, text_file, dataset)) > 1:
         raise DepthprobeError("give at most one of --text-file and --dataset")
     need = num_sequences * seq_len
@@ -214,14 +207,15 @@ def _same_file(path: str, source: str) -> bool:
         return False
 
 
-def _check_shape(num_sequences: int, seq_len: int, max_positions: int | None) -> None:
+def _check_shape(num_sequences: int, seq_len: int, max_positions: int | None, what: str = "held-out ") -> None:
+    """One-line errors for a window count or length no model can use (``what`` names the windows)."""
     if num_sequences < 1:
-        raise DepthprobeError(f"held-out windows: need at least 1 (got {num_sequences})")
+        raise DepthprobeError(f"{what}--num-sequences must be at least 1 (got {num_sequences})")
     if seq_len < 2:
-        raise DepthprobeError(f"held-out windows need at least 2 tokens each (got {seq_len})")
+        raise DepthprobeError(f"{what}--seq-len must be at least 2 tokens (got {seq_len})")
     if max_positions is not None and seq_len > max_positions:
         raise DepthprobeError(
-            f"held-out --seq-len {seq_len} is longer than this model allows ({max_positions} positions)"
+            f"{what}--seq-len {seq_len} is longer than this model allows ({max_positions} positions); lower it"
         )
 
 

@@ -24,7 +24,7 @@ from depthprobe.report import figures as F
 from depthprobe.report.captions import activation_caption, drop_caption, lens_caption
 from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
-from depthprobe.report.prune_summary import prune_html
+from depthprobe.report.prune_summary import prune_sentences
 from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.results import AnalysisResult, load_runs
 from depthprobe.safeio import atomic_write_text
@@ -149,6 +149,18 @@ def _figure_sections(runs: Sequence[AnalysisResult]) -> list[tuple[str, object, 
     return sections
 
 
+def _sentence_boxes(runs: Sequence[AnalysisResult], title: str, sentences_of) -> str:
+    """One box of plain-language sentences per run that has any (the run named when several)."""
+    parts = []
+    for run in runs:
+        sentences = sentences_of(run)
+        if sentences:
+            who = f" — {html.escape(F.run_label(run))}" if len(runs) > 1 else ""
+            parts.append(f'<div class="findings"><b>{title}{who}</b><ul>'
+                         + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul></div>")
+    return "".join(parts)
+
+
 def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     """The report as one HTML string."""
     if not runs:
@@ -157,18 +169,13 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>",
              f'<p class="meta">Generated {time.strftime("%Y-%m-%d %H:%M")} by depthprobe. '
              "Layer indices are 0-based; x<sub>l</sub> is the input of block l.</p>", _header(runs),
-             prune_html(runs, F.run_label)]
+             _sentence_boxes(runs, "Pruned model", prune_sentences)]
     for run in runs:  # a comparison's main result: shown once, first
         if "comparison" in run.tables:
             parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
                          "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
                          + table_html(run.tables["comparison"]))
-    for run in runs:
-        sentences = findings(run)
-        if sentences:
-            who = f" — {html.escape(F.run_label(run))}" if len(runs) > 1 else ""
-            parts.append(f'<div class="findings"><b>Findings{who}</b><ul>'
-                         + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul></div>")
+    parts.append(_sentence_boxes(runs, "Findings", findings))
     for heading, fig, caption in _figure_sections(runs):
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))

@@ -6,9 +6,7 @@ before and after, and the held-out ones when the prune command measured them.
 
 from __future__ import annotations
 
-import html
 import math
-from collections.abc import Sequence
 
 from depthprobe.results import AnalysisResult
 
@@ -37,18 +35,6 @@ def prune_sentences(run: AnalysisResult) -> list[str]:
     if run.summary.get("pruned_from"):
         out.append("The figures and findings below are the pruned model's own diagnostics on the same windows.")
     return out
-
-
-def prune_html(runs: Sequence[AnalysisResult], label) -> str:
-    """One box per pruned run, for the top of the report."""
-    parts = []
-    for run in runs:
-        sentences = prune_sentences(run)
-        if sentences:
-            who = f" — {html.escape(label(run))}" if len(runs) > 1 else ""
-            parts.append(f'<div class="findings"><b>Pruned model{who}</b><ul>'
-                         + "".join(f"<li>{html.escape(s)}</li>" for s in sentences) + "</ul></div>")
-    return "".join(parts)
 
 
 def _finite(value) -> bool:
