@@ -3,6 +3,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.depthprobe-installed
 OUT    ?= out/demo
+# pytest workers for `make test`: one per core of the 2-core CI machine (each SmolLM2 test holds ~2 GB)
+TEST_WORKERS ?= 2
 
 .PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke reliability \
 	gpu-check bench-7b
@@ -29,7 +31,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 test: install lint
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # Every causal-LM architecture of the installed transformers, built tiny: docs/coverage.md
 coverage: install

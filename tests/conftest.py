@@ -10,7 +10,13 @@ import torch
 from tests.tiny_models import DECODER_FAMILIES, FAMILY_NAMES, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: one thread each (and in the CLI subprocesses
+    # they start), since OpenMP threads beyond the cores stall each other
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="session")
