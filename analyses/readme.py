@@ -109,8 +109,9 @@ def measured(reports: Path, name: str, shown: list[str]) -> str:
         sweep = pd.read_csv(folder / "lr_sweep.csv")
         for v in ("pre", "peri"):
             t = sweep[sweep.variant == v]
-            parts.append(f"{v}: {int(t.spikes.sum())} spikes, {int(t.failed.sum())} failed runs over lr "
-                         + "/".join(f"{x:g}" for x in sorted(t.lr.unique())))  # fmt: skip
+            labels = [f"{x.lr:g}" + ("" if x.grad_clip == 1.0 else " no clip" if x.grad_clip == 0 else f" clip {x.grad_clip:g}")
+                      for x in t[["lr", "grad_clip"]].drop_duplicates().itertuples(index=False)]  # fmt: skip
+            parts.append(f"{v}: {int(t.spikes.sum())} spikes, {int(t.failed.sum())} failed runs over lr " + "/".join(labels))
     return "; ".join(parts)
 
 
@@ -122,7 +123,8 @@ def setting_line(reports: Path) -> str:
     scale = SCALE.format(params=main.num_parameters.median() / 1e6, tokens=tokens)
     return (f"Campaign: {setting['num_hidden_layers']} blocks, d={setting['hidden_size']}, "
             f"{setting['num_attention_heads']} heads, sequence {setting['seq_len']}, batch {setting['batch_size']}, "
-            f"{setting['steps']} steps at lr {setting['lr']:g} (cosine to 0.1x, warmup {setting['warmup_steps']}), "
+            f"{setting['steps']} steps at lr {setting['lr']:g} (cosine to {setting.get('min_lr_ratio', 0.1):g}x, "
+            f"warmup {setting['warmup_steps']}, gradient clip 1.0), "
             f"{main.seed.nunique()} seeds x {main.variant.nunique()} placements ({len(main)} runs) + "
             f"{int((runs.group == 'sweep').sum())} learning-rate sweep runs; {scale}.")  # fmt: skip
 
