@@ -52,10 +52,10 @@ def folder_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
 
 
-def train_probe(name: str, runs: Path, setting: dict, data) -> Path:
+def train_probe(name: str, runs: Path, setting: dict, data, steps: int) -> Path:
     """Train one probe (resuming a stopped one); returns its run folder."""
     variant, overrides, lr = PROBES[name]
-    model_cfg, train_cfg = C.RunSpec("main", variant, 0, lr, STEPS).configs(dict(setting, steps=STEPS))
+    model_cfg, train_cfg = C.RunSpec("main", variant, 0, lr, steps).configs(dict(setting, steps=steps))
     model_cfg = dataclasses.replace(model_cfg, **overrides)
     out = runs / folder_name(name)
     status = out / "run.json"
@@ -88,17 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="the campaign's smoke settings (a test of the script)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    setting = C.SMOKE if args.smoke else C.FULL
+    setting, steps = (C.SMOKE, C.SMOKE["steps"]) if args.smoke else (C.FULL, STEPS)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(DataConfig(max_tokens=setting["max_tokens"], val_windows=setting["val_windows"]), setting["seq_len"], 0)
-    rows = [probe_row(n, train_probe(n, Path(args.runs), setting, data)) for n in tqdm(PROBES, desc="probes")]
+    rows = [probe_row(n, train_probe(n, Path(args.runs), setting, data, steps)) for n in tqdm(PROBES, desc="probes")]
     table = pd.DataFrame(rows)
     stalled = table[(table.variant == "dyt") & (table.all_block_grads_zero_from_step != "")]
     dyt = table[table.variant == "dyt"]
     pre = table[table.variant == "pre"].iloc[0]
     verdict = (f"# DyT recipe probe: {len(stalled)}/{len(dyt)} DyT variants stalled (every block's gradient exactly 0) "
-               f"within {STEPS} steps\n\n- Pre-LN final validation loss {pre.final_val_loss:.4g}; DyT variants "
+               f"within {steps} steps\n\n- Pre-LN final validation loss {pre.final_val_loss:.4g}; DyT variants "
                f"{dyt.final_val_loss.min():.4g}-{dyt.final_val_loss.max():.4g}\n"
                f"- last block's variance / first's at the last diagnostic step: Pre-LN {pre.var_last_over_first:.3g}, "
                f"DyT {dyt.var_last_over_first.min():.3g}-{dyt.var_last_over_first.max():.3g}\n")  # fmt: skip

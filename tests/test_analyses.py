@@ -80,7 +80,7 @@ def test_reports_smoke_pipeline(tmp_path):
     tests = pd.read_csv(tmp_path / "curse_of_depth" / "tests.csv").set_index("claim")
     assert tests.loc["Pre-LN variance grows with depth", "mean_diff"] == pytest.approx(np.mean(slopes), rel=1e-4)
     for name in ("campaign", "curse_of_depth", "mixln_gradients", "periln_stability", "final_loss", "dyt_beside",
-                 "real_models"):  # fmt: skip
+                 "real_models", "dyt_alpha0_probe"):  # fmt: skip
         assert (tmp_path / name / "report.html").stat().st_size > 1000, name
         assert (tmp_path / name / "command.txt").is_file(), name
     readme = (tmp_path / "README.md").read_text()
