@@ -31,7 +31,7 @@ CLAIMS = {
         "LNS (x1/sqrt(l+1)) curbs the growth and makes deep blocks contribute more (shown on LLaMA-family models "
         "of 130M-7B; the paper's per-layer numbers are not quoted here: not verifiable offline).",
         ["Pre-LN deep half changes the stream less", "Pre-LN variance grows with depth", "LNS curbs the variance growth"],
-        "The papers' effect builds up with depth and tokens; with 16 narrow blocks and 0.5 M tokens the Pre-LN "
+        "The papers' effect builds up with depth and tokens; with 16 narrow blocks and under 1 M tokens the Pre-LN "
         "stream grows little, leaving LNS little growth to curb; LNS also scales every deep sublayer's input down by "
         "1/sqrt(l+1), which after short training plausibly shrinks the deep blocks' updates (their angular distance "
         "is lower here); 3 seeds give t-tests with 2 degrees of freedom.",
@@ -61,8 +61,8 @@ CLAIMS = {
         "Final C4 perplexity at 130M, equal tokens: Post 26.95, Pre 26.73, Mix 26.07, LNS 25.76 "
         "(LNS 3.6% below Pre, Mix 2.5% below, Post 0.8% above).",
         ["LNS below Pre-LN", "Mix-LN below Pre-LN", "Post-LN above Pre-LN"],
-        "Orderings of placements change with depth, width, learning rate and tokens; these runs had not reached "
-        "the 2% plateau (training length line above), byte-level text is not C4, and 3 seeds.",
+        "Orderings of placements change with depth, width, learning rate and tokens; how close these runs came "
+        "to the 2% plateau is in the training-length line above; byte-level text is not C4; 3 seeds.",
     ),
     "dyt_beside": (
         "Zhu et al. 2025, Transformers without Normalization",
