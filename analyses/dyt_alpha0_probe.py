@@ -8,7 +8,10 @@ initialised to sqrt(d). Each probe changes one thing: alpha0 pair, the embedding
 sqrt(d), or 50 = 1/initializer_range so that the embeddings have RMS about 1), or half the
 learning rate. Per run: final and best validation loss; the first diagnostic step where every
 block's gradient is exactly 0 (the final DyT's tanh saturated, so nothing reaches the blocks);
-the last block's activation variance over the first's at the last diagnostic step.
+the last block's activation variance over the first's at the last diagnostic step; and, in the
+final model on the held-out windows, the share of the last block's output energy that lies in
+one direction shared by every token, ||mean_t h_t||^2 / mean_t ||h_t||^2 (1 = every token's
+state is the same vector, so the model can only predict one distribution).
 
 Runs go to ``--runs`` (resumable: a finished run is read, not retrained); the table and page
 to ``--out``.
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import depthprobe  # noqa: E402
 from analyses import _common as C  # noqa: E402
 from depthprobe.train.data import DataConfig, load_data  # noqa: E402
 from depthprobe.train.trainer import CHECKPOINT, Trainer  # noqa: E402
@@ -66,7 +70,19 @@ def train_probe(name: str, runs: Path, setting: dict, data, steps: int) -> Path:
     return out
 
 
-def probe_row(name: str, folder: Path) -> dict:
+@torch.no_grad()
+def shared_direction_share(folder: Path, val: torch.Tensor) -> float:
+    """||mean_t h_t||^2 / mean_t ||h_t||^2 of the last block's output over the windows ``val``."""
+    model, _ = depthprobe.load_model(str(folder / "model"), device="cpu")
+    out = []
+    handle = model.model.layers[-1].register_forward_hook(lambda m, a, o: out.append(o.reshape(-1, o.shape[-1])))
+    model(input_ids=val)
+    handle.remove()
+    h = torch.cat(out).double()
+    return float(h.mean(0).pow(2).sum() / h.pow(2).sum(-1).mean())
+
+
+def probe_row(name: str, folder: Path, windows: torch.Tensor) -> dict:
     """The measures of one finished probe (see the module docstring)."""
     variant, overrides, lr = PROBES[name]
     val = pd.read_csv(folder / "metrics.csv").dropna(subset=["val_loss"])
@@ -78,7 +94,8 @@ def probe_row(name: str, folder: Path) -> dict:
             "final_val_loss": float(val.val_loss.iloc[-1]), "best_val_loss": float(val.val_loss.min()),
             "all_block_grads_zero_from_step": dead[0] if dead else "",
             "last_block_var": float(last.activation_variance.iloc[-1]),
-            "var_last_over_first": float(last.activation_variance.iloc[-1] / last.activation_variance.iloc[0])}  # fmt: skip
+            "var_last_over_first": float(last.activation_variance.iloc[-1] / last.activation_variance.iloc[0]),
+            "shared_direction_share": shared_direction_share(folder, windows)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(DataConfig(max_tokens=setting["max_tokens"], val_windows=setting["val_windows"]), setting["seq_len"], 0)
-    rows = [probe_row(n, train_probe(n, Path(args.runs), setting, data, steps)) for n in tqdm(PROBES, desc="probes")]
+    val = data[0].val[:16]  # held-out windows (B, T)
+    rows = [probe_row(n, train_probe(n, Path(args.runs), setting, data, steps), val) for n in tqdm(PROBES, desc="probes")]
     table = pd.DataFrame(rows)
     stalled = table[(table.variant == "dyt") & (table.all_block_grads_zero_from_step != "")]
     dyt = table[table.variant == "dyt"]
@@ -101,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
                f"within {steps} steps\n\n- Pre-LN final validation loss {pre.final_val_loss:.4g}; DyT variants "
                f"{dyt.final_val_loss.min():.4g}-{dyt.final_val_loss.max():.4g}\n"
                f"- last block's variance / first's at the last diagnostic step: Pre-LN {pre.var_last_over_first:.3g}, "
-               f"DyT {dyt.var_last_over_first.min():.3g}-{dyt.var_last_over_first.max():.3g}\n")  # fmt: skip
+               f"DyT {dyt.var_last_over_first.min():.3g}-{dyt.var_last_over_first.max():.3g}\n"
+               f"- share of the last block's output in one direction shared by every token: Pre-LN "
+               f"{pre.shared_direction_share:.3g}, DyT {dyt.shared_direction_share.min():.3g}-"
+               f"{dyt.shared_direction_share.max():.3g}\n")  # fmt: skip
     C.write_page(out, "DyT recipe probe: why DyT stalls at this scale", [
         ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
         ("Probes", C.table_tag(table)),
