@@ -68,6 +68,10 @@ def sweep_verdict(sweep: pd.DataFrame) -> tuple[bool | None, str]:
     text = (f"- LR sweep ({', '.join(setting_label(s.lr, s.grad_clip) for s in settings)}): Pre-LN {int(pre.spikes.sum())} "
             f"spikes, {int(pre.failed.sum())} failed runs; Peri-LN {int(peri.spikes.sum())} spikes, "
             f"{int(peri.failed.sum())} failed runs")  # fmt: skip
+    base_lr = sweep[sweep.steps == "main"].lr.min()
+    loss = lambda t, high: t[(t.lr > base_lr) == high].final_val_loss.mean()  # noqa: E731
+    text += (f"; mean final validation loss at the sweep's rates Pre-LN {loss(pre, True):.4g}, Peri-LN "
+             f"{loss(peri, True):.4g} (at the base lr {base_lr:g}: {loss(pre, False):.4g}, {loss(peri, False):.4g})")  # fmt: skip
     if bad(pre) == 0:
         return None, text + " -> not tested: Pre-LN neither spiked nor failed at these learning rates"
     failed_at = lambda t: set(zip(t[t.failed].lr, t[t.failed].grad_clip, strict=True))  # noqa: E731
