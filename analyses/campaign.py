@@ -107,7 +107,8 @@ def train_and_analyze(job: tuple[RunSpec, str, dict]) -> dict:
     analysis_dir = out / "analysis"
     model_cfg, train_cfg = spec.configs(setting)
     require_same_settings(out, model_cfg, train_cfg)
-    if status.is_file() and json.loads(status.read_text()).get("finished") and (analysis_dir / "summary.json").is_file():
+    analyzed = not spec.analyze or (analysis_dir / "summary.json").is_file()  # sweep runs have no analysis
+    if status.is_file() and json.loads(status.read_text()).get("finished") and analyzed:
         return {"spec": dataclasses.asdict(spec), "skipped": True}
     data_cfg = DataConfig(max_tokens=setting["max_tokens"], val_windows=setting["val_windows"])
     data = load_data(data_cfg, train_cfg.seq_len, train_cfg.seed)
