@@ -51,8 +51,9 @@ CLAIMS := curse_of_depth mixln_gradients periln_stability final_loss dyt_beside
 ANALYSIS_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR)
 
 reports: install
-	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --runs out/campaign --out reports/campaign
+	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --runs out/campaign --out reports/campaign --workers 2
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py || exit 1; done
+	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/deep_layers_smollm2.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
@@ -62,6 +63,7 @@ reports-smoke:
 	set -e; d=$${SMOKE_DIR:-$$(mktemp -d)}; echo "reports-smoke: $$d"; \
 	$(ANALYSIS_ENV) $(PY) analyses/campaign.py --smoke --workers 2 --runs $$d/runs --out $$d/campaign >/dev/null; \
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py --campaign $$d/campaign --out $$d/$$c >/dev/null; done; \
+	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py --smoke --runs $$d/probe_runs --out $$d/dyt_alpha0_probe >/dev/null 2>&1; \
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null; \
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py --reports $$d >/dev/null
 

@@ -36,19 +36,22 @@ from depthprobe.train.trainer import TrainConfig  # noqa: E402
 VARIANTS = ("pre", "post", "mix", "peri", "lns", "dyt")
 ROOT = Path(__file__).resolve().parent.parent
 
-#: the campaign: deep (16 blocks) and narrow, sized so that 24 runs fit ~40 min on 2 cores
+#: the campaign: deep (16 blocks) and narrow; 720 steps with cosine to 0.01x so that the
+#: validation loss flattens (the plateau criterion), sized to fit ~70 min on 2 busy cores.
+#: The sweep is (learning rate, gradient clip) pairs for pre and peri (clip 0 = none).
 FULL = dict(
     hidden_size=64, num_hidden_layers=16, num_attention_heads=4, intermediate_size=172,
-    seq_len=64, batch_size=16, steps=480, lr=2e-3, warmup_steps=48,
+    seq_len=64, batch_size=16, steps=720, lr=2e-3, min_lr_ratio=0.01, warmup_steps=48,
     eval_every=24, diag_every=24, ckpt_every=48, max_tokens=4_000_000, val_windows=64,
     metrics=("angular", "variance", "grad", "drop"), seeds=3,
-    sweep_variants=("pre", "peri"), sweep_lrs=(4e-3, 1e-2, 2.5e-2), sweep_steps=240,
+    dyt_alpha0=0.5, dyt_alpha0_attn=1.0,
+    sweep_variants=("pre", "peri"), sweep_steps=160, sweep=((1e-1, 1.0), (3e-2, 0.0), (1e-1, 0.0)),
 )  # fmt: skip
 #: the same scripts in seconds (make reports-smoke)
 SMOKE = dict(
     FULL, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=86,
     seq_len=16, batch_size=4, steps=20, warmup_steps=4, eval_every=4, diag_every=4, ckpt_every=8,
-    max_tokens=200_000, val_windows=8, seeds=2, sweep_lrs=(1e-2,), sweep_steps=12,
+    max_tokens=200_000, val_windows=8, seeds=2, sweep=((1e-2, 0.0),), sweep_steps=12,
 )  # fmt: skip
 
 
@@ -62,20 +65,27 @@ class RunSpec:
     lr: float
     steps: int
     analyze: bool = True
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
 
     @property
     def name(self) -> str:
-        return f"{self.variant}-seed{self.seed}" + (f"-lr{self.lr:g}" if self.group == "sweep" else "")
+        return f"{self.variant}-seed{self.seed}" + (f"-lr{self.lr:g}{self.clip_tag}" if self.group == "sweep" else "")
+
+    @property
+    def clip_tag(self) -> str:
+        """"" at the default clip 1.0, else ``-noclip`` or ``-clip<g>``."""
+        return "" if self.grad_clip == 1.0 else "-noclip" if self.grad_clip == 0 else f"-clip{self.grad_clip:g}"
 
     def configs(self, setting: dict):
         """``(ModelConfig, TrainConfig)`` of this run."""
         shape = {k: setting[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")}
-        model = ModelConfig(**shape, norm_placement=self.variant, max_position_embeddings=max(256, setting["seq_len"]))
+        dyt = {k: setting[k] for k in ("dyt_alpha0", "dyt_alpha0_attn") if k in setting}
+        model = ModelConfig(**shape, **dyt, norm_placement=self.variant, max_position_embeddings=max(256, setting["seq_len"]))
         train = TrainConfig(
             steps=self.steps, batch_size=setting["batch_size"], seq_len=setting["seq_len"], lr=self.lr,
             warmup_steps=setting["warmup_steps"] * self.steps // setting["steps"], eval_every=setting["eval_every"],
             diag_every=setting["diag_every"], ckpt_every=setting["ckpt_every"], seed=self.seed, device="cpu",
-            precision="fp32",
+            precision="fp32", min_lr_ratio=setting.get("min_lr_ratio", 0.1), grad_clip=self.grad_clip,
         )  # fmt: skip
         return model, train
 
@@ -86,18 +96,18 @@ def campaign_specs(smoke: bool = False) -> tuple[dict, list[RunSpec]]:
     setting = SMOKE if smoke else FULL
     main = [[RunSpec("main", v, s, setting["lr"], setting["steps"]) for v in VARIANTS] for s in range(setting["seeds"])]
     sweep = [
-        RunSpec("sweep", v, 0, lr, setting["sweep_steps"], analyze=False)
-        for lr in setting["sweep_lrs"]
+        RunSpec("sweep", v, 0, lr, setting["sweep_steps"], analyze=False, grad_clip=clip)
+        for lr, clip in setting["sweep"]
         for v in setting["sweep_variants"]
     ]
     return setting, [*main[0], *main[1], *sweep, *[s for seed in main[2:] for s in seed]]
 
 
 def run_dir_of(root: Path, spec: RunSpec) -> Path:
-    """``main/<variant>/seed<s>`` (a ``depthprobe compare`` layout) or ``sweep/<variant>-lr<lr>/seed<s>``."""
+    """``main/<variant>/seed<s>`` (a ``depthprobe compare`` layout) or ``sweep/<variant>-lr<lr>[-noclip]/seed<s>``."""
     if spec.group == "main":
         return root / "main" / spec.variant / f"seed{spec.seed}"
-    return root / "sweep" / f"{spec.variant}-lr{spec.lr:g}" / f"seed{spec.seed}"
+    return root / "sweep" / f"{spec.variant}-lr{spec.lr:g}{spec.clip_tag}" / f"seed{spec.seed}"
 
 
 def _run_row(root: Path, spec: RunSpec) -> dict | None:
@@ -129,7 +139,7 @@ def collect(root: Path, out: Path, setting: dict, specs: list[RunSpec]) -> None:
         if row is None:
             continue
         rows.append(row)
-        keys = {"group": spec.group, "variant": spec.variant, "seed": spec.seed, "lr": spec.lr}
+        keys = {"group": spec.group, "variant": spec.variant, "seed": spec.seed, "lr": spec.lr, "grad_clip": spec.grad_clip}
         folder = run_dir_of(root, spec)
         metrics.append(pd.read_csv(folder / "metrics.csv").assign(**keys))
         train_layers.append(pd.read_csv(folder / "train_layers.csv").assign(**keys))
@@ -309,9 +319,10 @@ def measures(tables: dict[str, pd.DataFrame], group: str = "main") -> pd.DataFra
     rows = []
     for run in runs.itertuples(index=False):
         key = (tables["metrics"].group == group) & (tables["metrics"].variant == run.variant) & (tables["metrics"].seed == run.seed)
-        key &= np.isclose(tables["metrics"].lr, run.lr)
+        key &= np.isclose(tables["metrics"].lr, run.lr) & np.isclose(tables["metrics"].grad_clip, run.grad_clip)
         metrics = tables["metrics"][key]
-        row = {"variant": run.variant, "seed": run.seed, "lr": run.lr, "final_val_loss": run.final_val_loss,
+        row = {"variant": run.variant, "seed": run.seed, "lr": run.lr, "grad_clip": run.grad_clip,
+               "final_val_loss": run.final_val_loss,
                "final_val_ppl": run.final_val_ppl, "diverged": run.diverged, **plateau(metrics)}  # fmt: skip
         row["spikes"] = loss_spikes(metrics, warmup=int(0.1 * run.steps))
         for name, fn in (("train_layers", training_grad_measures), ("layers", profile_measures)):
@@ -319,7 +330,7 @@ def measures(tables: dict[str, pd.DataFrame], group: str = "main") -> pd.DataFra
             if table is None:
                 continue
             sel = table[(table.group == group) & (table.variant == run.variant) & (table.seed == run.seed)
-                        & np.isclose(table.lr, run.lr)]  # fmt: skip
+                        & np.isclose(table.lr, run.lr) & np.isclose(table.grad_clip, run.grad_clip)]  # fmt: skip
             if not sel.empty:
                 row.update(fn(sel))
         rows.append(row)

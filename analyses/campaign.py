@@ -25,6 +25,7 @@ committed: checkpoints); the tidy tables go to ``--out`` (committed):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,12 +41,61 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from analyses._common import RunSpec, campaign_specs, collect, run_dir_of  # noqa: E402
+from depthprobe.errors import DepthprobeError  # noqa: E402
 from depthprobe.results import AnalysisResult  # noqa: E402
 from depthprobe.train.compare import analyze_run  # noqa: E402
 from depthprobe.train.data import DataConfig, load_data  # noqa: E402
 from depthprobe.train.trainer import CHECKPOINT, Trainer  # noqa: E402
 
 log = logging.getLogger("campaign")
+
+
+@contextlib.contextmanager
+def claimed(folder: Path):
+    """Yield True if this process claimed ``folder`` (``.claimed`` created exclusively, or left
+    by a process no longer alive), False if a live process holds it; the claim goes at exit."""
+    folder.mkdir(parents=True, exist_ok=True)
+    claim = folder / ".claimed"
+    try:
+        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if pid_alive(int(claim.read_text() or 0)):
+            yield False
+            return
+        claim.unlink(missing_ok=True)  # a stopped worker's claim; take the run over
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:  # another worker took it over first
+            yield False
+            return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
+def require_same_settings(out: Path, model_cfg, train_cfg) -> None:
+    """A run folder from other settings (an older campaign) is refused, not resumed or skipped."""
+    saved = out / "config.json"
+    if not saved.is_file():
+        return
+    config = json.loads(saved.read_text())
+    model = {k: v for k, v in dataclasses.asdict(model_cfg).items() if k not in ("vocab_size", "max_position_embeddings")}
+    same_model = all(config["model"].get(k) == v for k, v in model.items())
+    if not same_model or config["train"] != dataclasses.asdict(train_cfg):
+        raise DepthprobeError(f"{out} holds a run of other settings; pass a fresh --runs folder")
 
 
 def train_and_analyze(job: tuple[RunSpec, str, dict]) -> dict:
@@ -55,9 +105,11 @@ def train_and_analyze(job: tuple[RunSpec, str, dict]) -> dict:
     out = run_dir_of(Path(runs_root), spec)
     status = out / "run.json"
     analysis_dir = out / "analysis"
-    if status.is_file() and json.loads(status.read_text()).get("finished") and (analysis_dir / "summary.json").is_file():
-        return {"spec": dataclasses.asdict(spec), "skipped": True}
     model_cfg, train_cfg = spec.configs(setting)
+    require_same_settings(out, model_cfg, train_cfg)
+    analyzed = not spec.analyze or (analysis_dir / "summary.json").is_file()  # sweep runs have no analysis
+    if status.is_file() and json.loads(status.read_text()).get("finished") and analyzed:
+        return {"spec": dataclasses.asdict(spec), "skipped": True}
     data_cfg = DataConfig(max_tokens=setting["max_tokens"], val_windows=setting["val_windows"])
     data = load_data(data_cfg, train_cfg.seq_len, train_cfg.seed)
     trainer = Trainer(model_cfg, train_cfg, data_cfg, out, resume=(out / CHECKPOINT).is_file(), progress=False, data=data)
@@ -75,20 +127,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="reports/campaign", help="tidy tables and report (committed)")
     ap.add_argument("--workers", type=int, default=max(1, min(3, os.cpu_count() or 1)))
     ap.add_argument("--smoke", action="store_true", help="tiny settings (a test of the scripts)")
+    ap.add_argument("--variants", default=None, help="comma list: train only these placements' runs (the gathering "
+                    "still takes every finished run)")
     ap.add_argument("--collect-only", action="store_true", help="only gather the finished runs into --out")
     ap.add_argument("--shard", default=None, help="K/N: train only runs K, K+N, ... in this process, no gathering "
                     "(start N shards as separate sessions: the kernel's autogroups share a busy CPU per session)")
+    ap.add_argument("--claim", action="store_true", help="train whichever run no live process has claimed, one at a "
+                    "time, no gathering (start several as separate sessions: they share the runs dynamically)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     setting, specs = campaign_specs(args.smoke)
+    todo = [s for s in specs if args.variants is None or s.variant in args.variants.split(",")]
     Path(args.runs).mkdir(parents=True, exist_ok=True)
+    if args.claim:
+        for spec in todo:
+            with claimed(run_dir_of(Path(args.runs), spec)) as mine:
+                if mine:
+                    log.info("done %s", train_and_analyze((spec, args.runs, setting)))
+        return
     if args.shard:
         k, n = (int(x) for x in args.shard.split("/"))
-        for spec in specs[k::n]:
+        for spec in todo[k::n]:
             log.info("done %s", train_and_analyze((spec, args.runs, setting)))
         return
     if not args.collect_only:
-        jobs = [(spec, args.runs, setting) for spec in specs]
+        jobs = [(spec, args.runs, setting) for spec in todo]
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.workers) as pool:
             for done in tqdm(pool.imap_unordered(train_and_analyze, jobs), total=len(jobs), desc="runs"):

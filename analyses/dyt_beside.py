@@ -1,8 +1,10 @@
 """Claim 5, DyT (Zhu et al. 2025, "Transformers without Normalization"): replacing every norm
-by Dynamic Tanh, gamma * tanh(alpha * x) + beta (alpha a learnable scalar, init 0.5), matches
-the normalized model (LLaMA 7B-70B: training loss equal to RMSNorm's within 0.01-0.02). Here
-DyT sits in Pre-LN's positions (and the final norm) and is put beside every placement on every
-measure of claims 1-4.
+by Dynamic Tanh, gamma * tanh(alpha * x) + beta (alpha a learnable scalar), matches the
+normalized model (LLaMA 7B-70B: training loss equal to RMSNorm's within 0.01-0.02). Here DyT
+sits in Pre-LN's positions (and the final norm) with the paper's LLM recipe: the
+attention-input DyT has its own alpha0 (1.0 here; the others 0.5) and a learnable scalar,
+init sqrt(d), multiplies the embeddings. It is put beside every placement on every measure of
+claims 1-4; analyses/dyt_alpha0_probe.py varies the recipe.
 
 DyT "matches" Pre-LN if the 95% interval of the paired final-loss difference lies within
 ±2% of Pre-LN's loss (an equivalence margin chosen here, about the spread between the
@@ -76,7 +78,9 @@ def main(argv: list[str] | None = None) -> None:
         ("Per-layer profiles of the final models (mean over seeds, band = min..max)", C.figure_tag(fig, "profiles")),
         ("How", C.text_tag(__doc__)),
     ])  # fmt: skip
-    C.finish(out, NAME, argv, verdict, {"beside": beside, "vs_pre": vs_pre})
+    stalled = m[m.variant == "dyt"][["seed", "zero_grad_steps", "zero_grad_from_step", "var_last_first"]]
+    stalled = stalled.assign(stalled=stalled.zero_grad_steps > 0).sort_values("seed")
+    C.finish(out, NAME, argv, verdict, {"beside": beside, "vs_pre": vs_pre, "stalled": stalled})
 
 
 if __name__ == "__main__":

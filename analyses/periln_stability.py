@@ -5,7 +5,7 @@ fewer loss spikes and no divergence at learning rates where Pre-LN spikes or div
 
 Depth growth: slope of ln(activation variance) and of ln(max |activation|) per block in the
 final models (paired by seed, Holm). Learning-rate sweep (seed 0, shorter runs, pre and
-peri): a spike is a step after warmup whose training loss exceeds 1.2 x the median of the
+peri, with the usual gradient clip at 1.0 and, at the high rates, without clipping): a spike is a step after warmup whose training loss exceeds 1.2 x the median of the
 previous 20 steps; a run fails if it diverged (NaN/inf) or its final validation loss is above
 its first one. Reads the campaign's tables; writes reports/periln_stability/.
 
@@ -47,12 +47,16 @@ def sweep_table(tables: dict) -> pd.DataFrame:
     for row in both.itertuples(index=False):
         group = "main" if row.steps == "main" else "sweep"
         sel = metrics[(metrics.group == group) & (metrics.variant == row.variant) & (metrics.seed == row.seed)
-                      & (metrics.lr == row.lr)].dropna(subset=["val_loss"])  # fmt: skip
+                      & (metrics.lr == row.lr) & (metrics.grad_clip == row.grad_clip)].dropna(subset=["val_loss"])  # fmt: skip
         first_val.append(sel.val_loss.iloc[0] if len(sel) else float("nan"))
     both["first_val_loss"] = first_val
     both["failed"] = both.diverged | ~(both.final_val_loss < both.first_val_loss)
-    cols = ["variant", "lr", "steps", "spikes", "diverged", "failed", "first_val_loss", "final_val_loss"]
-    return both[cols].sort_values(["lr", "variant"]).reset_index(drop=True)
+    cols = ["variant", "lr", "grad_clip", "steps", "spikes", "diverged", "failed", "first_val_loss", "final_val_loss"]
+    return both[cols].sort_values(["grad_clip", "lr", "variant"], ascending=[False, True, True]).reset_index(drop=True)
+
+
+def setting_label(lr: float, clip: float) -> str:
+    return f"{lr:g}" + ("" if clip == 1.0 else " no clip" if clip == 0 else f" clip {clip:g}")
 
 
 def sweep_verdict(sweep: pd.DataFrame) -> tuple[bool | None, str]:
@@ -60,12 +64,18 @@ def sweep_verdict(sweep: pd.DataFrame) -> tuple[bool | None, str]:
     no lr where Pre-LN does not; None (not tested) if Pre-LN never spikes or fails."""
     pre, peri = (sweep[sweep.variant == v] for v in SWEEP)
     bad = lambda t: int(t.spikes.sum() + t.failed.sum())  # noqa: E731
-    text = (f"- LR sweep ({', '.join(f'{lr:g}' for lr in sorted(sweep.lr.unique()))}): Pre-LN {int(pre.spikes.sum())} "
+    settings = sweep[["lr", "grad_clip"]].drop_duplicates().itertuples(index=False)
+    text = (f"- LR sweep ({', '.join(setting_label(s.lr, s.grad_clip) for s in settings)}): Pre-LN {int(pre.spikes.sum())} "
             f"spikes, {int(pre.failed.sum())} failed runs; Peri-LN {int(peri.spikes.sum())} spikes, "
             f"{int(peri.failed.sum())} failed runs")  # fmt: skip
+    base_lr = sweep[sweep.steps == "main"].lr.min()
+    loss = lambda t, high: t[(t.lr > base_lr) == high].final_val_loss.mean()  # noqa: E731
+    text += (f"; mean final validation loss at the sweep's rates Pre-LN {loss(pre, True):.4g}, Peri-LN "
+             f"{loss(peri, True):.4g} (at the base lr {base_lr:g}: {loss(pre, False):.4g}, {loss(peri, False):.4g})")  # fmt: skip
     if bad(pre) == 0:
         return None, text + " -> not tested: Pre-LN neither spiked nor failed at these learning rates"
-    peri_only = set(peri[peri.failed].lr) - set(pre[pre.failed].lr)
+    failed_at = lambda t: set(zip(t[t.failed].lr, t[t.failed].grad_clip, strict=True))  # noqa: E731
+    peri_only = failed_at(peri) - failed_at(pre)
     holds = bad(peri) < bad(pre) and not peri_only
     return holds, text + (" -> holds" if holds else " -> does not hold")
 

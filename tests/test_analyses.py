@@ -65,7 +65,7 @@ def test_reports_smoke_pipeline(tmp_path):
     runs = pd.read_csv(campaign / "runs.csv")
     assert set(runs.variant) >= set(C.VARIANTS) and runs.finished.all()
     for row in runs.itertuples():  # the gathered final loss is the run's last validation loss
-        folder = C.run_dir_of(tmp_path / "runs", C.RunSpec(row.group, row.variant, row.seed, row.lr, row.steps))
+        folder = C.run_dir_of(tmp_path / "runs", C.RunSpec(row.group, row.variant, row.seed, row.lr, row.steps, grad_clip=row.grad_clip))
         last = pd.read_csv(folder / "metrics.csv").dropna(subset=["val_loss"]).val_loss.iloc[-1]
         assert row.final_val_loss == pytest.approx(last, rel=1e-5)
         assert json.loads((folder / "run.json").read_text())["steps_done"] == row.steps
@@ -80,7 +80,7 @@ def test_reports_smoke_pipeline(tmp_path):
     tests = pd.read_csv(tmp_path / "curse_of_depth" / "tests.csv").set_index("claim")
     assert tests.loc["Pre-LN variance grows with depth", "mean_diff"] == pytest.approx(np.mean(slopes), rel=1e-4)
     for name in ("campaign", "curse_of_depth", "mixln_gradients", "periln_stability", "final_loss", "dyt_beside",
-                 "real_models"):  # fmt: skip
+                 "real_models", "dyt_alpha0_probe"):  # fmt: skip
         assert (tmp_path / name / "report.html").stat().st_size > 1000, name
         assert (tmp_path / name / "command.txt").is_file(), name
     readme = (tmp_path / "README.md").read_text()

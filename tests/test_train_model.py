@@ -231,3 +231,34 @@ def test_dyt_forward_is_its_formula_and_replaces_every_norm():
     np.testing.assert_allclose(norm(x).detach().numpy(), want, rtol=0, atol=1e-12)
     with pytest.raises(DepthprobeError, match="dyt-alpha0"):
         ModelConfig(norm_placement="dyt", dyt_alpha0=0.0)
+    with pytest.raises(DepthprobeError, match="dyt-alpha0-attn"):
+        ModelConfig(norm_placement="dyt", dyt_alpha0_attn=-1.0)
+
+
+def test_dyt_llm_recipe_attention_alpha0_and_embedding_scalar():
+    """The paper's LLM recipe: the attention-input DyT gets its own alpha0, the MLP-input and
+    final DyT the other; a learnable scalar sqrt(d) multiplies the embeddings. The whole
+    model's logits equal head(DyT_final(blocks(s * E[ids]))) written out by hand."""
+    from depthprobe.train.model import DyT
+
+    model = model_for("dyt", dyt_alpha0=0.3, dyt_alpha0_attn=1.2)
+    assert all(float(b.attn_norm_in.alpha) == pytest.approx(1.2) for b in model.model.layers)
+    assert all(float(b.mlp_norm_in.alpha) == pytest.approx(0.3) for b in model.model.layers)
+    assert float(model.model.norm.alpha) == pytest.approx(0.3) and isinstance(model.model.norm, DyT)
+    assert float(model.model.embed_scale) == pytest.approx(math.sqrt(TINY["hidden_size"]))
+    with torch.no_grad():
+        model.model.embed_scale.fill_(5.5)  # a value apart from the init, so that it must be used
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    cfg = model.config.spec
+    rope = rotary(cfg.head_dim, cfg.rope_theta, 9, ids.device)
+    h = 5.5 * model.model.embed_tokens.weight[ids]
+    for layer, block in enumerate(model.model.layers):
+        h = expected_block("dyt", block, h, layer, cfg.num_hidden_layers, rope)
+    want = hand_dyt(model.model.norm, h) @ model.lm_head.weight.T
+    torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=1e-10)
+    assert not hasattr(model_for("dyt", dyt_embed_scale=False).model, "embed_scale")
+    assert not hasattr(model_for("pre").model, "embed_scale")
+    untied = dict(model_for("dyt", seed=3).named_parameters())  # the scalar draws no random numbers
+    for name, p in model_for("pre", seed=3).named_parameters():
+        if "norm" not in name:
+            assert torch.equal(p, untied[name]), name

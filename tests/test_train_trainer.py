@@ -112,6 +112,20 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data):
     assert on_disk.step.tolist() == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_reads_a_checkpoint_from_before_a_new_model_field(tmp_path, data):
+    """A checkpoint written before a ModelConfig field existed (here: the DyT embedding-scalar
+    init) resumes when the field is at its default, and is refused when it is not."""
+    Trainer(MODEL, small(), DATA, tmp_path / "old", data=data, progress=False).fit(stop_at=3)
+    path = tmp_path / "old" / CHECKPOINT
+    state = torch.load(path, weights_only=True)
+    del state["config"]["model"]["dyt_embed_scale_init"]
+    torch.save(state, path)
+    assert Trainer(MODEL, small(), DATA, tmp_path / "old", resume=True, data=data, progress=False).step == 3
+    other = ModelConfig(**{**MODEL.__dict__, "dyt_embed_scale_init": 3.0})
+    with pytest.raises(depthprobe.DepthprobeError, match="another model or seed"):
+        Trainer(other, small(), DATA, tmp_path / "old", resume=True, data=data, progress=False)
+
+
 def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_resumes_exactly(tmp_path, data):
     whole = Trainer(MODEL, small(), DATA, tmp_path / "whole", data=data, progress=False).fit()
     trainer = Trainer(MODEL, small(ckpt_every=100), DATA, tmp_path / "cut", data=data, progress=False)

@@ -19,7 +19,10 @@ deepnorm   h = N(beta*h + F(h)), beta = (2L)^(1/4)     norm_post, residual_scale
 dyt        pre, every norm (final one too) replaced by     norm_in (DyT)
            DyT(x) = gamma*tanh(alpha*x) + beta
            (Zhu et al. 2025, "Transformers without
-           Normalization")
+           Normalization"); their LLM recipe: alpha0
+           of the attention-input DyT apart from the
+           others, and a learnable scalar (init
+           sqrt(d)) times the embeddings
 =========  ==========================================  ==================================
 
 All placements end with a final norm before the head. The model is a transformers
@@ -68,7 +71,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     mix_alpha: float = 0.25  # mix: fraction of blocks (from the bottom) that are Post-LN
     deepnorm_init: bool = True  # deepnorm: scale init of value/output/MLP weights by (8L)^(-1/4)
-    dyt_alpha0: float = 0.5  # dyt: initial alpha of every DyT (the paper's default)
+    dyt_alpha0: float = 0.5  # dyt: initial alpha of the MLP-input and final DyT (the paper's default)
+    dyt_alpha0_attn: float | None = None  # dyt: initial alpha of the attention-input DyT (None: dyt_alpha0)
+    dyt_embed_scale: bool = True  # dyt: learnable scalar after the embedding (the paper's LLMs)
+    dyt_embed_scale_init: float | None = None  # its initial value (None: sqrt(d), the paper's)
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False  # head shares the embedding matrix
     initializer_range: float = 0.02  # std of the normal init of linears and embeddings
@@ -89,6 +95,8 @@ class ModelConfig:
             )
         if not self.dyt_alpha0 > 0:
             raise DepthprobeError(f"--dyt-alpha0 must be positive (got {self.dyt_alpha0})")
+        if self.dyt_alpha0_attn is not None and not self.dyt_alpha0_attn > 0:
+            raise DepthprobeError(f"--dyt-alpha0-attn must be positive (got {self.dyt_alpha0_attn})")
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise DepthprobeError(f"--mix-alpha must be between 0 and 1 (got {self.mix_alpha})")
 
@@ -175,10 +183,12 @@ class DyT(nn.Module):
         return self.weight * torch.tanh(self.alpha * x) + self.bias
 
 
-def make_norm(cfg: ModelConfig) -> nn.Module:
-    """The norm of ``cfg``: DyT in every position for ``dyt``, else RMSNorm or LayerNorm."""
+def make_norm(cfg: ModelConfig, attention_input: bool = False) -> nn.Module:
+    """The norm of ``cfg``: DyT in every position for ``dyt`` (alpha0 of an attention input
+    apart, as the paper's LLMs), else RMSNorm or LayerNorm."""
     if cfg.norm_placement == "dyt":
-        return DyT(cfg.hidden_size, cfg.dyt_alpha0)
+        attn_alpha0 = cfg.dyt_alpha0 if cfg.dyt_alpha0_attn is None else cfg.dyt_alpha0_attn
+        return DyT(cfg.hidden_size, attn_alpha0 if attention_input else cfg.dyt_alpha0)
     if cfg.norm_type == "rms":
         return RMSNorm(cfg.hidden_size, cfg.norm_eps)
     return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -274,7 +284,7 @@ class Block(nn.Module):
 # ----------------------------------------------------------------------------- placements
 # Each builder says which norms block ``layer`` gets; nothing else differs between variants.
 def pre_norms(cfg: ModelConfig, layer: int) -> dict:
-    return dict(attn_norm_in=make_norm(cfg), mlp_norm_in=make_norm(cfg))
+    return dict(attn_norm_in=make_norm(cfg, attention_input=True), mlp_norm_in=make_norm(cfg))
 
 
 def post_norms(cfg: ModelConfig, layer: int) -> dict:
@@ -332,6 +342,10 @@ class DepthprobeLMModel(DepthprobeLMPreTrainedModel):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(build_block(cfg, layer) for layer in range(cfg.num_hidden_layers))
         self.norm = make_norm(cfg)
+        if cfg.norm_placement == "dyt" and cfg.dyt_embed_scale:
+            # DyT does not rescale: without this the sublayers see std-0.02 embeddings (the paper's LLM recipe)
+            init = math.sqrt(cfg.hidden_size) if cfg.dyt_embed_scale_init is None else cfg.dyt_embed_scale_init
+            self.embed_scale = nn.Parameter(torch.full((1,), float(init)))
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, use_cache: bool | None = None) -> torch.Tensor:
@@ -340,6 +354,8 @@ class DepthprobeLMModel(DepthprobeLMPreTrainedModel):
         if T > self.config.max_position_embeddings:
             raise DepthprobeError(f"sequence of {T} tokens is longer than max_position_embeddings")
         h = self.embed_tokens(input_ids)  # (B, T, d)
+        if hasattr(self, "embed_scale"):
+            h = self.embed_scale * h
         rope = rotary(self.config.hidden_size // self.config.num_attention_heads, self.config.rope_theta, T, h.device)
         for block in self.layers:
             h = block(h, rope)

@@ -389,7 +389,9 @@ class Trainer:
             raise DepthprobeError(f"--resume: no {CHECKPOINT} in {self.out_dir}; start without --resume")
         state = safeio.load_checkpoint(path, map_location=self.device)
         saved = state["config"]
-        if saved["model"] != dataclasses.asdict(self.model_config) or saved["train"]["seed"] != self.config.seed:
+        # a field added to ModelConfig after the checkpoint was written counts at its default
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        if {**defaults, **saved["model"]} != dataclasses.asdict(self.model_config) or saved["train"]["seed"] != self.config.seed:
             raise DepthprobeError(f"--resume: {path} was written with another model or seed; use the same options")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
