@@ -10,8 +10,11 @@
   holding every gradient, then each block's norm from float64 copies of its gradients,
   twice per parameter (block, then attention / MLP).
 
-Each timed function is run in alternation after one warm-up; the major page faults
-(``ru_majflt``: memory-mapped weights read back from disk) of each are printed too.
+Each timed function is run in alternation after one warm-up; printed with each: the peak
+of anonymous memory above the level before the call (RssAnon sampled every 10 ms: the
+gradient pass should sit about one set of block gradients below the plain backward, which
+holds them all) and the major page faults (``ru_majflt``: memory-mapped weights read back
+from disk).
 
     .venv/bin/python benchmarks/bench_pass_speed.py [--model smollm2] [--dtype float32]
         [--num-sequences 4] [--seq-len 256] [--batch-size 4] [--repeats 3] [--old]
@@ -20,10 +23,12 @@ Each timed function is run in alternation after one warm-up; the major page faul
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import resource
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,19 +42,60 @@ from depthprobe.probes.hooks import only_blocks_require_grad  # noqa: E402
 from depthprobe.probes.main_pass import run_main_pass  # noqa: E402
 
 
-def timed_alternation(fns: dict, repeats: int) -> dict[str, tuple[float, int]]:
-    """Median seconds and median major page faults of each function, run in alternation."""
+class AnonPeak:
+    """Peak of this process's RssAnon above its level at the start, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval, self.peak, self.start, self._stop = interval, 0, 0, threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = rss_anon()
+        self._stop.clear()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.start
+
+
+def rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def timed_alternation(fns: dict, repeats: int) -> dict[str, tuple[float, int, int]]:
+    """Median seconds, median major page faults and the largest peak of anonymous memory
+    above the level before the call, of each function run in alternation."""
     for fn in fns.values():
         fn()
-    seconds = {name: [] for name in fns}
-    faults = {name: [] for name in fns}
+    seconds: dict[str, list] = {name: [] for name in fns}
+    faults: dict[str, list] = {name: [] for name in fns}
+    peaks: dict[str, list] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, time.perf_counter()
-            fn()
-            seconds[name].append(time.perf_counter() - t0)
+            gc.collect()
+            with AnonPeak() as peak:
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_majflt, time.perf_counter()
+                fn()
+                seconds[name].append(time.perf_counter() - t0)
             faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_majflt - f0)
-    return {name: (statistics.median(seconds[name]), int(statistics.median(faults[name]))) for name in fns}
+            peaks[name].append(peak.extra)
+    return {name: (statistics.median(seconds[name]), int(statistics.median(faults[name])), max(peaks[name]))
+            for name in fns}
 
 
 def old_norms(stack) -> list[float]:
@@ -112,10 +158,15 @@ def main() -> None:
     batches = math.ceil(args.num_sequences / args.batch_size)
     print(f"== main pass vs plain PyTorch ({args.model}, {args.dtype}, {args.num_sequences}x{args.seq_len} tokens "
           f"in {batches} batch(es), torch threads {torch.get_num_threads()}, median of {args.repeats})")
-    for name, (seconds, faults) in results.items():
+    for name, (seconds, faults, extra) in results.items():
         base = "plain forward" if "forward-only" in name or name == "plain forward" else "plain forward+backward"
         print(f"  {name:<44s} {seconds:8.2f} s  {seconds / results[base][0]:.3f}x {base}  "
-              f"(major page faults {faults})")
+              f"peak anonymous +{extra / 2**30:.2f} GiB  (major page faults {faults})")
+    stack = depthprobe.LayerStack.from_model(model)
+    grads = sum(p.numel() * p.element_size() for p in stack.blocks.parameters())
+    drop = results["plain forward+backward"][2] - results["grad pass"][2]
+    print(f"  block gradients {grads / 2**30:.2f} GiB; the grad pass's peak is {drop / 2**30:.2f} GiB below plain's "
+          f"({drop / grads:.2f}x the gradients)")
     grad = results["grad pass"][0] / results["plain forward+backward"][0]
     fwd = results["forward-only pass (angular,variance)"][0] / results["plain forward"][0]
     print(f"RATIO grad/plain = {grad:.3f} (goal <= 1.3); forward-only/plain = {fwd:.3f} (goal <= 1.3)")

@@ -11,6 +11,7 @@ import torch
 
 import depthprobe
 from depthprobe.data import Windows
+from depthprobe.probes import metrics as M
 from tests.tiny_models import build_tiny, random_ids
 
 
@@ -101,3 +102,11 @@ def test_several_batches_keep_sums_then_free_at_the_last():
     # the last backward: the sums of parameters not yet reached, plus the one just finished
     assert max(live[2 * n:]) == everything and live[-1] < everything / 4
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_l2_chunks_equal_numpy(dtype):
+    t = torch.randn(37, 11).to(dtype)
+    expected = float((t.double().numpy() ** 2).sum())
+    for chunk in (1, 5, 407, 1 << 21):  # chunks that split rows, and one chunk for everything
+        assert float(M.squared_l2(t, chunk=chunk)) == pytest.approx(expected, rel=1e-13)

@@ -184,10 +184,10 @@ def _forward_transient(plan: MemoryPlan) -> int:
 def _gradient_bytes(shape: ModelShape, workload: Workload, size: int) -> int:
     """Gradients alive at once: with several batches the running sums of every block
     parameter's gradient; with one, each gradient is reduced and freed as the backward
-    produces it, so about one weight matrix (``d x I``)."""
+    produces it, so about one weight matrix (``d x I``) and a float64 chunk of it."""
     if workload.num_sequences > workload.batch_size:
         return shape.block_parameters * size
-    return shape.hidden * shape.intermediate * size
+    return shape.hidden * shape.intermediate * size + (1 << 21) * 8
 
 
 def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: str = "cpu",

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 
 from depthprobe.model.stack import LayerStack
+from depthprobe.probes import metrics as M
 
 COLUMNS = ("grad_norm", "grad_norm_attn", "grad_norm_mlp")
 
@@ -58,7 +59,7 @@ class BlockGradNorms:
 
     def _reduce(self, p: torch.Tensor) -> None:
         if self.final and p.grad is not None:
-            self.squares[id(p)] = torch.linalg.vector_norm(p.grad, dtype=torch.float64).square()
+            self.squares[id(p)] = M.squared_l2(p.grad)
             p.grad = None
 
     @contextlib.contextmanager
