@@ -13,6 +13,8 @@ and prints times, the drop sweep's time against one full forward (``timings_s`` 
 25%). Wait for ``free -g`` to show ~17 GB available before running it on a shared machine.
 
     .venv/bin/python benchmarks/bench_7b.py [--runs default,offload] [--metrics ...]
+    .venv/bin/python benchmarks/bench_7b.py --model smollm2 --runs default \
+        --extra '--num-sequences 4 --seq-len 256 --batch-size 4'     # the plan against SmolLM2
 """
 
 from __future__ import annotations
@@ -43,15 +45,20 @@ def dry_run_estimate(cmd: list[str]) -> tuple[int | None, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-dir", default="~/.cache/depthprobe-bench/llama2-7b-shape")
+    ap.add_argument("--model", default=None, help="measure this model instead (e.g. smollm2); nothing is built")
     ap.add_argument("--runs", default="default,offload", help="comma list of default,offload")
     ap.add_argument("--metrics", default="angular,variance,grad,drop")
-    ap.add_argument("--extra", default="", help="extra analyze options, e.g. '--dtype bfloat16'")
+    ap.add_argument("--extra", default="", help="extra analyze options, e.g. '--dtype bfloat16' or "
+                    "'--num-sequences 4 --seq-len 256 --batch-size 4' (the last of a repeated option counts)")
     args = ap.parse_args()
 
     from depthprobe.model.load import packaged_model_path
 
-    tokenizer_dir, _ = packaged_model_path("minilm")  # a 30,522-token vocabulary fits Llama's 32,000
-    folder = build_random_checkpoint(args.model_dir, LLAMA2_7B, str(tokenizer_dir))
+    if args.model is None:
+        tokenizer_dir, _ = packaged_model_path("minilm")  # a 30,522-token vocabulary fits Llama's 32,000
+        folder = build_random_checkpoint(args.model_dir, LLAMA2_7B, str(tokenizer_dir))
+    else:
+        folder = args.model
     base = [sys.executable, "-m", "depthprobe", "analyze", str(folder), "--metrics", args.metrics,
             "--num-sequences", "1", "--seq-len", "128", "--block-sizes", "", "-q", *args.extra.split()]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

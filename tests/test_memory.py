@@ -66,7 +66,9 @@ def test_estimate_by_hand(llama_bf16):
     plan = estimate(shape, torch.float32, work, "cpu", {"cpu": 64 * GIB})
     tokens, d, inter, layers, vocab = 32, 64, 128, 4, 128
     assert plan.weights == shape.num_parameters * 4 and not plan.mapped  # float32 from bf16: a copy
-    assert plan.gradients == shape.block_parameters * 4
+    assert plan.gradients == shape.block_parameters * 4  # 3 batches: running sums of every gradient
+    one_batch = estimate(shape, torch.float32, Workload(metrics=("grad",), batch_size=6, seq_len=16, num_sequences=6))
+    assert one_batch.gradients == d * inter * 4 + 2**21 * 8  # one batch: each gradient freed as it comes
     assert plan.states == (layers + 1) * tokens * d * 4
     assert plan.activations == tokens * layers * (10 * d + 5 * inter) * 4 + tokens * vocab * 16
     assert plan.hooks == (layers + 1) * tokens * d * 8

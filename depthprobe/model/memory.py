@@ -7,7 +7,9 @@ the workload (metrics, batch tokens). It estimates, in bytes:
 - ``weights``: parameters in the compute dtype. On a CPU, safetensors weights loaded in
   their stored dtype stay memory-mapped (file-backed pages the kernel can drop and re-read),
   so they are counted apart from anonymous memory; an up-cast copy is anonymous.
-- ``gradients``: one gradient per block parameter (``grad``), in the compute dtype.
+- ``gradients``: with several batches, the running sum of every block parameter's gradient
+  (``grad``), in the compute dtype; with one batch, one weight matrix's (each gradient is
+  reduced to its norm and freed as the backward produces it).
 - ``activations``: what the backward keeps per token and block (about ``10 d + 5 I``
   values for a gated-MLP block, ``d`` the width and ``I`` the MLP width) or, forward only,
   one block's transient tensors, plus the logits in float32 for the loss.
@@ -179,6 +181,15 @@ def _forward_transient(plan: MemoryPlan) -> int:
     return tokens * ((4 * s.hidden + 3 * s.intermediate) * size + s.vocab * (size + 8))
 
 
+def _gradient_bytes(shape: ModelShape, workload: Workload, size: int) -> int:
+    """Gradients alive at once: with several batches the running sums of every block
+    parameter's gradient; with one, each gradient is reduced and freed as the backward
+    produces it, so about one weight matrix (``d x I``) and a float64 chunk of it."""
+    if workload.num_sequences > workload.batch_size:
+        return shape.block_parameters * size
+    return shape.hidden * shape.intermediate * size + (1 << 21) * 8
+
+
 def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: str = "cpu",
              available: dict[str, int] | None = None, budget: int | None = None) -> MemoryPlan:
     """The plan for ``shape`` run in ``dtype`` on ``device`` (formulas in the module docs)."""
@@ -195,7 +206,7 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
     plan = MemoryPlan(
         dtype=dtype, device=device, shape=shape, workload=workload,
         weights=weights, mapped=mapped,
-        gradients=shape.block_parameters * size if "grad" in metrics else 0,
+        gradients=_gradient_bytes(shape, workload, size) if "grad" in metrics else 0,
         activations=0, hooks=0,
         states=(layers + 1) * tokens * d * size if "drop" in metrics else 0,
         available=dict(available or {}), budget=budget,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
+from depthprobe.probes.grad_norms import BlockGradNorms
 from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.router import watch_routers
@@ -181,27 +182,6 @@ class PassAccumulator:
         return self.angular.matrix(self.tokens) if self.angular is not None else None
 
 
-def block_grad_norms(stack: LayerStack) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Per-block L2 norms of the gradients now in ``.grad``: whole block, attention, MLP;
-    and, for sublayer columns left empty, why (column -> reason)."""
-    norms: dict[str, list[float]] = {"grad_norm": [], "grad_norm_attn": [], "grad_norm_mlp": []}
-    missing: dict[str, list[int]] = {}
-    for layer in range(len(stack)):
-        norms["grad_norm"].append(M.grad_l2(stack.blocks[layer].parameters()))
-        for kind in ("attn", "mlp"):
-            params = [p for m in stack.sublayer_modules(layer, kind) for p in m.parameters()]
-            norms[f"grad_norm_{kind}"].append(M.grad_l2(params) if params else math.nan)
-            if not params:
-                missing.setdefault(kind, []).append(layer)
-    reasons = {f"grad_norm_{kind}": f"no {kind} sublayer found in block(s) {_span(layers)}"
-               for kind, layers in missing.items()}
-    return norms, reasons
-
-
-def _span(layers: list[int]) -> str:
-    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
-
-
 @dataclass
 class PassResult:
     columns: dict[str, list[float]]
@@ -240,11 +220,15 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     t_pass = time.perf_counter()
     bar = tqdm(total=windows.num_sequences, desc="analyze", unit="seq", disable=not progress, leave=False, delay=0.5)
     routers = watch_routers(stack)
-    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), watch_blocks(stack, acc.on_block), \
-            routers:
-        for batch in windows.batches(batch_size):
+    n_batches = math.ceil(windows.num_sequences / batch_size)
+    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), \
+            BlockGradNorms(stack).hooked() if grad else contextlib.nullcontext() as grad_norms, \
+            watch_blocks(stack, acc.on_block), routers:
+        for index, batch in enumerate(windows.batches(batch_size)):
             ids = batch.to(objective.device)
             acc.start_batch(ids)
+            if grad_norms is not None and index == n_batches - 1:
+                grad_norms.last_batch()  # each gradient is final once this backward produces it
             with torch.set_grad_enabled(grad):
                 out = objective.forward(ids, head=full)
                 if losses is not None:
@@ -253,7 +237,7 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
             del out
             bar.update(batch.shape[0])
         bar.close()
-        grad_columns, not_applicable = block_grad_norms(stack) if grad else ({}, {})
+    grad_columns, not_applicable = grad_norms.columns() if grad_norms is not None else ({}, {})
     seconds = time.perf_counter() - t_pass
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:

@@ -1,0 +1,97 @@
+"""Per-block gradient norms without holding every gradient: each parameter's gradient is
+reduced to its squared norm the moment the backward has finished it, then freed.
+
+``grad_norm[l] = sqrt(sum_{p in block l} ||g_p||^2)`` where ``g_p`` is the gradient of the
+mean-token loss over *all* windows (the sum of the per-batch gradients), and likewise
+``grad_norm_attn`` / ``grad_norm_mlp`` over the parameters of block l's attention / MLP
+modules. A backward over several batches must keep the running sum ``g_p`` until the last
+batch (the norm of a sum is not the sum of norms), so only the last backward frees each
+gradient as it comes; with one batch no block holds its gradients after its backward step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from depthprobe.model.stack import LayerStack
+from depthprobe.probes import metrics as M
+
+COLUMNS = ("grad_norm", "grad_norm_attn", "grad_norm_mlp")
+
+
+class BlockGradNorms:
+    """Squared gradient norms summed per block and sublayer, fed by post-accumulate hooks.
+
+    Use ``with norms.hooked(): ...`` around the backward passes and call :meth:`last_batch`
+    before the last one; :meth:`columns` then gives the norms. Gradients of the last
+    backward are freed (``p.grad = None``) as soon as they are reduced.
+    """
+
+    def __init__(self, stack: LayerStack):
+        self.num_layers = len(stack)
+        # every parameter once, with each (column, block) it counts in: a parameter shared
+        # between blocks counts in each of them, as the per-block norm of ``.grad`` did
+        self.params: dict[int, torch.nn.Parameter] = {}
+        self.targets: dict[int, list[tuple[str, int]]] = {}
+        self.missing: dict[str, list[int]] = {}
+        for layer in range(self.num_layers):
+            self._add(stack.blocks[layer].parameters(), "grad_norm", layer)
+            for kind in ("attn", "mlp"):
+                params = [p for m in stack.sublayer_modules(layer, kind) for p in m.parameters()]
+                if not params:
+                    self.missing.setdefault(kind, []).append(layer)
+                self._add(params, f"grad_norm_{kind}", layer)
+        self.squares: dict[int, torch.Tensor] = {}  # parameter id -> ||g_p||^2 (float64, on its device)
+        self.final = False
+
+    def _add(self, params, column: str, layer: int) -> None:
+        for p in dict.fromkeys(params):  # a module listed twice counts its parameters once
+            self.params[id(p)] = p
+            self.targets.setdefault(id(p), []).append((column, layer))
+
+    def last_batch(self) -> None:
+        """The next backward is the last: reduce and free each gradient as it is finished."""
+        self.final = True
+
+    def _reduce(self, p: torch.Tensor) -> None:
+        if self.final and p.grad is not None:
+            self.squares[id(p)] = M.squared_l2(p.grad)
+            p.grad = None
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[BlockGradNorms]:
+        """Hooks on every block parameter; on exit, gradients not yet reduced (a parameter the
+        last batch did not reach) are reduced and freed too."""
+        handles = [p.register_post_accumulate_grad_hook(self._reduce) for p in self.params.values() if p.requires_grad]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.final = True
+            for p in self.params.values():
+                self._reduce(p)
+
+    def columns(self) -> tuple[dict[str, list[float]], dict[str, str]]:
+        """``{column: per-block norms}`` (NaN where the block has no such sublayer) and, for
+        those columns, why (column -> reason)."""
+        sums = {c: [0.0] * self.num_layers for c in COLUMNS}
+        for key, square in self.squares.items():
+            value = float(square)
+            for column, layer in self.targets[key]:
+                sums[column][layer] += value
+        norms = {c: [math.sqrt(v) for v in values] for c, values in sums.items()}
+        for kind, layers in self.missing.items():
+            for layer in layers:
+                norms[f"grad_norm_{kind}"][layer] = math.nan
+        reasons = {f"grad_norm_{kind}": f"no {kind} sublayer found in block(s) {_span(layers)}"
+                   for kind, layers in self.missing.items()}
+        return norms, reasons
+
+
+def _span(layers: list[int]) -> str:
+    return f"{layers[0]}..{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else str(layers)
