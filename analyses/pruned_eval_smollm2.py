@@ -35,12 +35,13 @@ import torch  # noqa: E402
 
 import depthprobe  # noqa: E402
 from depthprobe.data import heldout_windows  # noqa: E402
-from depthprobe.evaluate.bench import BenchConfig, bench, parse_ints, speedups  # noqa: E402
+from depthprobe.evaluate.bench import BenchConfig, bench, speedups  # noqa: E402
 from depthprobe.evaluate.cloze import TASK_NAME  # noqa: E402
 from depthprobe.evaluate.harness import evaluate_model, resolve_tasks, retention, task_manager, write_eval  # noqa: E402
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss  # noqa: E402
 from depthprobe.prune import remove_blocks  # noqa: E402
 from depthprobe.prune.select import Evaluator, greedy  # noqa: E402
+from depthprobe.results import parse_list  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "reports" / "pruned_eval_smollm2"
 KS = (0, 6, 8, 4, 2)  # measured in this order: the ends of the curve and the bench model first
@@ -126,8 +127,8 @@ def write_curve(rows: list[dict], outputs) -> None:
 
 
 def run_bench(args, models) -> None:
-    config = BenchConfig(batch_sizes=parse_ints(args.bench_batch_sizes, "--bench-batch-sizes"),
-                         prompt_lens=parse_ints(args.bench_prompt_lens, "--bench-prompt-lens"),
+    config = BenchConfig(batch_sizes=tuple(parse_list(args.bench_batch_sizes, "--bench-batch-sizes", int, "1,4")),
+                         prompt_lens=tuple(parse_list(args.bench_prompt_lens, "--bench-prompt-lens", int, "128,512")),
                          new_tokens=args.bench_new_tokens, repeats=args.bench_repeats)
     table = bench(models, config)
     table.to_csv(OUT / "bench.csv", index=False, float_format="%.6g")

@@ -56,7 +56,7 @@ def test_bench_cli_writes_tables(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch-sizes", "0"], "--batch-sizes must be positive"),
-    (["--prompt-lens", "a"], "--prompt-lens takes comma-separated integers"),
+    (["--prompt-lens", "a"], "--prompt-lens takes a comma-separated list of integers"),
     (["--new-tokens", "0"], "at least 1"),
 ])
 def test_bench_bad_input_is_one_line(args, message, tiny_dir, capsys):

@@ -9,7 +9,7 @@ import click
 import pandas as pd
 
 from depthprobe.cli.options import _stack
-from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, parse_ints, speedups
+from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, speedups
 from depthprobe.evaluate.harness import (
     EvalOutput,
     check_limit,
@@ -20,6 +20,7 @@ from depthprobe.evaluate.harness import (
     task_manager,
     write_eval,
 )
+from depthprobe.results import parse_list
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,
@@ -59,8 +60,8 @@ bench_options = _stack(
 
 def bench_config(opts: dict) -> BenchConfig:
     """``BenchConfig`` from the parsed ``bench_options``."""
-    return BenchConfig(batch_sizes=parse_ints(opts["batch_sizes"], "--batch-sizes"),
-                       prompt_lens=parse_ints(opts["prompt_lens"], "--prompt-lens"),
+    return BenchConfig(batch_sizes=tuple(parse_list(opts["batch_sizes"], "--batch-sizes", int, "1,4")),
+                       prompt_lens=tuple(parse_list(opts["prompt_lens"], "--prompt-lens", int, "128,512")),
                        new_tokens=opts["new_tokens"], repeats=opts["repeats"])
 
 
