@@ -28,10 +28,11 @@ import torch
 
 import depthprobe
 from depthprobe.data import heldout_windows, make_windows
+from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack
 from depthprobe.prune import HealConfig, RepairConfig, heal_lora, remove_blocks, repair_linear
 from depthprobe.prune.heal import training_windows
-from depthprobe.prune.repair import heldout_loss, removed_spans
+from depthprobe.prune.repair import removed_spans
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVE = ROOT / "reports" / "deep_layers_smollm2" / "prune_curve.csv"

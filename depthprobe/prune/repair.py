@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack, block_output
 from depthprobe.prune.select import Evaluator
 
@@ -391,27 +392,26 @@ def _fused_matches(stack, one, keep, p, writer, m, y, T) -> bool:
     return bool(torch.linalg.norm(fused - explicit) <= 1e-4 * torch.linalg.norm(explicit))
 
 
-def heldout_loss(model: nn.Module, heldout: Windows, removed: Sequence[int] = (), batch_size: int = 4) -> float:
-    """Mean-token LM loss (encoders: final-state drift) of ``model`` without blocks ``removed``."""
-    return Evaluator(LayerStack.from_model(model), heldout.input_ids, batch_size).loss(removed)
-
-
 def repair_curve(model: nn.Module, removed_by_k: dict[int, list[int]], fit: Windows, heldout: Windows,
-                 config: RepairConfig, progress: bool = True) -> pd.DataFrame:
-    """For each K: held-out loss with blocks ``removed_by_k[K]`` removed, plain and repaired.
+                 config: RepairConfig, progress: bool = True,
+                 plain: Callable[[Sequence[int]], float] | None = None) -> pd.DataFrame:
+    """For each K: held-out loss (``evaluate.heldout.heldout_loss``) with blocks ``removed_by_k[K]``
+    removed, plain and repaired.
 
-    Each repair is undone before the next K. Columns: num_removed, heldout_loss_plain,
-    heldout_loss_repaired, repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
+    Each repair is undone before the next K. ``plain`` gives plain removal's held-out loss when
+    already measured. Columns: num_removed, heldout_loss_plain, heldout_loss_repaired,
+    repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
     """
+    plain = plain or (lambda removed: heldout_loss(model, heldout, removed, config.batch_size))
     rows = []
     for k, removed in tqdm(sorted(removed_by_k.items()), desc="repair curve", disable=not progress, leave=False):
-        plain = heldout_loss(model, heldout, removed, config.batch_size)
+        before = plain(removed)
         result = repair_linear(model, removed, fit, config)
         try:
-            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else plain
+            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else before
         finally:
             result.restore()
-        rows.append((k, plain, repaired, _span_text(result.applied)))
+        rows.append((k, before, repaired, _span_text(result.applied)))
     return pd.DataFrame(rows, columns=["num_removed", "heldout_loss_plain", "heldout_loss_repaired",
                                        "repair_spans_applied"])
 
