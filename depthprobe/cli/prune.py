@@ -45,7 +45,8 @@ from depthprobe.safeio import locks_out
               help="Fit a linear map for each removed span and fuse it into the block before it.")
 @click.option("--repair-windows", type=int, default=64, show_default=True,
               help="Windows of --seq-len tokens the maps are fit on (the last 20 percent validate).")
-@click.option("--repair-ridge", type=float, default=1e-3, show_default=True, help="Ridge toward no change (0: lstsq).")
+@click.option("--repair-ridge", default="0.001,0.01,0.1", show_default=True,
+              help="Ridges toward no change (0: lstsq), comma list: each is fit, the validation windows keep the best.")
 @click.option("--heal", type=click.Choice(["lora"]), default=None, help="Heal with LoRA, merged before export.")
 @click.option("--heal-steps", type=int, default=100, show_default=True, help="LoRA training steps.")
 @click.option("--heal-text-file", type=click.Path(dir_okay=False), default=None,
@@ -150,5 +151,6 @@ def _seam_options(opts: dict):
     heal = HealConfig(steps=opts["heal_steps"], rank=opts["heal_rank"], lr=opts["heal_lr"],
                       targets=opts["heal_modules"], batch_size=opts["batch_size"])
     return SeamOptions(repair=opts["repair"], heal=opts["heal"], repair_windows=opts["repair_windows"],
-                       ridge=opts["repair_ridge"], heal_config=heal, heal_text_file=opts["heal_text_file"],
+                       ridges=tuple(parse_list(opts["repair_ridge"], "--repair-ridge", float, "0.001,0.01")),
+                       heal_config=heal, heal_text_file=opts["heal_text_file"],
                        batch_size=opts["batch_size"])

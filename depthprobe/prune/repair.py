@@ -15,10 +15,11 @@ model's ``x_e``, i.e. ``m T ≈ r = x_e - y``:
 
 - ``linear``: ``T = argmin ||m T - r||² + λ ||T - I||²`` in float64, solved as one least-squares
   problem on ``[m; √λ I] T = [r; √λ I]``. The ridge pulls toward ``T = I``, which is plain
-  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares).
-- ``cosine``: start from the ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
+  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares). One map
+  per ridge of a small grid; the validation windows keep the best.
+- ``cosine``: start from the best ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
   over tokens by Adam (the next block reads the stream through a norm, so the direction is
-  what it sees).
+  what it sees); kept only where it validates better than that linear map.
 
 Spans are repaired one after another from the shallowest, each fit on the model with the
 earlier spans already removed and repaired, each against the full model's stream captured
@@ -267,8 +268,9 @@ class RepairResult:
 @dataclass(frozen=True)
 class RepairConfig:
     method: str = "linear"
-    #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares
-    ridge: float = 1e-3
+    #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares.
+    #: Each is tried and the validation windows keep the best; without validation the first.
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     #: "norm": each token weighted by 1 / ||x_e|| (the next block reads the stream through a
     #: norm, so relative error is what counts and a few huge-norm tokens do not dominate)
     weighting: str = "norm"
@@ -283,8 +285,10 @@ class RepairConfig:
             raise DepthprobeError(f"unknown --repair {self.method!r}; choose from {', '.join(METHODS)}")
         if self.weighting not in ("norm", "none"):
             raise DepthprobeError(f"unknown repair weighting {self.weighting!r}; choose norm or none")
-        if self.ridge < 0 or not 0 <= self.val_fraction < 1:
-            raise DepthprobeError("--repair-ridge must be >= 0 and the validation fraction in [0, 1)")
+        if isinstance(self.ridges, (int, float)):  # one ridge given as a number
+            object.__setattr__(self, "ridges", (float(self.ridges),))
+        if not self.ridges or min(self.ridges) < 0 or not 0 <= self.val_fraction < 1:
+            raise DepthprobeError("--repair-ridge takes ridges >= 0 and the validation fraction is in [0, 1)")
 
 
 def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | torch.Tensor,
@@ -293,10 +297,13 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
 
     ``removed``: 0-based blocks of ``model`` that will be removed (``remove_blocks`` after).
     ``windows``: token windows to fit on; the last ``val_fraction`` of them validate.
-    ``options`` override :class:`RepairConfig` fields (``method="cosine"``, ``ridge=0``...).
+    ``options`` override :class:`RepairConfig` fields (``method="cosine"``, ``ridges=(0,)``;
+    ``ridge=x`` is ``ridges=(x,)``).
     Returns the per-span table (start, stop, writer, fit_tokens, val_loss_plain,
     val_loss_repaired, applied, reason); the model's writers hold the accepted maps.
     """
+    if "ridge" in options:
+        options["ridges"] = (options.pop("ridge"),)
     config = config or RepairConfig(**options)
     stack = LayerStack.from_model(model)
     ids = windows.input_ids if isinstance(windows, Windows) else windows
@@ -334,7 +341,7 @@ def _decline(start: int, stop: int, reason: str, **extra) -> dict:
     log.info("span %d..%d: repair declined (%s)", start, stop - 1, reason)
     return {"start": start, "stop": stop, "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
             "val_loss_plain": extra.get("plain", float("nan")), "val_loss_repaired": extra.get("repaired", float("nan")),
-            "applied": False, "reason": reason}
+            "applied": False, "map": extra.get("map", ""), "reason": reason}
 
 
 def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
@@ -349,30 +356,56 @@ def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_los
         return _decline(start, stop, f"no MLP output linear found in block {p}"), val_loss
     name, writer = found
     m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
-    target = targets[stop]
-    weights = 1 / target[:n_fit].norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
-    T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge, weights)
-    if config.method == "cosine":
-        T = solve_cosine(m[:n_fit], y[:n_fit], target[:n_fit], T, steps=config.cosine_steps, lr=config.cosine_lr)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
-    fuse_map(writer, T)
     info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss}
+    fit = (m[:n_fit], y[:n_fit], targets[stop][:n_fit])
+    label, T, repaired = _best_candidate(fit, config, lambda T: _validation_loss(val, removed, writer, T, saved))
+    fuse_map(writer, T)
     if not _fused_matches(stack, ids[:1], keep, p, writer, m, y, T):
         _restore(saved)
         return _decline(start, stop, "the fused block does not reproduce y + mT (writer not additive)", **info), val_loss
-    repaired = val.loss(removed) if val is not None else float("nan")
     if val is not None and not repaired < val_loss:
         _restore(saved)
         return _decline(start, stop, f"validation loss {repaired:.4f} >= {val_loss:.4f} without it",
-                        repaired=repaired, **info), val_loss
+                        repaired=repaired, map=label, **info), val_loss
     result._saved.append(saved)
     result.maps[(start, stop)] = T
-    log.info("span %d..%d: map fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, info["writer"],
-             val_loss, repaired)
+    log.info("span %d..%d: map (%s) fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, label,
+             info["writer"], val_loss, repaired)
     row = {
         "start": start, "stop": stop, "writer": info["writer"], "fit_tokens": n_fit, "val_loss_plain": val_loss,
-        "val_loss_repaired": repaired, "applied": True, "reason": ""}
+        "val_loss_repaired": repaired, "applied": True, "map": label, "reason": ""}
     return row, repaired if val is not None else val_loss
+
+
+def _validation_loss(val: Evaluator | None, removed, writer: nn.Module, T: torch.Tensor, saved) -> float:
+    """Validation loss with ``T`` fused into ``writer`` (the weights are put back after)."""
+    if val is None:
+        return float("nan")
+    fuse_map(writer, T)
+    try:
+        return val.loss(removed)
+    finally:
+        _restore(saved)
+
+
+def _best_candidate(fit, config: RepairConfig, score) -> tuple[str, torch.Tensor, float]:
+    """The map with the lowest validation loss ``score(T)`` among least squares at each ridge of
+    ``config.ridges`` (only the first without validation) and, for ``cosine``, Adam on the
+    cosine objective from the best of them. Returns (label, T, its validation loss)."""
+    m, y, target = fit
+    weights = 1 / target.norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
+    ridges = config.ridges if config.val_fraction > 0 else config.ridges[:1]
+    best = None
+    for ridge in ridges:
+        T = solve_linear(m, target - y, ridge, weights)
+        candidate = (f"linear ridge={ridge:g}", T, score(T))
+        best = candidate if best is None or candidate[2] < best[2] else best
+    if config.method == "cosine":
+        T = solve_cosine(m, y, target, best[1], steps=config.cosine_steps, lr=config.cosine_lr)
+        candidate = (f"cosine from {best[0]}", T, score(T))
+        best = candidate if config.val_fraction == 0 or candidate[2] < best[2] else best
+    return best
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ class SeamOptions:
     heal: str | None = None  # "lora"
     #: windows (of the calibration length) the maps are fit on; the last 20% validate
     repair_windows: int = 64
-    ridge: float = 1e-3
+    #: ridges tried on the validation windows (the best kept)
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     heal_config: HealConfig = field(default_factory=HealConfig)
     heal_text_file: str | None = None
     batch_size: int = 4
@@ -126,7 +127,7 @@ def before_removal(model: nn.Module, remove: Sequence[int], removed_by_k: dict[i
 
     report = SeamReport(heldout.source, plain(()), plain(remove), _heldout=heldout)
     if options.repair:
-        config = RepairConfig(method=options.repair, ridge=options.ridge, batch_size=options.batch_size)
+        config = RepairConfig(method=options.repair, ridges=options.ridges, batch_size=options.batch_size)
         report.curve = repair_curve(model, removed_by_k, fit, heldout, config, progress, plain=plain)
         report.spans = repair_linear(model, remove, fit, config, progress=progress).table
     return report
