@@ -161,3 +161,20 @@ def test_cosine_solver_lowers_the_mean_cosine_distance():
     start = solve_linear(m, target - y, 0.0)
     refined = solve_cosine(m, y, target, start, steps=200, lr=1e-2, batch_tokens=256)
     assert distance(refined) < distance(start) - 1e-3
+
+
+def test_ridge_grid_keeps_the_map_with_the_lowest_validation_loss():
+    """With several ridges, the kept map is the one whose own single-ridge repair validates best;
+    declined (weights untouched) only when none beats plain removal."""
+    ids = random_ids(10, 16, seed=5)
+    single = {}
+    for ridge in (0.0, 1e-2, 1.0):
+        model = build_tiny("llama", num_hidden_layers=6)
+        table = repair_linear(model, [2, 3], ids, ridges=(ridge,), val_fraction=0.2).table
+        single[ridge] = table.loc[0, "val_loss_repaired"]
+    model = build_tiny("llama", num_hidden_layers=6)
+    table = repair_linear(model, [2, 3], ids, ridges=(0.0, 1e-2, 1.0), val_fraction=0.2).table
+    best = min(single, key=single.get)
+    assert table.loc[0, "val_loss_repaired"] == pytest.approx(single[best], abs=1e-9)
+    assert table.loc[0, "map"] == f"linear ridge={best:g}"
+    assert table.loc[0, "applied"] == (single[best] < table.loc[0, "val_loss_plain"])
