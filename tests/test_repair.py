@@ -178,3 +178,23 @@ def test_ridge_grid_keeps_the_map_with_the_lowest_validation_loss():
     assert table.loc[0, "val_loss_repaired"] == pytest.approx(single[best], abs=1e-9)
     assert table.loc[0, "map"] == f"linear ridge={best:g}"
     assert table.loc[0, "applied"] == (single[best] < table.loc[0, "val_loss_plain"])
+
+
+def test_after_seam_map_is_a_second_validated_writer():
+    """``after=True`` adds a map in the first kept block after each span: rows before/after per span,
+    the validation loss (measured independently) is the last accepted row's and never above the
+    before-only repair's."""
+    ids = random_ids(10, 16, seed=7)
+    model = build_tiny("llama", num_hidden_layers=6)
+    val = Evaluator(LayerStack.from_model(model), ids[8:])
+    only_before = repair_linear(model, [1, 2], ids, ridges=(1e-2,), val_fraction=0.2)
+    before_loss = val.loss([1, 2])
+    only_before.restore()
+    result = repair_linear(model, [1, 2], ids, ridges=(1e-2,), val_fraction=0.2, after=True)
+    table = result.table
+    assert list(table["side"]) == ["before", "after"]
+    assert table.loc[1, "writer"].endswith(".3.mlp.down_proj")  # block 3: the first kept after 1..2
+    now = val.loss([1, 2])
+    accepted = table[table["applied"]]
+    assert now == pytest.approx(accepted["val_loss_repaired"].iloc[-1] if len(accepted) else table.loc[0, "val_loss_plain"])
+    assert now <= before_loss + 1e-9

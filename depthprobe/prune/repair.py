@@ -203,19 +203,18 @@ def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, 
     return got
 
 
-def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
+def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], first_p: int, batch_size: int,
                   lm: bool) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """The full model's stream ``x_e`` (output of block e-1) for each span end ``e``: (N·T, d).
+    """The full model's stream ``x_e`` (output of block e-1) for each target index ``e``: (N·T, d).
 
-    Also ``(m, y)`` of the first span's seam block: before any repair the model that skips
-    the spans computes the same prefix, so that pass is saved.
+    Also ``(m, y)`` of block ``first_p``, the first span's seam block: before any repair the
+    model that skips the spans computes the same prefix, so that pass is saved.
     """
-    ends = sorted({stop for _, stop in spans})
+    ends = sorted(set(ends))
     hooks = {stack.blocks[e - 1]: str(e) for e in ends}
-    p = spans[0][0] - 1
-    found = mlp_writer(stack, p) if p >= 0 else None
+    found = mlp_writer(stack, first_p) if first_p >= 0 else None
     if found is not None:
-        hooks.update({found[1]: "m", stack.blocks[p]: "x"})
+        hooks.update({found[1]: "m", stack.blocks[first_p]: "x"})
     last = stack.blocks[ends[-1] - 1]
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in hooks.values()}
     for start in range(0, windows.shape[0], batch_size):
@@ -225,6 +224,18 @@ def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[in
     cat = {name: torch.cat(v) for name, v in parts.items()}
     first = (cat["m"], cat["x"] - cat["m"]) if found is not None else None
     return {e: cat[str(e)] for e in ends}, first
+
+
+def seam_maps(spans: list[tuple[int, int]], num_blocks: int, after: bool) -> list[tuple[int, int, int, int]]:
+    """``(start, stop, p, e)`` for each map to fit: block ``p``'s writer sends the stream toward the
+    full model's ``x_e``. Before each span ``p = start - 1, e = stop``; with ``after`` also the first
+    kept block after it, ``p = stop, e = stop + 1`` (fit on the stream the first map repaired)."""
+    maps = []
+    for start, stop in spans:
+        maps.append((start, stop, start - 1, stop))
+        if after and stop < num_blocks:
+            maps.append((start, stop, stop, stop + 1))
+    return maps
 
 
 def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
@@ -253,8 +264,9 @@ class RepairResult:
 
     @property
     def applied(self) -> list[tuple[int, int]]:
+        """The spans with at least one map kept."""
         rows = self.table[self.table["applied"]]
-        return [(int(a), int(b)) for a, b in zip(rows["start"], rows["stop"], strict=True)]
+        return list(dict.fromkeys((int(a), int(b)) for a, b in zip(rows["start"], rows["stop"], strict=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -279,6 +291,9 @@ class RepairConfig:
     batch_size: int = 4
     cosine_steps: int = 300
     cosine_lr: float = 1e-4
+    #: also fit a map into the first kept block after each span (toward the full model's stream
+    #: after that block): a second exactly fusable writer at the same seam
+    after: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -321,12 +336,14 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     lm = stack.is_causal_lm
     result = RepairResult(config.method, pd.DataFrame())
     rows = []
-    targets, first = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else ({}, None)
+    seams = seam_maps(spans, len(stack), config.after)
+    targets, first = (_full_targets(stack, ids, [e for *_, e in seams], spans[0][0] - 1, config.batch_size, lm)
+                      if _fusable(stack) else ({}, None))
     val = Evaluator(stack, val_ids, config.batch_size) if n_val else None
     val_loss = val.loss(removed) if val else float("nan")
-    for start, stop in tqdm(spans, desc=f"repair ({config.method})", disable=not progress, leave=False):
-        states = first if (start, stop) == spans[0] else None
-        row, val_loss = _repair_span(stack, start, stop, keep, targets, fit_ids.numel(), val, removed, val_loss,
+    for seam in tqdm(seams, desc=f"repair ({config.method})", disable=not progress, leave=False):
+        states = first if seam == seams[0] else None
+        row, val_loss = _repair_span(stack, seam, keep, targets, fit_ids.numel(), val, removed, val_loss,
                                      config, result, ids, states)
         rows.append(row)
     result.table = pd.DataFrame(rows)
@@ -339,26 +356,28 @@ def _fusable(stack: LayerStack) -> bool:
 
 def _decline(start: int, stop: int, reason: str, **extra) -> dict:
     log.info("span %d..%d: repair declined (%s)", start, stop - 1, reason)
-    return {"start": start, "stop": stop, "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
+    return {"start": start, "stop": stop, "side": extra.get("side", "before"), "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
             "val_loss_plain": extra.get("plain", float("nan")), "val_loss_repaired": extra.get("repaired", float("nan")),
             "applied": False, "map": extra.get("map", ""), "reason": reason}
 
 
-def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
-    """Fit, fuse, check and validate one span; returns its table row and the validation loss now."""
-    if start == 0:
-        return _decline(start, stop, "no kept block before it to fuse into"), val_loss
+def _repair_span(stack, seam, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
+    """Fit, fuse, check and validate one map (``seam_maps``); returns its table row and the validation loss now."""
+    start, stop, p, end = seam
+    side = "before" if p < start else "after"
+    if p < 0:
+        return _decline(start, stop, "no kept block before it to fuse into", side=side), val_loss
     if not targets:
-        return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly"), val_loss
-    p = start - 1
+        return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly",
+                        side=side), val_loss
     found = mlp_writer(stack, p)
     if found is None:
-        return _decline(start, stop, f"no MLP output linear found in block {p}"), val_loss
+        return _decline(start, stop, f"no MLP output linear found in block {p}", side=side), val_loss
     name, writer = found
     m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
-    info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss}
-    fit = (m[:n_fit], y[:n_fit], targets[stop][:n_fit])
+    info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss, "side": side}
+    fit = (m[:n_fit], y[:n_fit], targets[end][:n_fit])
     label, T, repaired = _best_candidate(fit, config, lambda T: _validation_loss(val, removed, writer, T, saved))
     fuse_map(writer, T)
     if not _fused_matches(stack, ids[:1], keep, p, writer, m, y, T):
@@ -369,12 +388,12 @@ def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_los
         return _decline(start, stop, f"validation loss {repaired:.4f} >= {val_loss:.4f} without it",
                         repaired=repaired, map=label, **info), val_loss
     result._saved.append(saved)
-    result.maps[(start, stop)] = T
+    result.maps[(start, stop) if side == "before" else (start, stop, side)] = T
     log.info("span %d..%d: map (%s) fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, label,
              info["writer"], val_loss, repaired)
     row = {
-        "start": start, "stop": stop, "writer": info["writer"], "fit_tokens": n_fit, "val_loss_plain": val_loss,
-        "val_loss_repaired": repaired, "applied": True, "map": label, "reason": ""}
+        "start": start, "stop": stop, "side": side, "writer": info["writer"], "fit_tokens": n_fit,
+        "val_loss_plain": val_loss, "val_loss_repaired": repaired, "applied": True, "map": label, "reason": ""}
     return row, repaired if val is not None else val_loss
 
 
