@@ -40,7 +40,7 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(
         ["prune", str(folder), "--num-layers", "2", "--strategy", "block", "--seq-len", "16", "--num-sequences", "4",
-         "--repair", "linear", "--repair-windows", "40", "--heal", "lora", "--heal-steps", "4", "--out", str(out),
+         "--repair", "linear", "--repair-windows", "40", "--repair-after", "--heal", "lora", "--heal-steps", "4", "--out", str(out),
          "--device", "cpu", "--quiet", "--no-report"],
         capsys,
     )
@@ -63,7 +63,7 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     assert curve[curve["strategy"] != "block"]["heldout_loss_repaired"].isna().all()
     assert len(pd.read_csv(out / "heal_losses.csv")) == 4
     spans = pd.read_csv(out / "repair_spans.csv")
-    assert len(spans) == 1 and (spans["applied"] | spans["reason"].notna()).all()
+    assert list(spans["side"]) == ["before", "after"] and (spans["applied"] | spans["reason"].notna()).all()
     _check_report(out, info)
 
 

@@ -47,6 +47,8 @@ from depthprobe.safeio import locks_out
               help="Windows of --seq-len tokens the maps are fit on (the last 20 percent validate).")
 @click.option("--repair-ridge", default="0.001,0.01,0.1", show_default=True,
               help="Ridges toward no change (0: lstsq), comma list: each is fit, the validation windows keep the best.")
+@click.option("--repair-after", is_flag=True,
+              help="Also fit a map into the first kept block after each span (a second writer at the seam).")
 @click.option("--heal", type=click.Choice(["lora"]), default=None, help="Heal with LoRA, merged before export.")
 @click.option("--heal-steps", type=int, default=100, show_default=True, help="LoRA training steps.")
 @click.option("--heal-text-file", type=click.Path(dir_okay=False), default=None,
@@ -152,5 +154,5 @@ def _seam_options(opts: dict):
                       targets=opts["heal_modules"], batch_size=opts["batch_size"])
     return SeamOptions(repair=opts["repair"], heal=opts["heal"], repair_windows=opts["repair_windows"],
                        ridges=tuple(parse_list(opts["repair_ridge"], "--repair-ridge", float, "0.001,0.01")),
-                       heal_config=heal, heal_text_file=opts["heal_text_file"],
+                       repair_after=opts["repair_after"], heal_config=heal, heal_text_file=opts["heal_text_file"],
                        batch_size=opts["batch_size"])

@@ -33,6 +33,8 @@ class SeamOptions:
     repair_windows: int = 64
     #: ridges tried on the validation windows (the best kept)
     ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    #: also a map in the first kept block after each span (``RepairConfig.after``)
+    repair_after: bool = False
     heal_config: HealConfig = field(default_factory=HealConfig)
     heal_text_file: str | None = None
     batch_size: int = 4
@@ -127,7 +129,8 @@ def before_removal(model: nn.Module, remove: Sequence[int], removed_by_k: dict[i
 
     report = SeamReport(heldout.source, plain(()), plain(remove), _heldout=heldout)
     if options.repair:
-        config = RepairConfig(method=options.repair, ridges=options.ridges, batch_size=options.batch_size)
+        config = RepairConfig(method=options.repair, ridges=options.ridges, batch_size=options.batch_size,
+                              after=options.repair_after)
         report.curve = repair_curve(model, removed_by_k, fit, heldout, config, progress, plain=plain)
         report.spans = repair_linear(model, remove, fit, config, progress=progress).table
     return report
