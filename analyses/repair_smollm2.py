@@ -52,24 +52,25 @@ def picks(strategies, ks) -> dict[tuple[str, int], list[int]]:
     return {(s, k): [int(i) for i in str(curve.loc[(s, k), "removed"]).split(";")] for s in strategies for k in ks}
 
 
-def measure(model, chosen, fit, heldout, methods, out_dir, batch_size=4) -> pd.DataFrame:
+def measure(model, chosen, fit, heldout, methods, out_dir, batch_size=4, after=False) -> pd.DataFrame:
     full = heldout_loss(model, heldout, (), batch_size)
     rows = []
     for (strategy, k), removed in chosen.items():
         plain = heldout_loss(model, heldout, removed, batch_size)
         for method in methods:
             start = time.process_time()
-            result = repair_linear(model, removed, fit, RepairConfig(method=method, batch_size=batch_size),
-                                   progress=True)
+            config = RepairConfig(method=method, batch_size=batch_size, after=after)
+            result = repair_linear(model, removed, fit, config, progress=True)
             repaired = heldout_loss(model, heldout, removed, batch_size) if result.maps else plain
             result.restore()
-            rows.append({"strategy": strategy, "K": k, "removed": ";".join(map(str, removed)), "method": method,
+            rows.append({"strategy": strategy, "K": k, "removed": ";".join(map(str, removed)),
+                         "method": method + (" + after" if after else ""),
                          "fit_tokens": int(result.table["fit_tokens"].max()),
                          "heldout_tokens": int(heldout.input_ids.numel()), "heldout_full": full,
                          "heldout_removed": plain, "heldout_repaired": repaired,
                          "recovered": (plain - repaired) / (plain - full),
                          "spans_repaired": f"{len(result.maps)}/{len(removed_spans(removed))}",
-                         "maps": "; ".join(f"{r.start}-{r.stop - 1}: {r.map if r.applied else 'declined'}"
+                         "maps": "; ".join(f"{r.start}-{r.stop - 1} {r.side}: {r.map if r.applied else 'declined'}"
                                            for r in result.table.itertuples()),
                          "cpu_s": time.process_time() - start})
             print(rows[-1], flush=True)
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--heal-strategy", default="block")
     parser.add_argument("--heal-repair", default="linear")
     parser.add_argument("--cloze-limit", type=int, default=100)
+    parser.add_argument("--after", action="store_true", help="also a map after each span (RepairConfig.after)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "reports" / "repair_smollm2"))
     args = parser.parse_args()
@@ -156,7 +158,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if methods:
         chosen = picks(args.strategies.split(","), [int(k) for k in args.ks.split(",")])
-        measure(model, chosen, fit, heldout, methods, out_dir)
+        measure(model, chosen, fit, heldout, methods, out_dir, after=args.after)
         (out_dir / "repair_run.json").write_text(json.dumps({**vars(args), "heldout": heldout.source}, indent=2))
     if args.heal_cpu_seconds > 0:
         removed = picks([args.heal_strategy], [args.heal_k])[(args.heal_strategy, args.heal_k)]
