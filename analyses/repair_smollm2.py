@@ -17,7 +17,8 @@ With ``--heal-cpu-seconds S`` the ``--heal-strategy`` model at ``--heal-k`` is r
 then healed with LoRA (rank 8, MLPs beside the seam) for at most S seconds of process CPU
 time on the first half of the built-in text (the cloze items come from its second half), and the built-in cloze task
 (lm-eval, ``--cloze-limit`` items) is scored on the plain, repaired and healed models.
-Writes ``repair.csv`` (and ``heal.csv``, ``heal_cloze.csv``) under ``--out``.
+Writes ``repair.csv`` (and ``heal.csv``, ``heal_cloze.csv``) under ``--out``; ``--collect``
+merges the ``repair.csv`` of every run folder under ``--out`` into ``summary.csv``.
 
     nice -n 5 python analyses/repair_smollm2.py --fit-windows 40 --heldout-windows 16 --methods linear,cosine
     nice -n 5 python analyses/repair_smollm2.py --methods "" --heal-cpu-seconds 300 --cloze-limit 100
@@ -131,6 +132,15 @@ def heal_once(model, tok, removed, fit, heldout, args, out_dir):
         print(acc.to_string(index=False), kept.to_string(index=False), flush=True)
 
 
+def collect(out_dir: Path) -> pd.DataFrame:
+    """Every ``repair.csv`` under ``out_dir`` (one folder per run) in one table, ``summary.csv``."""
+    frames = [pd.read_csv(f).assign(run=f.parent.name) for f in sorted(out_dir.glob("*/repair.csv"))
+              if f.parent.name != "earlier"]
+    table = pd.concat(frames).sort_values(["strategy", "K", "method"])
+    table.to_csv(out_dir / "summary.csv", index=False, float_format="%.6f")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit-windows", type=int, default=40)
@@ -147,7 +157,11 @@ def main() -> None:
     parser.add_argument("--after", action="store_true", help="also a map after each span (RepairConfig.after)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "reports" / "repair_smollm2"))
+    parser.add_argument("--collect", action="store_true", help="only merge the runs under --out into summary.csv")
     args = parser.parse_args()
+    if args.collect:
+        print(collect(Path(args.out)).to_string(index=False))
+        return
     torch.set_num_threads(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
