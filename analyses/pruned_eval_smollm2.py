@@ -76,7 +76,7 @@ def greedy_steps(args, model, calibration) -> tuple[dict[int, list[int]], dict[i
         return ({int(r.num_removed): [int(v) for v in str(r.removed).split(";") if v not in ("", "nan")]
                  for r in table.itertuples(index=False)},
                 {int(r.num_removed): float(r.loss) for r in table.itertuples(index=False)})
-    search = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(KS))
+    search = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(args.ks))
     return {s.num_removed: s.removed for s in search}, {s.num_removed: s.loss for s in search}
 
 
@@ -89,8 +89,8 @@ def measure(args) -> dict:
     spec = resolve_tasks(TASK_NAME)
     manager = task_manager(spec)
     rows, outputs, models = [], [], {}
-    OUT.mkdir(parents=True, exist_ok=True)
-    for k in KS:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for k in args.ks:
         removed = steps[k]
         pruned = pruned_copy(model, removed)
         row = {"num_removed": k, "num_layers": 30 - k, "removed": ";".join(map(str, removed)),
@@ -100,7 +100,7 @@ def measure(args) -> dict:
                                       manager=manager))
         rows.append(row)
         print(row, outputs[-1].table.to_dict("records"), f"{time.time() - t0:.0f} s", flush=True)
-        write_curve(rows, outputs)  # after every K: an interrupted run keeps what it measured
+        write_curve(rows, outputs, args.out)  # after every K: an interrupted run keeps what it measured
         if k in (0, 6):
             models[f"SmolLM2 {30 - k} blocks"] = pruned
         if len(models) == 2 and not args.no_bench:
@@ -108,11 +108,11 @@ def measure(args) -> dict:
             models = {}
     return {"calibration": calibration.source, "calibration_tokens": int(calibration.input_ids.numel()),
             "heldout": held.source, "heldout_tokens": int(held.input_ids.numel()), "cloze_items": args.limit,
-            "greedy_order_from": args.order_from, "greedy_steps": {k: steps[k] for k in KS},
+            "greedy_order_from": args.order_from, "greedy_steps": {k: steps[k] for k in args.ks},
             "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
 
 
-def write_curve(rows: list[dict], outputs) -> None:
+def write_curve(rows: list[dict], outputs, out: Path = OUT) -> None:
     curve = pd.DataFrame(rows)
     acc = pd.concat([o.table for o in outputs]).query("metric == 'acc'")
     curve["cloze_acc"] = acc["value"].to_numpy()
@@ -122,8 +122,8 @@ def write_curve(rows: list[dict], outputs) -> None:
     curve["cloze_retention"] = [1.0, *ret["retention"]]
     curve["cloze_retention_low"] = [1.0, *ret["retention_low"]]
     curve["cloze_retention_high"] = [1.0, *ret["retention_high"]]
-    curve.sort_values("num_removed").to_csv(OUT / "curve.csv", index=False, float_format="%.6g")
-    write_eval(OUT, outputs)
+    curve.sort_values("num_removed").to_csv(out / "curve.csv", index=False, float_format="%.6g")
+    write_eval(out, outputs)
 
 
 def run_bench(args, models) -> None:
@@ -172,12 +172,15 @@ def main() -> None:
     ap.add_argument("--figure-only", action="store_true", help="redraw the figure from curve.csv")
     ap.add_argument("--fast", action="store_true", help="skip the calibration re-measure (use the greedy losses)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a crowded machine)")
+    ap.add_argument("--ks", default=",".join(map(str, KS)), help="blocks removed, in the order measured (0 first)")
+    ap.add_argument("--out", type=Path, default=OUT, help="output folder (the figure is always drawn from OUT)")
     args = ap.parse_args()
+    args.ks = [int(k) for k in args.ks.split(",")]
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.figure_only:
         info = measure(args)
-        (OUT / "summary.json").write_text(json.dumps({**vars(args), **info}, indent=2))
+        (args.out / "summary.json").write_text(json.dumps({**vars(args), "out": str(args.out), **info}, indent=2))
     figure(pd.read_csv(OUT / "curve.csv"))
     print(pd.read_csv(OUT / "curve.csv").to_string(index=False))
 
