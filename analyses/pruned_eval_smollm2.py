@@ -37,7 +37,14 @@ import depthprobe  # noqa: E402
 from depthprobe.data import heldout_windows  # noqa: E402
 from depthprobe.evaluate.bench import BenchConfig, bench, speedups  # noqa: E402
 from depthprobe.evaluate.cloze import TASK_NAME  # noqa: E402
-from depthprobe.evaluate.harness import evaluate_model, resolve_tasks, retention, task_manager, write_eval  # noqa: E402
+from depthprobe.evaluate.harness import (  # noqa: E402
+    EvalOutput,
+    evaluate_model,
+    resolve_tasks,
+    retention,
+    task_manager,
+    write_eval,
+)
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss  # noqa: E402
 from depthprobe.prune import remove_blocks  # noqa: E402
 from depthprobe.prune.select import Evaluator, greedy  # noqa: E402
@@ -112,7 +119,8 @@ def measure(args) -> dict:
             "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
 
 
-def write_curve(rows: list[dict], outputs, out: Path = OUT) -> None:
+def write_curve(rows: list[dict], outputs, out: Path | None = None) -> None:
+    out = out or OUT
     curve = pd.DataFrame(rows)
     acc = pd.concat([o.table for o in outputs]).query("metric == 'acc'")
     curve["cloze_acc"] = acc["value"].to_numpy()
@@ -124,6 +132,31 @@ def write_curve(rows: list[dict], outputs, out: Path = OUT) -> None:
     curve["cloze_retention_high"] = [1.0, *ret["retention_high"]]
     curve.sort_values("num_removed").to_csv(out / "curve.csv", index=False, float_format="%.6g")
     write_eval(out, outputs)
+
+
+def load_outputs(folder: Path) -> list[EvalOutput]:
+    """The per-model ``EvalOutput`` of a run, rebuilt from its ``eval.csv`` and ``eval_samples.csv``."""
+    table, samples = pd.read_csv(folder / "eval.csv"), pd.read_csv(folder / "eval_samples.csv")
+    return [EvalOutput(table[table.model == label].reset_index(drop=True),
+                       {task: frame.drop(columns=["model", "task"]).reset_index(drop=True)
+                        for task, frame in samples[samples.model == label].groupby("task")})
+            for label in table["model"].unique()]
+
+
+def merge(folders: list[Path]) -> None:
+    """Fold the K rows measured in other processes (``--ks K --out DIR``) into OUT's tables,
+    retention recomputed against OUT's K = 0 on the same documents."""
+    curves = [pd.read_csv(OUT / "curve.csv", dtype={"removed": str})]
+    outputs = load_outputs(OUT)
+    for folder in folders:
+        curves.append(pd.read_csv(folder / "curve.csv", dtype={"removed": str}))
+        outputs += load_outputs(folder)
+    rows = pd.concat(curves).drop_duplicates("num_removed", keep="last")
+    order = [f"K={k}" for k in rows["num_removed"]]
+    outputs = sorted({o.table["model"].iloc[0]: o for o in outputs}.values(),
+                     key=lambda o: order.index(o.table["model"].iloc[0]))
+    base = [c for c in rows.columns if not c.startswith("cloze_")]
+    write_curve(rows[base].to_dict("records"), outputs)
 
 
 def run_bench(args, models) -> None:
@@ -174,8 +207,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a crowded machine)")
     ap.add_argument("--ks", default=",".join(map(str, KS)), help="blocks removed, in the order measured (0 first)")
     ap.add_argument("--out", type=Path, default=OUT, help="output folder (the figure is always drawn from OUT)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None, help="fold these --out folders into OUT")
     args = ap.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
+    if args.merge:
+        merge(args.merge)
+        args.figure_only = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.figure_only:
