@@ -35,12 +35,20 @@ import torch  # noqa: E402
 
 import depthprobe  # noqa: E402
 from depthprobe.data import heldout_windows  # noqa: E402
-from depthprobe.evaluate.bench import BenchConfig, bench, parse_ints, speedups  # noqa: E402
+from depthprobe.evaluate.bench import BenchConfig, bench, speedups  # noqa: E402
 from depthprobe.evaluate.cloze import TASK_NAME  # noqa: E402
-from depthprobe.evaluate.harness import evaluate_model, resolve_tasks, retention, task_manager, write_eval  # noqa: E402
+from depthprobe.evaluate.harness import (  # noqa: E402
+    EvalOutput,
+    evaluate_model,
+    resolve_tasks,
+    retention,
+    task_manager,
+    write_eval,
+)
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss  # noqa: E402
 from depthprobe.prune import remove_blocks  # noqa: E402
 from depthprobe.prune.select import Evaluator, greedy  # noqa: E402
+from depthprobe.results import parse_list  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "reports" / "pruned_eval_smollm2"
 KS = (0, 6, 8, 4, 2)  # measured in this order: the ends of the curve and the bench model first
@@ -75,7 +83,7 @@ def greedy_steps(args, model, calibration) -> tuple[dict[int, list[int]], dict[i
         return ({int(r.num_removed): [int(v) for v in str(r.removed).split(";") if v not in ("", "nan")]
                  for r in table.itertuples(index=False)},
                 {int(r.num_removed): float(r.loss) for r in table.itertuples(index=False)})
-    search = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(KS))
+    search = greedy(Evaluator(depthprobe.LayerStack.from_model(model), calibration.input_ids), max(args.ks))
     return {s.num_removed: s.removed for s in search}, {s.num_removed: s.loss for s in search}
 
 
@@ -88,8 +96,8 @@ def measure(args) -> dict:
     spec = resolve_tasks(TASK_NAME)
     manager = task_manager(spec)
     rows, outputs, models = [], [], {}
-    OUT.mkdir(parents=True, exist_ok=True)
-    for k in KS:
+    args.out.mkdir(parents=True, exist_ok=True)
+    for k in args.ks:
         removed = steps[k]
         pruned = pruned_copy(model, removed)
         row = {"num_removed": k, "num_layers": 30 - k, "removed": ";".join(map(str, removed)),
@@ -99,7 +107,7 @@ def measure(args) -> dict:
                                       manager=manager))
         rows.append(row)
         print(row, outputs[-1].table.to_dict("records"), f"{time.time() - t0:.0f} s", flush=True)
-        write_curve(rows, outputs)  # after every K: an interrupted run keeps what it measured
+        write_curve(rows, outputs, args.out)  # after every K: an interrupted run keeps what it measured
         if k in (0, 6):
             models[f"SmolLM2 {30 - k} blocks"] = pruned
         if len(models) == 2 and not args.no_bench:
@@ -107,11 +115,12 @@ def measure(args) -> dict:
             models = {}
     return {"calibration": calibration.source, "calibration_tokens": int(calibration.input_ids.numel()),
             "heldout": held.source, "heldout_tokens": int(held.input_ids.numel()), "cloze_items": args.limit,
-            "greedy_order_from": args.order_from, "greedy_steps": {k: steps[k] for k in KS},
+            "greedy_order_from": args.order_from, "greedy_steps": {k: steps[k] for k in args.ks},
             "torch_threads": torch.get_num_threads(), "seconds": round(time.time() - t0, 1)}
 
 
-def write_curve(rows: list[dict], outputs) -> None:
+def write_curve(rows: list[dict], outputs, out: Path | None = None) -> None:
+    out = out or OUT
     curve = pd.DataFrame(rows)
     acc = pd.concat([o.table for o in outputs]).query("metric == 'acc'")
     curve["cloze_acc"] = acc["value"].to_numpy()
@@ -121,13 +130,38 @@ def write_curve(rows: list[dict], outputs) -> None:
     curve["cloze_retention"] = [1.0, *ret["retention"]]
     curve["cloze_retention_low"] = [1.0, *ret["retention_low"]]
     curve["cloze_retention_high"] = [1.0, *ret["retention_high"]]
-    curve.sort_values("num_removed").to_csv(OUT / "curve.csv", index=False, float_format="%.6g")
-    write_eval(OUT, outputs)
+    curve.sort_values("num_removed").to_csv(out / "curve.csv", index=False, float_format="%.6g")
+    write_eval(out, outputs)
+
+
+def load_outputs(folder: Path) -> list[EvalOutput]:
+    """The per-model ``EvalOutput`` of a run, rebuilt from its ``eval.csv`` and ``eval_samples.csv``."""
+    table, samples = pd.read_csv(folder / "eval.csv"), pd.read_csv(folder / "eval_samples.csv")
+    return [EvalOutput(table[table.model == label].reset_index(drop=True),
+                       {task: frame.drop(columns=["model", "task"]).reset_index(drop=True)
+                        for task, frame in samples[samples.model == label].groupby("task")})
+            for label in table["model"].unique()]
+
+
+def merge(folders: list[Path]) -> None:
+    """Fold the K rows measured in other processes (``--ks K --out DIR``) into OUT's tables,
+    retention recomputed against OUT's K = 0 on the same documents."""
+    curves = [pd.read_csv(OUT / "curve.csv", dtype={"removed": str})]
+    outputs = load_outputs(OUT)
+    for folder in folders:
+        curves.append(pd.read_csv(folder / "curve.csv", dtype={"removed": str}))
+        outputs += load_outputs(folder)
+    rows = pd.concat(curves).drop_duplicates("num_removed", keep="last")
+    order = [f"K={k}" for k in rows["num_removed"]]
+    outputs = sorted({o.table["model"].iloc[0]: o for o in outputs}.values(),
+                     key=lambda o: order.index(o.table["model"].iloc[0]))
+    base = [c for c in rows.columns if not c.startswith("cloze_")]
+    write_curve(rows[base].to_dict("records"), outputs)
 
 
 def run_bench(args, models) -> None:
-    config = BenchConfig(batch_sizes=parse_ints(args.bench_batch_sizes, "--bench-batch-sizes"),
-                         prompt_lens=parse_ints(args.bench_prompt_lens, "--bench-prompt-lens"),
+    config = BenchConfig(batch_sizes=tuple(parse_list(args.bench_batch_sizes, "--bench-batch-sizes", int, "1,4")),
+                         prompt_lens=tuple(parse_list(args.bench_prompt_lens, "--bench-prompt-lens", int, "128,512")),
                          new_tokens=args.bench_new_tokens, repeats=args.bench_repeats)
     table = bench(models, config)
     table.to_csv(OUT / "bench.csv", index=False, float_format="%.6g")
@@ -171,12 +205,19 @@ def main() -> None:
     ap.add_argument("--figure-only", action="store_true", help="redraw the figure from curve.csv")
     ap.add_argument("--fast", action="store_true", help="skip the calibration re-measure (use the greedy losses)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 on a crowded machine)")
+    ap.add_argument("--ks", default=",".join(map(str, KS)), help="blocks removed, in the order measured (0 first)")
+    ap.add_argument("--out", type=Path, default=OUT, help="output folder (the figure is always drawn from OUT)")
+    ap.add_argument("--merge", type=Path, nargs="*", default=None, help="fold these --out folders into OUT")
     args = ap.parse_args()
+    args.ks = [int(k) for k in args.ks.split(",")]
+    if args.merge:
+        merge(args.merge)
+        args.figure_only = True
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.figure_only:
         info = measure(args)
-        (OUT / "summary.json").write_text(json.dumps({**vars(args), **info}, indent=2))
+        (args.out / "summary.json").write_text(json.dumps({**vars(args), "out": str(args.out), **info}, indent=2))
     figure(pd.read_csv(OUT / "curve.csv"))
     print(pd.read_csv(OUT / "curve.csv").to_string(index=False))
 

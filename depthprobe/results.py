@@ -259,4 +259,5 @@ def parse_list(value: str | Sequence | None, flag: str, cast: Callable = str, ex
     try:
         return [cast(v.strip() if isinstance(v, str) else v) for v in items if not (isinstance(v, str) and not v.strip())]
     except (TypeError, ValueError) as exc:
-        raise DepthprobeError(f"{flag} takes a comma-separated list like {example} (got {value!r})") from exc
+        kind = {int: " of integers", float: " of numbers"}.get(cast, "")
+        raise DepthprobeError(f"{flag} takes a comma-separated list{kind} like {example} (got {value!r})") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -83,3 +85,22 @@ def test_resume_continues_exactly(tmp_path):
     assert result.resumed_from == 3
     for (name, got), want in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_default_healing_text_avoids_the_cloze_items_and_the_heldout_tail():
+    """Built-in healing windows end before the first cloze item's context and before the held-out tail."""
+    from depthprobe.data import builtin_text, heldout_windows
+    from depthprobe.evaluate.cloze import cloze_items
+    from depthprobe.prune.heal import training_windows
+    from tests.tiny_models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    train = training_windows(tok, seq_len=64, exclude_tail_tokens=16 * 64)
+    heldout_windows(tok, num_sequences=16, seq_len=64, calibration=train)  # asserts disjoint token positions
+    text = builtin_text()
+    first = cloze_items()[0]["context"].split()
+    where = re.search(r"\s+".join(re.escape(w) for w in first), text).start()  # the first cloze context
+    before = tok(text[:where], add_special_tokens=False)["input_ids"]
+    assert train.input_ids.numel() <= len(before)  # the windows are the stream's first tokens: all before it
+    assert train.input_ids.flatten().tolist() == tok(text, add_special_tokens=False)["input_ids"][
+        : train.input_ids.numel()]

@@ -69,13 +69,13 @@ def test_heldout_bad_input_is_one_line():
         heldout_windows(tok, num_sequences=10_000, seq_len=512, calibration=cal)
 
 
-def _plain_heldout_loss(folder, calibration_kwargs, num_sequences, seq_len):
-    """Mean over held-out windows of plain transformers' own loss on the exported folder."""
+def _plain_heldout_loss(folder, calibration_kwargs, num_sequences, seq_len, heldout_num=16):
+    """Mean over held-out windows (16 by default) of plain transformers' own loss on the exported folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     cal = make_windows(tok, num_sequences=num_sequences, seq_len=seq_len, **calibration_kwargs)
-    held = heldout_windows(tok, num_sequences=num_sequences, seq_len=seq_len, calibration=cal)
+    held = heldout_windows(tok, num_sequences=heldout_num, seq_len=seq_len, calibration=cal)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         losses = [model(input_ids=ids[None], labels=ids[None]).loss.item() for ids in held.input_ids]

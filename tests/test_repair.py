@@ -161,3 +161,40 @@ def test_cosine_solver_lowers_the_mean_cosine_distance():
     start = solve_linear(m, target - y, 0.0)
     refined = solve_cosine(m, y, target, start, steps=200, lr=1e-2, batch_tokens=256)
     assert distance(refined) < distance(start) - 1e-3
+
+
+def test_ridge_grid_keeps_the_map_with_the_lowest_validation_loss():
+    """With several ridges, the kept map is the one whose own single-ridge repair validates best;
+    declined (weights untouched) only when none beats plain removal."""
+    ids = random_ids(10, 16, seed=5)
+    single = {}
+    for ridge in (0.0, 1e-2, 1.0):
+        model = build_tiny("llama", num_hidden_layers=6)
+        table = repair_linear(model, [2, 3], ids, ridges=(ridge,), val_fraction=0.2).table
+        single[ridge] = table.loc[0, "val_loss_repaired"]
+    model = build_tiny("llama", num_hidden_layers=6)
+    table = repair_linear(model, [2, 3], ids, ridges=(0.0, 1e-2, 1.0), val_fraction=0.2).table
+    best = min(single, key=single.get)
+    assert table.loc[0, "val_loss_repaired"] == pytest.approx(single[best], abs=1e-9)
+    assert table.loc[0, "map"] == f"linear ridge={best:g}"
+    assert table.loc[0, "applied"] == (single[best] < table.loc[0, "val_loss_plain"])
+
+
+def test_after_seam_map_is_a_second_validated_writer():
+    """``after=True`` adds a map in the first kept block after each span: rows before/after per span,
+    the validation loss (measured independently) is the last accepted row's and never above the
+    before-only repair's."""
+    ids = random_ids(10, 16, seed=7)
+    model = build_tiny("llama", num_hidden_layers=6)
+    val = Evaluator(LayerStack.from_model(model), ids[8:])
+    only_before = repair_linear(model, [1, 2], ids, ridges=(1e-2,), val_fraction=0.2)
+    before_loss = val.loss([1, 2])
+    only_before.restore()
+    result = repair_linear(model, [1, 2], ids, ridges=(1e-2,), val_fraction=0.2, after=True)
+    table = result.table
+    assert list(table["side"]) == ["before", "after"]
+    assert table.loc[1, "writer"].endswith(".3.mlp.down_proj")  # block 3: the first kept after 1..2
+    now = val.loss([1, 2])
+    accepted = table[table["applied"]]
+    assert now == pytest.approx(accepted["val_loss_repaired"].iloc[-1] if len(accepted) else table.loc[0, "val_loss_plain"])
+    assert now <= before_loss + 1e-9

@@ -40,14 +40,17 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     out = tmp_path / "pruned"
     code, stdout, err = run_cli(
         ["prune", str(folder), "--num-layers", "2", "--strategy", "block", "--seq-len", "16", "--num-sequences", "4",
-         "--repair", "linear", "--repair-windows", "40", "--heal", "lora", "--heal-steps", "4", "--out", str(out),
+         "--repair", "linear", "--repair-windows", "40", "--repair-after", "--heal", "lora", "--heal-steps", "4", "--out", str(out),
          "--device", "cpu", "--quiet", "--no-report"],
         capsys,
     )
     assert code == 0, err
     info = json.loads((out / "prune.json").read_text())
-    line = next(x for x in stdout.splitlines() if x.startswith("repair/heal held-out loss"))
-    assert f"healed {info['heldout_loss_healed']:.6f}" in line
+    lines = [x for x in stdout.splitlines() if "held-out" in x]
+    assert len(lines) == 1 and lines[0].startswith("held-out loss"), stdout  # one line for every held-out loss
+    line = lines[0]
+    assert f"healed {info['heldout_loss_healed']:.6f}" in line and f"repaired {info['heldout_loss_repaired']:.6f}" in line
+    assert info["heldout_loss_full"] == info["heldout_loss_before"]  # one set of windows, one scoring
     model, loss = _heldout_loss_by_hand(out, AutoTokenizer.from_pretrained(out))
     assert loss == pytest.approx(info["heldout_loss_healed"], abs=1e-5)
     assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
@@ -60,7 +63,7 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     assert curve[curve["strategy"] != "block"]["heldout_loss_repaired"].isna().all()
     assert len(pd.read_csv(out / "heal_losses.csv")) == 4
     spans = pd.read_csv(out / "repair_spans.csv")
-    assert len(spans) == 1 and (spans["applied"] | spans["reason"].notna()).all()
+    assert list(spans["side"]) == ["before", "after"] and (spans["applied"] | spans["reason"].notna()).all()
     _check_report(out, info)
 
 

@@ -44,7 +44,7 @@ def test_flat_options_round_trip():
 def test_parse_list():
     assert parse_list(" 2, 4,,8 ", "--block-sizes", int) == [2, 4, 8]
     assert parse_list("", "--block-sizes", int) == []
-    with pytest.raises(DepthprobeError, match="--remove takes a comma-separated list like 1,2"):
+    with pytest.raises(DepthprobeError, match="--remove takes a comma-separated list of integers like 1,2"):
         parse_list("1,x", "--remove", int, "1,2")
 
 

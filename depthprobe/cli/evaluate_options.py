@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import click
 import pandas as pd
 
 from depthprobe.cli.options import _stack
-from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, parse_ints, speedups
+from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, speedups
 from depthprobe.evaluate.harness import (
     EvalOutput,
     check_limit,
@@ -20,6 +21,7 @@ from depthprobe.evaluate.harness import (
     task_manager,
     write_eval,
 )
+from depthprobe.results import parse_list
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,
@@ -27,21 +29,40 @@ heldout_options = _stack(
     click.option("--eval-dataset", default=None, help="Held-out datasets name NAME[:CONFIG[:SPLIT]]."),
     click.option("--heldout/--no-heldout", default=True, show_default=True,
                  help="Score on held-out windows beside the calibration ones."),
+    click.option("--heldout-windows", type=int, default=16, show_default=True,
+                 help="Held-out windows of --seq-len tokens (the prune curve, repair and healing all use them)."),
 )
 
 
+def heldout_line(summary: dict) -> str | None:
+    """One line for every held-out loss of a prune: full -> blocks removed (95% intervals),
+    then repaired and healed with the share of the gap they recover; perplexity of the full
+    and of the exported model. None when nothing was scored on held-out text."""
+    if "heldout_loss_before" in summary:
+        lo_b, hi_b = summary["heldout_loss_before_interval"]
+        lo_a, hi_a = summary["heldout_loss_after_interval"]
+        full, removed = summary["heldout_loss_before"], summary["heldout_loss_after"]
+        parts = [f"held-out loss {full:.4f} [{lo_b:.4f}, {hi_b:.4f}] -> blocks removed {removed:.4f} "
+                 f"[{lo_a:.4f}, {hi_a:.4f}]"]
+        where = f"{summary['heldout_tokens']} tokens, {summary['heldout_source']}"
+    elif "heldout_loss_full" in summary:  # --no-heldout with --repair / --heal
+        full, removed = summary["heldout_loss_full"], summary["heldout_loss_removed"]
+        parts = [f"held-out loss {full:.4f} -> blocks removed {removed:.4f}"]
+        where = summary["heldout_source"]
+    else:
+        return None
+    for name, recovered in (("repaired", "repair_recovered"), ("healed", "heal_recovered")):
+        value = summary.get(f"heldout_loss_{name}", math.nan)
+        if value == value:  # not NaN
+            parts.append(f"{name} {value:.6f} ({100 * summary[recovered]:.0f}% of the gap recovered)")
+    final = summary.get("heldout_loss_final", removed)
+    return (", ".join(parts) + f"   perplexity {math.exp(full):.2f} -> {math.exp(final):.2f}   ({where})")
+
+
 def print_heldout(summary: dict) -> None:
-    """One line: held-out loss and perplexity before -> after, with 95% intervals."""
-    if "heldout_loss_before" not in summary:
-        return
-    lo_b, hi_b = summary["heldout_loss_before_interval"]
-    lo_a, hi_a = summary["heldout_loss_after_interval"]
-    click.echo(
-        f"held-out loss {summary['heldout_loss_before']:.4f} [{lo_b:.4f}, {hi_b:.4f}] -> "
-        f"{summary['heldout_loss_after']:.4f} [{lo_a:.4f}, {hi_a:.4f}]   perplexity "
-        f"{summary['heldout_perplexity_before']:.2f} -> {summary['heldout_perplexity_after']:.2f}   "
-        f"({summary['heldout_tokens']} tokens, {summary['heldout_source']})"
-    )
+    line = heldout_line(summary)
+    if line is not None:
+        click.echo(line)
 
 
 def quiet_harness(verbose: bool) -> None:
@@ -59,8 +80,8 @@ bench_options = _stack(
 
 def bench_config(opts: dict) -> BenchConfig:
     """``BenchConfig`` from the parsed ``bench_options``."""
-    return BenchConfig(batch_sizes=parse_ints(opts["batch_sizes"], "--batch-sizes"),
-                       prompt_lens=parse_ints(opts["prompt_lens"], "--prompt-lens"),
+    return BenchConfig(batch_sizes=tuple(parse_list(opts["batch_sizes"], "--batch-sizes", int, "1,4")),
+                       prompt_lens=tuple(parse_list(opts["prompt_lens"], "--prompt-lens", int, "128,512")),
                        new_tokens=opts["new_tokens"], repeats=opts["repeats"])
 
 

@@ -45,7 +45,10 @@ from depthprobe.safeio import locks_out
               help="Fit a linear map for each removed span and fuse it into the block before it.")
 @click.option("--repair-windows", type=int, default=64, show_default=True,
               help="Windows of --seq-len tokens the maps are fit on (the last 20 percent validate).")
-@click.option("--repair-ridge", type=float, default=1e-3, show_default=True, help="Ridge toward no change (0: lstsq).")
+@click.option("--repair-ridge", default="0.001,0.01,0.1", show_default=True,
+              help="Ridges toward no change (0: lstsq), comma list: each is fit, the validation windows keep the best.")
+@click.option("--repair-after", is_flag=True,
+              help="Also fit a map into the first kept block after each span (a second writer at the seam).")
 @click.option("--heal", type=click.Choice(["lora"]), default=None, help="Heal with LoRA, merged before export.")
 @click.option("--heal-steps", type=int, default=100, show_default=True, help="LoRA training steps.")
 @click.option("--heal-text-file", type=click.Path(dir_okay=False), default=None,
@@ -78,7 +81,7 @@ def command(**opts) -> None:
       depthprobe prune smollm2 --num-layers 6 --strategy block --repair linear --out runs/smol-24-repaired
       depthprobe prune smollm2 --num-layers 6 --repair linear --heal lora --heal-steps 100 --out runs/smol-24-healed
 
-    With --repair or --heal every loss is also measured on held-out text (repair_curve.csv,
+    With --repair or --heal every loss is also measured on those held-out windows (repair_curve.csv,
     repair_spans.csv, heal_losses.csv); a rerun of an interrupted --heal resumes from the
     checkpoint in --out.
     """
@@ -107,6 +110,7 @@ def command(**opts) -> None:
         heldout=opts["heldout"],
         eval_text_file=opts["eval_text_file"],
         eval_dataset=opts["eval_dataset"],
+        heldout_windows=opts["heldout_windows"],
         seam=_seam_options(opts),
         **analysis_kwargs(opts),
     )
@@ -135,8 +139,9 @@ def _echo_result(result, quiet: bool) -> None:
         at_k = result.excess[result.excess["K"] == result.excess["K"].max()]
         click.echo("loss above greedy's at K = " + ", ".join(
             f"{row.strategy} {row.excess:+.4f}" for row in at_k.itertuples(index=False)))
-    if result.seam is not None:
-        _echo_seam(result.seam)
+    if result.seam is not None and result.seam.spans is not None:
+        for row in result.seam.spans[~result.seam.spans["applied"]].itertuples():
+            click.echo(f"  repair of blocks {row.start}..{row.stop - 1} declined: {row.reason}")
 
 
 def _seam_options(opts: dict):
@@ -148,16 +153,6 @@ def _seam_options(opts: dict):
     heal = HealConfig(steps=opts["heal_steps"], rank=opts["heal_rank"], lr=opts["heal_lr"],
                       targets=opts["heal_modules"], batch_size=opts["batch_size"])
     return SeamOptions(repair=opts["repair"], heal=opts["heal"], repair_windows=opts["repair_windows"],
-                       ridge=opts["repair_ridge"], eval_text_file=opts.get("eval_text_file"), heal_config=heal,
-                       heal_text_file=opts["heal_text_file"], batch_size=opts["batch_size"])
-
-
-def _echo_seam(seam) -> None:
-    parts = [f"full {seam.heldout_full:.6f}", f"blocks removed {seam.heldout_plain:.6f}"]
-    for name, value in (("repaired", seam.heldout_repaired), ("healed", seam.heldout_healed)):
-        if value == value:  # not NaN
-            parts.append(f"{name} {value:.6f} ({100 * seam.recovered(value):.0f}% of the gap recovered)")
-    click.echo(f"repair/heal held-out loss ({seam.heldout_source}): " + ", ".join(parts))
-    if seam.spans is not None:
-        for row in seam.spans[~seam.spans["applied"]].itertuples():
-            click.echo(f"  repair of blocks {row.start}..{row.stop - 1} declined: {row.reason}")
+                       ridges=tuple(parse_list(opts["repair_ridge"], "--repair-ridge", float, "0.001,0.01")),
+                       repair_after=opts["repair_after"], heal_config=heal, heal_text_file=opts["heal_text_file"],
+                       batch_size=opts["batch_size"])

@@ -242,11 +242,3 @@ def bench_sources(sources: list[str], config: BenchConfig = BenchConfig(), progr
         label = source if source not in models else f"{source} ({len(models)})"
         models[label] = load_model(source, **load_kwargs)[0]
     return bench(models, config, progress)
-
-
-def parse_ints(value: str, option: str) -> tuple[int, ...]:
-    """``"1,4"`` -> ``(1, 4)``; a one-line error naming ``option`` otherwise."""
-    try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError as exc:
-        raise DepthprobeError(f"{option} takes comma-separated integers like 1,4 (got {value!r})") from exc

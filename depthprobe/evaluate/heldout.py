@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
@@ -55,6 +56,14 @@ def per_window_loss(stack: LayerStack, windows: Windows | torch.Tensor, removed:
     finally:
         stack.model.train(was_training)
     return np.concatenate(values)
+
+
+def heldout_loss(model: nn.Module | LayerStack, windows: Windows | torch.Tensor, removed: Sequence[int] = (),
+                 batch_size: int = 4) -> float:
+    """Mean over windows of :func:`per_window_loss`: the one held-out loss of depthprobe (the
+    prune curve, the repair curve, the repaired and healed exports all use it)."""
+    stack = model if isinstance(model, LayerStack) else LayerStack.from_model(model)
+    return float(per_window_loss(stack, windows, removed, batch_size).mean())
 
 
 def mean_interval(values: np.ndarray, n_boot: int = DEFAULT_BOOT, level: float = DEFAULT_LEVEL,

@@ -36,7 +36,9 @@ from depthprobe.prune.seam import (
     SeamReport,
     after_removal,
     before_removal,
+    check_causal,
     curve_steps,
+    fit_windows,
     merge_curve,
 )
 from depthprobe.prune.select import (
@@ -63,6 +65,8 @@ from depthprobe.stats import prune_excess
 #: journals of an unfinished prune in its --out folder (removed once the model is saved)
 DROP_JOURNAL = "drop_progress.jsonl"
 GREEDY_JOURNAL = "greedy_progress.jsonl"
+#: held-out windows a pruned model is scored on (of the calibration length)
+HELDOUT_WINDOWS = 16
 
 __all__ = [
     "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
@@ -130,6 +134,7 @@ def prune(
     heldout: bool = True,
     eval_text_file: str | None = None,
     eval_dataset: str | None = None,
+    heldout_windows: int = HELDOUT_WINDOWS,
     seam: SeamOptions | None = None,
     **analyze_kwargs,
 ) -> PruneResult:
@@ -137,8 +142,9 @@ def prune(
     pruning curve of every strategy, remove the blocks in place and (with ``out_dir``) save.
 
     With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
-    held-out windows (``eval_text_file`` / ``eval_dataset``, default the built-in text's
-    tail, never the calibration windows), with bootstrap intervals over windows. With
+    ``heldout_windows`` held-out windows (``eval_text_file`` / ``eval_dataset``, default the
+    built-in text's tail, never the calibration or repair-fit windows), with bootstrap
+    intervals over windows; ``seam`` (repair / heal) is scored on the same windows. With
     ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until the
     model is saved; ``resume=True`` continues from them after a crash or a kill.
 
@@ -149,9 +155,9 @@ def prune(
     """
     stack, remove, k = _validated(model, remove, num_layers, strategy, analyze_kwargs.get("layers_path"))
     windows = _windows(model, tokenizer, analyze_kwargs)
-    # held-out windows first: text too short for them fails before any sweep runs
-    held_windows = (_heldout_windows(model, tokenizer, windows, eval_text_file, eval_dataset)
-                    if heldout and stack.is_causal_lm else None)
+    # fit and held-out windows first: text too short for them fails before any sweep runs
+    fit, held_windows = _fit_and_heldout(model, tokenizer, windows, seam, heldout,
+                                         (eval_text_file, eval_dataset, heldout_windows))
     needs_drop = curve or (remove is None and strategy == "drop")
     # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
     given = SweepOptions.parse(analyze_kwargs.pop("options", None))
@@ -167,12 +173,11 @@ def prune(
     loss_before = evaluator.loss()
     loss_after = evaluator.loss(remove)
     log.info("removing blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
-    held, table = (_heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
-                   if held_windows is not None else (None, table))
-    report = None
-    if seam is not None:  # repair / heal, scored on held-out text (depthprobe.prune.seam)
-        report = before_removal(model, tokenizer, remove, curve_steps(table, strategy, remove), windows, seam,
-                                max_positions=max_positions(model), progress=progress)
+    held, table, scored = (_heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
+                           if heldout and held_windows is not None else (None, table, {}))
+    # repair / heal, scored on the same held-out windows (depthprobe.prune.seam)
+    report = (before_removal(model, remove, curve_steps(table, strategy, remove), fit, held_windows, seam,
+                             scored=scored, progress=progress) if seam is not None else None)
     remove_blocks(stack, remove)
     if report is not None:
         after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
@@ -186,10 +191,20 @@ def prune(
     return result
 
 
-def _heldout_windows(model: torch.nn.Module, tokenizer, windows: Windows, text_file, dataset) -> Windows:
-    return heldout_windows(tokenizer, num_sequences=windows.num_sequences, seq_len=windows.seq_len,
-                           calibration=windows, text_file=text_file, dataset=dataset,
-                           max_positions=max_positions(model))
+def _fit_and_heldout(model: torch.nn.Module, tokenizer, windows: Windows, seam: SeamOptions | None, heldout: bool,
+                     held_args: tuple) -> tuple[Windows, Windows | None]:
+    """The repair-fit windows (the calibration ones without ``--repair``) and the held-out
+    windows, disjoint from both (None for encoders, or with neither ``heldout`` nor ``seam``)."""
+    text_file, dataset, num = held_args
+    if seam is not None:
+        check_causal(model, seam)
+    fit = fit_windows(tokenizer, windows, seam, max_positions(model)) if seam is not None else windows
+    if not ((heldout or seam is not None) and LayerStack.from_model(model).is_causal_lm):
+        return fit, None
+    if num < 1:
+        raise DepthprobeError(f"--heldout-windows must be at least 1 (got {num})")
+    return fit, heldout_windows(tokenizer, num_sequences=num, seq_len=fit.seq_len, calibration=fit,
+                                text_file=text_file, dataset=dataset, max_positions=max_positions(model))
 
 
 def _validated(model: torch.nn.Module, remove, num_layers, strategy: str, layers_path):
@@ -274,11 +289,13 @@ def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str |
 
 
 def _heldout(stack, windows, held, remove, table, batch_size, progress):
-    """Held-out scores of the full and pruned model (and of every curve row) before removal."""
+    """Held-out scores of the full and pruned model (and of every curve row) before removal:
+    the summary, the curve with held-out columns, and each removal's held-out loss."""
     removals = [[], list(remove)]
     if table is not None:
         removals += [[int(v) for v in str(r).split(";") if v != ""] for r in table["removed"]]
     scores = score_removals(stack, windows, held, removals, batch_size, progress)
     if table is not None:
         table = add_heldout_columns(table, scores)
-    return heldout_summary(scores[()], scores[tuple(sorted(remove))], held), table
+    scored = {removed: score.heldout_loss for removed, score in scores.items()}
+    return heldout_summary(scores[()], scores[tuple(sorted(remove))], held), table, scored

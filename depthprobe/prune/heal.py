@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.data import BUILTIN, Windows, builtin_text, make_windows, read_text_file
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.cloze import CONTEXT_WORDS
 from depthprobe.model.stack import LayerStack
 
 log = logging.getLogger(__name__)
@@ -96,19 +97,25 @@ def target_modules(model: nn.Module, seams: Sequence[int], targets: str = "seams
 
 
 def training_windows(tokenizer, *, seq_len: int, exclude_tail_tokens: int, text_file: str | None = None) -> Windows:
-    """Every full window of ``text_file``, or of the built-in text minus (at least) its last
-    ``exclude_tail_tokens`` tokens, where the held-out windows are. Built the way calibration
-    windows are (``make_windows``), so ``heldout_windows(calibration=...)`` can assert the two
-    never touch."""
-    source, text = (str(text_file), read_text_file(text_file)) if text_file is not None else (BUILTIN, builtin_text())
-    tail = 0 if text_file is not None else exclude_tail_tokens
-    total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    usable = (total - tail) // seq_len - (1 if tail else 0)  # one window of margin for chunked tokenization
+    """Every full window of ``text_file``, or of the built-in text's first half: the built-in
+    cloze task's items (contexts included) come from its second half and the held-out windows
+    from its last ``exclude_tail_tokens`` tokens, so healing touches neither. Built the way
+    calibration windows are (``make_windows``), so ``heldout_windows(calibration=...)`` can
+    assert the two never touch."""
+    if text_file is not None:
+        source, text = str(text_file), read_text_file(text_file)
+        usable = len(tokenizer(text, add_special_tokens=False)["input_ids"]) // seq_len
+    else:
+        source, text = BUILTIN, builtin_text()
+        words = text.split()
+        head = " ".join(words[: len(words) // 2 - CONTEXT_WORDS])
+        total = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        usable = min(len(tokenizer(head, add_special_tokens=False)["input_ids"]), total - exclude_tail_tokens)
+        usable = usable // seq_len - 2  # margin: the stream's whitespace differs from the joined words
     if usable < 1:
         raise DepthprobeError(f"{source} has too few tokens for one healing window of {seq_len}; give a longer "
                               "--heal-text-file")
-    return make_windows(tokenizer, num_sequences=usable, seq_len=seq_len,
-                        text_file=text_file)
+    return make_windows(tokenizer, num_sequences=usable, seq_len=seq_len, text_file=text_file)
 
 
 def heal_lora(model: nn.Module, windows: Windows, seams: Sequence[int], config: HealConfig | None = None, *,

@@ -15,10 +15,11 @@ model's ``x_e``, i.e. ``m T ≈ r = x_e - y``:
 
 - ``linear``: ``T = argmin ||m T - r||² + λ ||T - I||²`` in float64, solved as one least-squares
   problem on ``[m; √λ I] T = [r; √λ I]``. The ridge pulls toward ``T = I``, which is plain
-  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares).
-- ``cosine``: start from the ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
+  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares). One map
+  per ridge of a small grid; the validation windows keep the best.
+- ``cosine``: start from the best ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
   over tokens by Adam (the next block reads the stream through a norm, so the direction is
-  what it sees).
+  what it sees); kept only where it validates better than that linear map.
 
 Spans are repaired one after another from the shallowest, each fit on the model with the
 earlier spans already removed and repaired, each against the full model's stream captured
@@ -37,7 +38,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -47,6 +48,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack, block_output
 from depthprobe.prune.select import Evaluator
 
@@ -201,19 +203,18 @@ def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, 
     return got
 
 
-def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[int, int]], batch_size: int,
+def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], first_p: int, batch_size: int,
                   lm: bool) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """The full model's stream ``x_e`` (output of block e-1) for each span end ``e``: (N·T, d).
+    """The full model's stream ``x_e`` (output of block e-1) for each target index ``e``: (N·T, d).
 
-    Also ``(m, y)`` of the first span's seam block: before any repair the model that skips
-    the spans computes the same prefix, so that pass is saved.
+    Also ``(m, y)`` of block ``first_p``, the first span's seam block: before any repair the
+    model that skips the spans computes the same prefix, so that pass is saved.
     """
-    ends = sorted({stop for _, stop in spans})
+    ends = sorted(set(ends))
     hooks = {stack.blocks[e - 1]: str(e) for e in ends}
-    p = spans[0][0] - 1
-    found = mlp_writer(stack, p) if p >= 0 else None
+    found = mlp_writer(stack, first_p) if first_p >= 0 else None
     if found is not None:
-        hooks.update({found[1]: "m", stack.blocks[p]: "x"})
+        hooks.update({found[1]: "m", stack.blocks[first_p]: "x"})
     last = stack.blocks[ends[-1] - 1]
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in hooks.values()}
     for start in range(0, windows.shape[0], batch_size):
@@ -223,6 +224,18 @@ def _full_targets(stack: LayerStack, windows: torch.Tensor, spans: list[tuple[in
     cat = {name: torch.cat(v) for name, v in parts.items()}
     first = (cat["m"], cat["x"] - cat["m"]) if found is not None else None
     return {e: cat[str(e)] for e in ends}, first
+
+
+def seam_maps(spans: list[tuple[int, int]], num_blocks: int, after: bool) -> list[tuple[int, int, int, int]]:
+    """``(start, stop, p, e)`` for each map to fit: block ``p``'s writer sends the stream toward the
+    full model's ``x_e``. Before each span ``p = start - 1, e = stop``; with ``after`` also the first
+    kept block after it, ``p = stop, e = stop + 1`` (fit on the stream the first map repaired)."""
+    maps = []
+    for start, stop in spans:
+        maps.append((start, stop, start - 1, stop))
+        if after and stop < num_blocks:
+            maps.append((start, stop, stop, stop + 1))
+    return maps
 
 
 def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
@@ -251,8 +264,9 @@ class RepairResult:
 
     @property
     def applied(self) -> list[tuple[int, int]]:
+        """The spans with at least one map kept."""
         rows = self.table[self.table["applied"]]
-        return [(int(a), int(b)) for a, b in zip(rows["start"], rows["stop"], strict=True)]
+        return list(dict.fromkeys((int(a), int(b)) for a, b in zip(rows["start"], rows["stop"], strict=True)))
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -266,8 +280,9 @@ class RepairResult:
 @dataclass(frozen=True)
 class RepairConfig:
     method: str = "linear"
-    #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares
-    ridge: float = 1e-3
+    #: λ = ridge · trace(mᵀm)/d pulls T toward I (plain removal); 0 is ordinary least squares.
+    #: Each is tried and the validation windows keep the best; without validation the first.
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
     #: "norm": each token weighted by 1 / ||x_e|| (the next block reads the stream through a
     #: norm, so relative error is what counts and a few huge-norm tokens do not dominate)
     weighting: str = "norm"
@@ -276,14 +291,19 @@ class RepairConfig:
     batch_size: int = 4
     cosine_steps: int = 300
     cosine_lr: float = 1e-4
+    #: also fit a map into the first kept block after each span (toward the full model's stream
+    #: after that block): a second exactly fusable writer at the same seam
+    after: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise DepthprobeError(f"unknown --repair {self.method!r}; choose from {', '.join(METHODS)}")
         if self.weighting not in ("norm", "none"):
             raise DepthprobeError(f"unknown repair weighting {self.weighting!r}; choose norm or none")
-        if self.ridge < 0 or not 0 <= self.val_fraction < 1:
-            raise DepthprobeError("--repair-ridge must be >= 0 and the validation fraction in [0, 1)")
+        if isinstance(self.ridges, (int, float)):  # one ridge given as a number
+            object.__setattr__(self, "ridges", (float(self.ridges),))
+        if not self.ridges or min(self.ridges) < 0 or not 0 <= self.val_fraction < 1:
+            raise DepthprobeError("--repair-ridge takes ridges >= 0 and the validation fraction is in [0, 1)")
 
 
 def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | torch.Tensor,
@@ -292,10 +312,13 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
 
     ``removed``: 0-based blocks of ``model`` that will be removed (``remove_blocks`` after).
     ``windows``: token windows to fit on; the last ``val_fraction`` of them validate.
-    ``options`` override :class:`RepairConfig` fields (``method="cosine"``, ``ridge=0``...).
+    ``options`` override :class:`RepairConfig` fields (``method="cosine"``, ``ridges=(0,)``;
+    ``ridge=x`` is ``ridges=(x,)``).
     Returns the per-span table (start, stop, writer, fit_tokens, val_loss_plain,
     val_loss_repaired, applied, reason); the model's writers hold the accepted maps.
     """
+    if "ridge" in options:
+        options["ridges"] = (options.pop("ridge"),)
     config = config or RepairConfig(**options)
     stack = LayerStack.from_model(model)
     ids = windows.input_ids if isinstance(windows, Windows) else windows
@@ -313,12 +336,14 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     lm = stack.is_causal_lm
     result = RepairResult(config.method, pd.DataFrame())
     rows = []
-    targets, first = _full_targets(stack, ids, spans, config.batch_size, lm) if _fusable(stack) else ({}, None)
+    seams = seam_maps(spans, len(stack), config.after)
+    targets, first = (_full_targets(stack, ids, [e for *_, e in seams], spans[0][0] - 1, config.batch_size, lm)
+                      if _fusable(stack) else ({}, None))
     val = Evaluator(stack, val_ids, config.batch_size) if n_val else None
     val_loss = val.loss(removed) if val else float("nan")
-    for start, stop in tqdm(spans, desc=f"repair ({config.method})", disable=not progress, leave=False):
-        states = first if (start, stop) == spans[0] else None
-        row, val_loss = _repair_span(stack, start, stop, keep, targets, fit_ids.numel(), val, removed, val_loss,
+    for seam in tqdm(seams, desc=f"repair ({config.method})", disable=not progress, leave=False):
+        states = first if seam == seams[0] else None
+        row, val_loss = _repair_span(stack, seam, keep, targets, fit_ids.numel(), val, removed, val_loss,
                                      config, result, ids, states)
         rows.append(row)
     result.table = pd.DataFrame(rows)
@@ -331,47 +356,75 @@ def _fusable(stack: LayerStack) -> bool:
 
 def _decline(start: int, stop: int, reason: str, **extra) -> dict:
     log.info("span %d..%d: repair declined (%s)", start, stop - 1, reason)
-    return {"start": start, "stop": stop, "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
+    return {"start": start, "stop": stop, "side": extra.get("side", "before"), "writer": extra.get("writer", ""), "fit_tokens": extra.get("fit_tokens", 0),
             "val_loss_plain": extra.get("plain", float("nan")), "val_loss_repaired": extra.get("repaired", float("nan")),
-            "applied": False, "reason": reason}
+            "applied": False, "map": extra.get("map", ""), "reason": reason}
 
 
-def _repair_span(stack, start, stop, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
-    """Fit, fuse, check and validate one span; returns its table row and the validation loss now."""
-    if start == 0:
-        return _decline(start, stop, "no kept block before it to fuse into"), val_loss
+def _repair_span(stack, seam, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
+    """Fit, fuse, check and validate one map (``seam_maps``); returns its table row and the validation loss now."""
+    start, stop, p, end = seam
+    side = "before" if p < start else "after"
+    if p < 0:
+        return _decline(start, stop, "no kept block before it to fuse into", side=side), val_loss
     if not targets:
-        return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly"), val_loss
-    p = start - 1
+        return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly",
+                        side=side), val_loss
     found = mlp_writer(stack, p)
     if found is None:
-        return _decline(start, stop, f"no MLP output linear found in block {p}"), val_loss
+        return _decline(start, stop, f"no MLP output linear found in block {p}", side=side), val_loss
     name, writer = found
     m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
-    target = targets[stop]
-    weights = 1 / target[:n_fit].norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
-    T = solve_linear(m[:n_fit], target[:n_fit] - y[:n_fit], config.ridge, weights)
-    if config.method == "cosine":
-        T = solve_cosine(m[:n_fit], y[:n_fit], target[:n_fit], T, steps=config.cosine_steps, lr=config.cosine_lr)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
+    info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss, "side": side}
+    fit = (m[:n_fit], y[:n_fit], targets[end][:n_fit])
+    label, T, repaired = _best_candidate(fit, config, lambda T: _validation_loss(val, removed, writer, T, saved))
     fuse_map(writer, T)
-    info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss}
     if not _fused_matches(stack, ids[:1], keep, p, writer, m, y, T):
         _restore(saved)
         return _decline(start, stop, "the fused block does not reproduce y + mT (writer not additive)", **info), val_loss
-    repaired = val.loss(removed) if val is not None else float("nan")
     if val is not None and not repaired < val_loss:
         _restore(saved)
         return _decline(start, stop, f"validation loss {repaired:.4f} >= {val_loss:.4f} without it",
-                        repaired=repaired, **info), val_loss
+                        repaired=repaired, map=label, **info), val_loss
     result._saved.append(saved)
-    result.maps[(start, stop)] = T
-    log.info("span %d..%d: map fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, info["writer"],
-             val_loss, repaired)
+    result.maps[(start, stop) if side == "before" else (start, stop, side)] = T
+    log.info("span %d..%d: map (%s) fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, label,
+             info["writer"], val_loss, repaired)
     row = {
-        "start": start, "stop": stop, "writer": info["writer"], "fit_tokens": n_fit, "val_loss_plain": val_loss,
-        "val_loss_repaired": repaired, "applied": True, "reason": ""}
+        "start": start, "stop": stop, "side": side, "writer": info["writer"], "fit_tokens": n_fit,
+        "val_loss_plain": val_loss, "val_loss_repaired": repaired, "applied": True, "map": label, "reason": ""}
     return row, repaired if val is not None else val_loss
+
+
+def _validation_loss(val: Evaluator | None, removed, writer: nn.Module, T: torch.Tensor, saved) -> float:
+    """Validation loss with ``T`` fused into ``writer`` (the weights are put back after)."""
+    if val is None:
+        return float("nan")
+    fuse_map(writer, T)
+    try:
+        return val.loss(removed)
+    finally:
+        _restore(saved)
+
+
+def _best_candidate(fit, config: RepairConfig, score) -> tuple[str, torch.Tensor, float]:
+    """The map with the lowest validation loss ``score(T)`` among least squares at each ridge of
+    ``config.ridges`` (only the first without validation) and, for ``cosine``, Adam on the
+    cosine objective from the best of them. Returns (label, T, its validation loss)."""
+    m, y, target = fit
+    weights = 1 / target.norm(dim=-1).clamp_min(1e-6) if config.weighting == "norm" else None
+    ridges = config.ridges if config.val_fraction > 0 else config.ridges[:1]
+    best = None
+    for ridge in ridges:
+        T = solve_linear(m, target - y, ridge, weights)
+        candidate = (f"linear ridge={ridge:g}", T, score(T))
+        best = candidate if best is None or candidate[2] < best[2] else best
+    if config.method == "cosine":
+        T = solve_cosine(m, y, target, best[1], steps=config.cosine_steps, lr=config.cosine_lr)
+        candidate = (f"cosine from {best[0]}", T, score(T))
+        best = candidate if config.val_fraction == 0 or candidate[2] < best[2] else best
+    return best
 
 
 @torch.no_grad()
@@ -391,27 +444,26 @@ def _fused_matches(stack, one, keep, p, writer, m, y, T) -> bool:
     return bool(torch.linalg.norm(fused - explicit) <= 1e-4 * torch.linalg.norm(explicit))
 
 
-def heldout_loss(model: nn.Module, heldout: Windows, removed: Sequence[int] = (), batch_size: int = 4) -> float:
-    """Mean-token LM loss (encoders: final-state drift) of ``model`` without blocks ``removed``."""
-    return Evaluator(LayerStack.from_model(model), heldout.input_ids, batch_size).loss(removed)
-
-
 def repair_curve(model: nn.Module, removed_by_k: dict[int, list[int]], fit: Windows, heldout: Windows,
-                 config: RepairConfig, progress: bool = True) -> pd.DataFrame:
-    """For each K: held-out loss with blocks ``removed_by_k[K]`` removed, plain and repaired.
+                 config: RepairConfig, progress: bool = True,
+                 plain: Callable[[Sequence[int]], float] | None = None) -> pd.DataFrame:
+    """For each K: held-out loss (``evaluate.heldout.heldout_loss``) with blocks ``removed_by_k[K]``
+    removed, plain and repaired.
 
-    Each repair is undone before the next K. Columns: num_removed, heldout_loss_plain,
-    heldout_loss_repaired, repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
+    Each repair is undone before the next K. ``plain`` gives plain removal's held-out loss when
+    already measured. Columns: num_removed, heldout_loss_plain, heldout_loss_repaired,
+    repair_spans_applied (``"12-14;25"``, the spans whose map was kept).
     """
+    plain = plain or (lambda removed: heldout_loss(model, heldout, removed, config.batch_size))
     rows = []
     for k, removed in tqdm(sorted(removed_by_k.items()), desc="repair curve", disable=not progress, leave=False):
-        plain = heldout_loss(model, heldout, removed, config.batch_size)
+        before = plain(removed)
         result = repair_linear(model, removed, fit, config)
         try:
-            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else plain
+            repaired = heldout_loss(model, heldout, removed, config.batch_size) if result.maps else before
         finally:
             result.restore()
-        rows.append((k, plain, repaired, _span_text(result.applied)))
+        rows.append((k, before, repaired, _span_text(result.applied)))
     return pd.DataFrame(rows, columns=["num_removed", "heldout_loss_plain", "heldout_loss_repaired",
                                        "repair_spans_applied"])
 

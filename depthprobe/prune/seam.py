@@ -3,8 +3,8 @@
 ``prune`` calls :func:`before_removal` while the chosen blocks are still in the model (the
 repair curve needs every K, and the maps are fit against the full model's stream), then
 :func:`after_removal` on the smaller model (healing trains what will be exported). Every
-loss here is on held-out windows that neither the calibration, the repair fit nor the
-healing text touch.
+loss here is ``evaluate.heldout.heldout_loss`` on the run's one set of held-out windows,
+which neither the calibration, the repair fit nor the healing text touch.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from torch import nn
 
 from depthprobe.data import BUILTIN, Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack
 from depthprobe.prune.heal import HealConfig, heal_lora, training_windows
-from depthprobe.prune.repair import RepairConfig, heldout_loss, removed_spans, repair_curve, repair_linear
+from depthprobe.prune.repair import RepairConfig, removed_spans, repair_curve, repair_linear
 
 
 @dataclass(frozen=True)
@@ -30,17 +31,17 @@ class SeamOptions:
     heal: str | None = None  # "lora"
     #: windows (of the calibration length) the maps are fit on; the last 20% validate
     repair_windows: int = 64
-    ridge: float = 1e-3
-    #: held-out windows every loss here is measured on (from --eval-text-file, else the built-in tail)
-    heldout_windows: int = 16
-    eval_text_file: str | None = None
+    #: ridges tried on the validation windows (the best kept)
+    ridges: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    #: also a map in the first kept block after each span (``RepairConfig.after``)
+    repair_after: bool = False
     heal_config: HealConfig = field(default_factory=HealConfig)
     heal_text_file: str | None = None
     batch_size: int = 4
 
     def __post_init__(self):
-        if self.repair_windows < 2 or self.heldout_windows < 1:
-            raise DepthprobeError("--repair-windows must be at least 2 and the held-out windows at least 1")
+        if self.repair_windows < 2:
+            raise DepthprobeError("--repair-windows must be at least 2")
 
 
 @dataclass
@@ -84,8 +85,10 @@ class SeamReport:
                 frame.to_csv(out / f"{name}.csv", index=False, float_format="%.10g")
 
 
-def _windows_like(tokenizer, calibration: Windows, num: int, max_positions: int | None) -> Windows:
-    """``num`` windows of the calibration's text and length (the calibration windows are their prefix)."""
+def fit_windows(tokenizer, calibration: Windows, options: SeamOptions, max_positions: int | None = None) -> Windows:
+    """The windows repair maps are fit on: ``options.repair_windows`` windows of the calibration's
+    text and length (the calibration windows are their prefix); the calibration itself without repair."""
+    num = options.repair_windows if options.repair else 0
     if num <= calibration.num_sequences or calibration.source == "text":
         return calibration
     source = calibration.source
@@ -98,21 +101,37 @@ def _windows_like(tokenizer, calibration: Windows, num: int, max_positions: int 
         raise DepthprobeError(f"{exc}; or lower --repair-windows") from exc
 
 
-def before_removal(model: nn.Module, tokenizer, remove: Sequence[int], removed_by_k: dict[int, list[int]],
-                   calibration: Windows, options: SeamOptions, *, max_positions: int | None = None,
+def check_causal(model: nn.Module, options: SeamOptions) -> None:
+    """Repair and healing are judged by held-out next-token loss: refuse a model without an LM head."""
+    if (options.repair or options.heal) and not LayerStack.from_model(model).is_causal_lm:
+        what = "--heal" if options.heal else "--repair"
+        raise DepthprobeError(f"{what} is judged by held-out next-token loss and needs a causal LM; "
+                              "this model has no LM head")
+
+
+def before_removal(model: nn.Module, remove: Sequence[int], removed_by_k: dict[int, list[int]], fit: Windows,
+                   heldout: Windows, options: SeamOptions, *, scored: dict[tuple[int, ...], float] | None = None,
                    progress: bool = True) -> SeamReport:
     """Held-out losses of the full model and of plain removal; with ``options.repair``, the
-    repair curve over ``removed_by_k`` and the chosen K's maps fused into ``model`` (kept)."""
-    if options.heal and not LayerStack.from_model(model).is_causal_lm:
-        raise DepthprobeError("--heal trains on next-token loss and needs a causal LM; this model has no LM head")
-    fit = _windows_like(tokenizer, calibration, options.repair_windows if options.repair else 0, max_positions)
-    heldout = heldout_windows(tokenizer, num_sequences=options.heldout_windows, seq_len=calibration.seq_len,
-                              calibration=fit, text_file=options.eval_text_file, max_positions=max_positions)
-    report = SeamReport(heldout.source, heldout_loss(model, heldout, (), options.batch_size), _heldout=heldout)
-    report.heldout_plain = heldout_loss(model, heldout, remove, options.batch_size)
+    repair curve over ``removed_by_k`` and the chosen K's maps fused into ``model`` (kept).
+
+    ``heldout``: the run's held-out windows (disjoint from ``fit``); ``scored``: held-out losses
+    already measured on them, by sorted removed blocks (``()`` the full model), reused as they are.
+    """
+    check_causal(model, options)
+    scored = dict(scored or {})
+
+    def plain(removed: Sequence[int]) -> float:
+        key = tuple(sorted(removed))
+        if key not in scored:
+            scored[key] = heldout_loss(model, heldout, key, options.batch_size)
+        return scored[key]
+
+    report = SeamReport(heldout.source, plain(()), plain(remove), _heldout=heldout)
     if options.repair:
-        config = RepairConfig(method=options.repair, ridge=options.ridge, batch_size=options.batch_size)
-        report.curve = repair_curve(model, removed_by_k, fit, heldout, config, progress)
+        config = RepairConfig(method=options.repair, ridges=options.ridges, batch_size=options.batch_size,
+                              after=options.repair_after)
+        report.curve = repair_curve(model, removed_by_k, fit, heldout, config, progress, plain=plain)
         report.spans = repair_linear(model, remove, fit, config, progress=progress).table
     return report
 
@@ -126,7 +145,7 @@ def after_removal(model: nn.Module, tokenizer, remove: Sequence[int], report: Se
     if options.heal:
         train = training_windows(tokenizer, seq_len=heldout.seq_len, exclude_tail_tokens=heldout.input_ids.numel(),
                                  text_file=options.heal_text_file)
-        if options.eval_text_file is None and train.source == BUILTIN:
+        if heldout.source.startswith(f"heldout:{BUILTIN}[") and train.source == BUILTIN:
             # the shared contract asserts the held-out windows never touch these
             heldout_windows(tokenizer, num_sequences=heldout.num_sequences, seq_len=heldout.seq_len, calibration=train)
         seams = [stop - sum(1 for i in remove if i < stop) for _, stop in removed_spans(remove)]
