@@ -7,16 +7,13 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.evaluate_options import bench_config, bench_options
-from depthprobe.cli.options import common_options, setup_logging
-from depthprobe.model.load import DTYPES
+from depthprobe.cli.options import common_options, plain_model_options, setup_logging
 
 
 @click.command("bench")
 @click.argument("models", nargs=-1, required=True)
 @bench_options
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own code (off by default).")
+@plain_model_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for bench.csv, bench_speedup.csv and bench.png.")
 @common_options

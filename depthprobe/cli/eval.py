@@ -5,9 +5,8 @@ from __future__ import annotations
 import click
 
 from depthprobe.cli.evaluate_options import quiet_harness
-from depthprobe.cli.options import common_options, setup_logging
+from depthprobe.cli.options import common_options, plain_model_options, setup_logging
 from depthprobe.evaluate.cloze import TASK_NAME
-from depthprobe.model.load import DTYPES
 
 
 @click.command("eval")
@@ -17,9 +16,7 @@ from depthprobe.model.load import DTYPES
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N documents of each task.")
 @click.option("--num-fewshot", type=int, default=None, help="Few-shot examples per prompt (task default if unset).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Requests per forward pass.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own code (off by default).")
+@plain_model_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Folder for eval.csv, eval_samples.csv and eval_retention.csv.")
 @common_options

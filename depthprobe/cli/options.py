@@ -21,12 +21,16 @@ def _stack(*decorators):
     return apply
 
 
+_device_option = click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto.")
+_trust_remote_code_option = click.option("--trust-remote-code", is_flag=True,
+                                         help="Run the model repo's own code (off by default).")
+
 model_options = _stack(
     click.argument("model"),
     click.option("--gguf-file", default=None, help="GGUF file name inside MODEL (a folder or hub repo)."),
     click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
                  help="auto: float32 when the memory plan fits, else the checkpoint's dtype (said in one line)."),
-    click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N, mps or auto."),
+    _device_option,
     click.option("--device-map", default=None,
                  help="accelerate placement: auto, balanced, balanced_low_0 or sequential (multi-GPU, offload)."),
     click.option("--max-memory", default=None,
@@ -36,8 +40,15 @@ model_options = _stack(
     click.option("--dry-run", is_flag=True, help="Print the memory plan (weights, gradients, activations, "
                  "peak vs available) and exit without loading."),
     click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
-    click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own code (off by default)."),
+    _trust_remote_code_option,
     click.option("--layers-path", default=None, help="Dotted path of the block list, e.g. model.layers."),
+)
+
+#: commands that load several models as they are and time or score them (eval, bench)
+plain_model_options = _stack(
+    click.option("--dtype", type=click.Choice(list(DTYPES)), default="float32", show_default=True),
+    _device_option,
+    _trust_remote_code_option,
 )
 
 data_options = _stack(
