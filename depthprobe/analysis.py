@@ -38,6 +38,7 @@ from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
+from depthprobe.probes.layer_major import run_main_pass_layer_major, use_layer_major
 from depthprobe.probes.main_pass import DEFAULT_METRICS, PASS_METRICS, PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
@@ -189,8 +190,7 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
         torch.cuda.reset_peak_memory_stats(stack.device)
     try:
-        main = run_main_pass(stack, windows, config.metrics, batch_size=config.batch_size,
-                             loss=needs_loss(config.metrics) if loss is None else loss, progress=progress)
+        main = _main_pass(stack, windows, config, needs_loss(config.metrics) if loss is None else loss, progress)
     finally:
         model.train(was_training)
     ctx = SweepContext(stack, windows, objective, config.batch_size, config.options, main.base_loss,
@@ -208,6 +208,18 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
         angular_distance=angular_matrix_frame(main.angular_matrix) if main.angular_matrix is not None else None,
         tables={name: table for out in sweeps.values() for name, table in out.tables.items()},
     )
+
+
+def _main_pass(stack: LayerStack, windows: Windows, config: ProbeConfig, loss: bool, progress: bool) -> PassResult:
+    """Batch-major (the model's own forward), or layer-major when asked or offloaded and no
+    metric needs a backward."""
+    execution = config.options.execution
+    backward = "grad" in config.metrics and stack.is_causal_lm
+    if not backward and use_layer_major(execution.order, stack.model):
+        return run_main_pass_layer_major(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss,
+                                         progress=progress, budget=execution.state_budget,
+                                         spill_dir=execution.spill_dir)
+    return run_main_pass(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss, progress=progress)
 
 
 def _windows(model: torch.nn.Module, tokenizer, config: ProbeConfig) -> Windows:

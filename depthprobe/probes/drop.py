@@ -17,6 +17,7 @@ skips the batches already there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import time
@@ -33,12 +34,21 @@ from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import watch_blocks, zero_output
+from depthprobe.probes.layer_major import (
+    BlockRunner,
+    batch_slices,
+    open_store,
+    outside_blocks,
+    resident,
+    use_layer_major,
+)
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import DEFAULT_BLOCK_SIZES, SweepContext, SweepOutput
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_BLOCK_SIZES", "BatchScorer", "DropSweepResult", "capture_states", "drop_sweep", "run_drop_sweep"]
+__all__ = ["DEFAULT_BLOCK_SIZES", "BatchScorer", "DropSweepResult", "capture_states", "drop_sweep", "run_drop_sweep",
+           "run_drop_sweep_layer_major"]
 
 
 @dataclass
@@ -85,17 +95,21 @@ def capture_states(objective: Objective, input_ids: torch.Tensor, keep: Sequence
 
 def drop_sweep(ctx: SweepContext) -> SweepOutput:
     """``--metrics drop``: single-block, sublayer and contiguous-block drop sweeps
-    (options: :class:`~depthprobe.probes.sweep.DropOptions`)."""
-    options = ctx.options.drop
-    result = run_drop_sweep(
-        ctx.stack,
-        ctx.windows.input_ids,
-        batch_size=ctx.batch_size,
-        sublayers=options.sublayers,
-        block_sizes=[n for n in options.block_sizes if 1 < n < len(ctx.stack)],
-        progress_file=options.progress_file,
-        progress=ctx.progress,
-    )
+    (options: :class:`~depthprobe.probes.sweep.DropOptions`; layer-major when offloaded,
+    :class:`~depthprobe.probes.sweep.ExecutionOptions`)."""
+    options, execution = ctx.options.drop, ctx.options.execution
+    block_sizes = [n for n in options.block_sizes if 1 < n < len(ctx.stack)]
+    if use_layer_major(execution.order, ctx.stack.model):
+        if options.progress_file:
+            log.info("layer-major drop sweep: no progress file (every variant finishes with the last block)")
+        result = run_drop_sweep_layer_major(ctx.stack, ctx.windows.input_ids, batch_size=ctx.batch_size,
+                                            sublayers=options.sublayers, block_sizes=block_sizes,
+                                            progress=ctx.progress, budget=execution.state_budget,
+                                            spill_dir=execution.spill_dir)
+    else:
+        result = run_drop_sweep(ctx.stack, ctx.windows.input_ids, batch_size=ctx.batch_size,
+                                sublayers=options.sublayers, block_sizes=block_sizes,
+                                progress_file=options.progress_file, progress=ctx.progress)
     tables = {"drop_windows": result.windows_table()}
     if result.block_sizes:
         tables["block_drop"] = result.block_table()
@@ -243,6 +257,114 @@ def run_drop_sweep(
         bar.close()
         stack.model.train(was_training)
     return tables.result(input_ids.numel(), time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One drop of the layer-major sweep: blocks ``layer..layer+size-1`` removed (``block``,
+    ``run``), or the ``attn`` / ``mlp`` sublayer of block ``layer`` zeroed (size 0)."""
+
+    kind: str
+    layer: int
+    size: int
+
+    @property
+    def start(self) -> int:
+        """The first block this variant's stream runs through."""
+        return self.layer + self.size
+
+
+def _variants(stack: LayerStack, sublayers: bool, block_sizes: Sequence[int]) -> list[_Variant]:
+    num_layers = len(stack)
+    found = [_Variant("block", layer, 1) for layer in range(num_layers)]
+    if sublayers:
+        found += [_Variant(kind, layer, 0) for layer in range(num_layers) for kind in ("attn", "mlp")
+                  if stack.sublayer_output_module(layer, kind) is not None]
+    found += [_Variant("run", first, n) for n in block_sizes for first in range(num_layers - n + 1)]
+    return found
+
+
+def run_drop_sweep_layer_major(stack: LayerStack, input_ids: torch.Tensor, *, batch_size: int = 4,
+                               sublayers: bool = True, block_sizes: Sequence[int] = (), progress: bool = True,
+                               budget: int | None = None, spill_dir: str | Path | None = None) -> DropSweepResult:
+    """:func:`run_drop_sweep` with each block's weights read once per sweep.
+
+    Blocks run in order. Entering block l, every variant that removes something starting at
+    l takes a copy of the full model's stream x_l; then block l runs on the full stream and
+    on every variant stream that has reached it (with the sublayer zeroed for that block's
+    sublayer variants). After the last block every stream is scored. The streams (one per
+    variant, ``(N, T, d)`` each) live in a :class:`StateStore`, memory-mapped when they
+    exceed ``budget`` bytes. Same numbers as the batch-major sweep.
+    """
+    objective, num_layers, n_windows = Objective(stack), len(stack), input_ids.shape[0]
+    can_sublayer = sublayers and any(stack.sublayer_layers(k, droppable=True) for k in ("attn", "mlp"))
+    variants, block_sizes = _variants(stack, can_sublayer, block_sizes), list(block_sizes)
+    tables = _DropTables(num_layers, n_windows, can_sublayer, block_sizes)
+    slices, runner = batch_slices(n_windows, batch_size), BlockRunner(objective)
+    steps = len(slices) * sum(1 + sum(v.start <= k for v in variants) for k in range(num_layers))
+    bar = tqdm(total=steps, desc="drop sweep (layer-major)", disable=not progress, leave=False, delay=0.5)
+    angles: dict[tuple[int, int], list[float]] = {}  # (size, first) -> per batch: sum of d(x_first, x_first+size)
+    t0, was_training = time.perf_counter(), stack.model.training
+    stack.model.eval()
+    try:
+        with torch.no_grad(), resident(outside_blocks(stack)), \
+                open_store(runner, input_ids, batch_size, 1 + len(variants), budget, spill_dir) as store:
+            for layer in range(num_layers):
+                _advance(runner, store.data, variants, layer, input_ids, slices, angles, bar)
+            for index, win in enumerate(slices):
+                batch_angles = {key: sums[index] for key, sums in angles.items()}
+                tables.put(win, _score_layer_major(objective, store.data, variants, input_ids[win], win,
+                                                   batch_angles, tables))
+    finally:
+        bar.close()
+        stack.model.train(was_training)
+    return tables.result(input_ids.numel(), time.perf_counter() - t0)
+
+
+def _advance(runner: BlockRunner, data: torch.Tensor, variants: list[_Variant], layer: int, input_ids: torch.Tensor,
+             slices: list[slice], angles: dict, bar) -> None:
+    """Run block ``layer`` on the full stream (slot 0) and every variant stream that reached it."""
+    stack, device = runner.stack, runner.objective.device
+    for slot, v in enumerate(variants, 1):
+        if v.layer == layer:  # the variant starts from the full model's x_layer
+            data[slot].copy_(data[0])
+    live = [(slot, v) for slot, v in enumerate(variants, 1) if v.start <= layer]
+    with runner.at(layer):
+        for win in slices:
+            ids = input_ids[win].to(device)
+            for slot, v in live:
+                if v.kind == "run" and v.start == layer:  # x_first (unchanged so far) against x_{first+n}
+                    angles.setdefault((v.size, v.layer), []).append(M.angular_sum(data[slot, win], data[0, win]))
+                zeroed = v.kind in ("attn", "mlp") and v.layer == layer
+                with zero_output(stack.sublayer_output_module(layer, v.kind)) if zeroed else contextlib.nullcontext():
+                    data[slot, win] = runner.run(ids, data[slot, win].to(device)).cpu()
+                bar.update()
+            data[0, win] = runner.run(ids, data[0, win].to(device)).cpu()
+            bar.update()
+
+
+def _score_layer_major(objective: Objective, data: torch.Tensor, variants: list[_Variant], ids: torch.Tensor,
+                       win: slice, angles: dict, tables: _DropTables) -> dict:
+    """The progress-file record of one batch from the final streams."""
+    num_layers, device = len(objective.stack), objective.device
+    ids = ids.to(device)
+    final = data[0, win].to(device)
+    scorer = BatchScorer(objective, ids, None if objective.lm else objective.stack.final_hidden(final))
+    nan_rows = [[float("nan")] * ids.shape[0] for _ in range(num_layers)]
+    record = {"base": scorer.from_stream(final).tolist(), "block": [None] * num_layers,
+              "attn": list(nan_rows) if tables.attn is not None else None,
+              "mlp": list(nan_rows) if tables.mlp is not None else None,
+              "runs": {str(n): [None] * (num_layers - n + 1) for n in tables.block_sizes},
+              "ang": {str(n): [0.0] * (num_layers - n + 1) for n in tables.block_sizes}}
+    for slot, v in enumerate(variants, 1):
+        scores = scorer.from_stream(data[slot, win].to(device)).tolist()
+        if v.kind == "run":
+            record["runs"][str(v.size)][v.layer] = scores
+            record["ang"][str(v.size)][v.layer] = (angles[(v.size, v.layer)] if v.start < num_layers
+                                                   else M.angular_sum(data[slot, win], data[0, win]))
+        else:
+            record[v.kind][v.layer] = scores
+    return record
 
 
 def _fingerprint(stack: LayerStack, input_ids: torch.Tensor, sublayers: bool, block_sizes) -> str:

@@ -25,6 +25,7 @@ from depthprobe.probes.objective import Objective
 DEFAULT_BLOCK_SIZES = (2, 4, 8)
 DEFAULT_ATTRIBUTION_STEPS = 8
 DEFAULT_BOOTSTRAP_SAMPLES = 1000
+EXECUTION_ORDERS = ("auto", "batch", "layer")
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,23 @@ class BootstrapOptions:
             raise DepthprobeError(f"confidence level must be between 0 and 1 (got {self.level})")
 
 
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """How the forward-only passes run: ``batch`` (the model's own forward, batch after
+    batch), ``layer`` (every window passes block l before block l+1: each block's weights
+    read once per sweep) or ``auto`` (layer-major when accelerate offloads weights)."""
+
+    order: str = "auto"
+    state_budget: int | None = None  # bytes of cached streams kept in RAM (default: a quarter of what is free)
+    spill_dir: str | None = None  # where streams over the budget are memory-mapped (default: the temp folder)
+
+    def __post_init__(self):
+        if self.order not in EXECUTION_ORDERS:
+            raise DepthprobeError(f"unknown execution order {self.order!r}; choose {', '.join(EXECUTION_ORDERS)}")
+        if self.state_budget is not None and self.state_budget < 0:
+            raise DepthprobeError(f"state budget must be at least 0 bytes (got {self.state_budget})")
+
+
 #: flat option name (CLI, ``analyze(options=...)``) -> (group, field)
 OPTION_NAMES: dict[str, tuple[str, str]] = {
     "block_sizes": ("drop", "block_sizes"),
@@ -78,6 +96,9 @@ OPTION_NAMES: dict[str, tuple[str, str]] = {
     "bootstrap_samples": ("bootstrap", "samples"),
     "bootstrap_seed": ("bootstrap", "seed"),
     "bootstrap_level": ("bootstrap", "level"),
+    "execution": ("execution", "order"),
+    "state_budget": ("execution", "state_budget"),
+    "spill_dir": ("execution", "spill_dir"),
 }
 
 
@@ -88,13 +109,14 @@ class SweepOptions:
     drop: DropOptions = field(default_factory=DropOptions)
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
     bootstrap: BootstrapOptions = field(default_factory=BootstrapOptions)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
 
     @classmethod
     def parse(cls, options: SweepOptions | Mapping | None) -> SweepOptions:
         """From a flat dict of :data:`OPTION_NAMES` (unknown names raise) or as given."""
         if isinstance(options, SweepOptions):
             return options
-        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}}
+        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}, "execution": {}}
         for name, value in (options or {}).items():
             if name not in OPTION_NAMES:
                 raise DepthprobeError(f"unknown analysis option {name!r}; known: {', '.join(OPTION_NAMES)}")
@@ -102,7 +124,7 @@ class SweepOptions:
                 group, attr = OPTION_NAMES[name]
                 groups[group][attr] = value
         return cls(DropOptions(**groups["drop"]), AttributionOptions(**groups["attribution"]),
-                   BootstrapOptions(**groups["bootstrap"]))
+                   BootstrapOptions(**groups["bootstrap"]), ExecutionOptions(**groups["execution"]))
 
     def flat(self) -> dict:
         """The flat form (what :meth:`parse` reads back), as saved in ``summary.json``."""

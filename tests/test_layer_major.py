@@ -1,0 +1,160 @@
+"""Layer-major execution (every window passes block l before block l+1): the same numbers as
+the batch-major run, each offloaded block's weights read once per sweep, streams spilled to
+a memory-mapped file over the budget."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import numpy as np
+import pytest
+import torch
+from accelerate.utils.offload import OffloadedWeightsLoader
+
+import depthprobe
+from depthprobe.data import Windows
+from depthprobe.model.stack import LayerStack
+from depthprobe.probes.drop import run_drop_sweep, run_drop_sweep_layer_major
+from depthprobe.probes.layer_major import StateStore, is_offloaded, run_main_pass_layer_major
+from depthprobe.probes.main_pass import run_main_pass
+from tests.tiny_models import build_tiny, random_ids, save_tiny
+
+METRICS = "angular,variance,lens,drop"
+
+
+def assert_same(got, ref, tol=1e-5):
+    """Every column, table, matrix and the base loss of two analyze results agree."""
+    assert list(got.layers.columns) == list(ref.layers.columns)
+    for column in ref.layers.columns:
+        np.testing.assert_allclose(got.layers[column], ref.layers[column], rtol=tol, atol=tol, err_msg=column)
+    assert set(got.tables) == set(ref.tables)
+    for name, table in ref.tables.items():
+        for column in table.columns:
+            if table[column].dtype.kind in "fiub":
+                np.testing.assert_allclose(got.tables[name][column], table[column], rtol=tol, atol=tol,
+                                           err_msg=f"{name}.{column}")
+    np.testing.assert_allclose(got.angular_distance.to_numpy(float), ref.angular_distance.to_numpy(float),
+                               rtol=tol, atol=tol)
+    for key in ("base_loss", "drop_base_loss"):
+        if ref.summary.get(key) is not None:
+            assert got.summary[key] == pytest.approx(ref.summary[key], rel=tol, abs=tol)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_layer_major_equals_batch_major(family):
+    torch.manual_seed(0)
+    model = build_tiny(family).eval()
+    windows = Windows(random_ids(5, 12), "random ids")  # 5 windows in batches of 2: a short last batch
+    runs = {order: depthprobe.analyze(model, windows=windows, metrics=METRICS, batch_size=2, progress=False,
+                                      options={"execution": order, "block_sizes": (2, 3), "bootstrap_samples": 50})
+            for order in ("batch", "layer")}
+    assert not is_offloaded(model)
+    assert "drop_delta_loss_attn" in runs["layer"].layers and "block_drop" in runs["layer"].tables
+    assert_same(runs["layer"], runs["batch"])
+
+
+def test_layer_major_spills_streams_to_a_memory_mapped_file(monkeypatch):
+    model = build_tiny("llama").eval()
+    stack, ids = LayerStack.from_model(model), random_ids(4, 16)
+    stores = []
+    original = StateStore.__init__
+
+    def remember(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        stores.append(self)
+
+    monkeypatch.setattr(StateStore, "__init__", remember)
+    kwargs = {"batch_size": 3, "sublayers": True, "block_sizes": [2]}
+    spilled = run_drop_sweep_layer_major(stack, ids, budget=0, progress=False, **kwargs)
+    in_ram = run_drop_sweep_layer_major(stack, ids, budget=10**9, progress=False, **kwargs)
+    assert stores[0].spilled and not stores[1].spilled
+    assert not stores[0].path.exists()  # removed when the sweep ends
+    ref = run_drop_sweep(stack, ids, progress=False, **kwargs)
+    for got in (spilled, in_ram):
+        for name in ("base", "block", "attn", "mlp"):
+            np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-6, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(got.runs[2], ref.runs[2], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.run_angles[2], ref.run_angles[2], rtol=1e-6, atol=1e-6)
+    # the main pass too: x_0..x_L of all windows in the file
+    windows = Windows(ids, "random ids")
+    main = run_main_pass_layer_major(stack, windows, ("angular", "variance", "lens"), batch_size=3, loss=True,
+                                     progress=False, budget=0)
+    assert stores[-1].spilled
+    want = run_main_pass(stack, windows, ("angular", "variance", "lens"), batch_size=3, loss=True, progress=False)
+    for column, values in want.columns.items():
+        np.testing.assert_allclose(main.columns[column], values, rtol=1e-6, atol=1e-6, err_msg=column)
+    np.testing.assert_allclose(main.window_nll, want.window_nll, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- offloaded to disk
+@pytest.fixture(scope="module")
+def offload_pair(tmp_path_factory):
+    folder = save_tiny("llama", tmp_path_factory.mktemp("llama-lm"), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=6)
+    in_memory, _ = depthprobe.load_model(folder, device="cpu", dtype="float32")
+    offloaded, _ = depthprobe.load_model(folder, dtype="float32", max_memory="cpu:300KB",
+                                         offload_folder=folder / "offload")
+    return in_memory, offloaded
+
+
+@pytest.fixture
+def weight_reads(monkeypatch):
+    """Counts of reads of every offloaded tensor (by full name) from accelerate's weights map."""
+    counts: collections.Counter = collections.Counter()
+    original = OffloadedWeightsLoader.__getitem__
+
+    def counting(self, key):
+        counts[key] += 1
+        return original(self, key)
+
+    monkeypatch.setattr(OffloadedWeightsLoader, "__getitem__", counting)
+    return counts
+
+
+def block_reads(counts: collections.Counter) -> dict[int, list[int]]:
+    """block -> read counts of its offloaded tensors."""
+    found: dict[int, list[int]] = collections.defaultdict(list)
+    for key, n in counts.items():
+        match = re.match(r"model\.layers\.(\d+)\.", key)
+        if match:
+            found[int(match.group(1))].append(n)
+    return dict(found)
+
+
+def test_offloaded_drop_sweep_reads_each_block_once(offload_pair, weight_reads):
+    in_memory, offloaded = offload_pair
+    assert is_offloaded(offloaded)
+    stack, ids = LayerStack.from_model(offloaded), random_ids(5, 16)
+    kwargs = {"batch_size": 2, "sublayers": True, "block_sizes": [2, 4], "progress": False}
+    got = run_drop_sweep_layer_major(stack, ids, **kwargs)
+    reads = block_reads(weight_reads)
+    assert len(reads) >= 4  # most blocks live on disk
+    assert all(n == 1 for counts in reads.values() for n in counts), reads
+    assert all(n == 1 for n in weight_reads.values())  # the head and final norm too
+    weight_reads.clear()
+    ref = run_drop_sweep(LayerStack.from_model(in_memory), ids, **kwargs)
+    for name in ("base", "block", "attn", "mlp"):
+        np.testing.assert_allclose(getattr(got, name), getattr(ref, name), rtol=1e-5, atol=1e-6, err_msg=name)
+    for n in (2, 4):
+        np.testing.assert_allclose(got.runs[n], ref.runs[n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got.run_angles[n], ref.run_angles[n], rtol=1e-5, atol=1e-6)
+    # the batch-major sweep on the same offloaded model reads a block at every call (what this avoids)
+    run_drop_sweep(stack, ids, **kwargs)
+    assert min(min(c) for c in block_reads(weight_reads).values()) > 3
+
+
+def test_offloaded_analyze_is_layer_major_and_equals_in_memory(offload_pair, weight_reads):
+    in_memory, offloaded = offload_pair
+    windows = Windows(random_ids(4, 16), "random ids")
+    options = {"block_sizes": (2,), "bootstrap_samples": 50}
+    got = depthprobe.analyze(offloaded, windows=windows, metrics=METRICS, batch_size=2, progress=False,
+                             options=options)
+    # two sweeps (main pass, drop), each reading every offloaded tensor once
+    assert set(weight_reads.values()) == {2}
+    ref = depthprobe.analyze(in_memory, windows=windows, metrics=METRICS, batch_size=2, progress=False,
+                             options=options)
+    assert_same(got, ref)
+    with torch.no_grad():
+        own = in_memory(input_ids=windows.input_ids, labels=windows.input_ids).loss
+    assert got.summary["base_loss"] == pytest.approx(float(own), rel=1e-5)
