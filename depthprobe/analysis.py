@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import transformers
 
-from depthprobe import __version__
+from depthprobe import __version__, distributed
 from depthprobe.caveats import caveats
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
@@ -143,6 +143,8 @@ def analyze(
         >>> r = depthprobe.analyze(model, tok, metrics="angular,grad", num_sequences=4)  # doctest: +SKIP
         >>> r.layers.sort_values("angular_distance").head()                 # doctest: +SKIP
     """
+    if not distributed.is_main():  # under torchrun rank 0 keeps the progress file and shows the bar
+        progress_dir, progress = None, False
     config = ProbeConfig(
         metrics=parse_metrics(metrics),
         num_sequences=windows.num_sequences if windows is not None else num_sequences,
@@ -181,6 +183,7 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
             loss: bool | None = None) -> AnalysisResult:
     """The measurements of :func:`analyze` (main pass, sweeps, summary), without statistics."""
     stack = stack or LayerStack.from_model(model, config.layers_path)
+    progress = progress and distributed.is_main()
     windows = windows if windows is not None else _windows(model, tokenizer, config)
     objective = Objective(stack)
     log.info("analyze %s: %d blocks, metrics %s, %d windows x %d tokens of %s", type(model).__name__, len(stack),
@@ -189,14 +192,16 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     model.eval()
     if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
         torch.cuda.reset_peak_memory_stats(stack.device)
-    try:
-        main = _main_pass(stack, windows, config, needs_loss(config.metrics) if loss is None else loss, progress)
-    finally:
-        model.train(was_training)
-    ctx = SweepContext(stack, windows, objective, config.batch_size, config.options, main.base_loss,
-                       main.window_nll, progress)
-    log.info("main pass done (base loss %s)", None if main.base_loss is None else round(main.base_loss, 4))
-    sweeps, interrupted = run_sweeps(ctx, config.metrics)
+    # under torchrun each process measures its share of the windows; results are reduced
+    with distributed.split_windows(windows) as local:
+        try:
+            main = _main_pass(stack, local, config, needs_loss(config.metrics) if loss is None else loss, progress)
+        finally:
+            model.train(was_training)
+        ctx = SweepContext(stack, local, objective, config.batch_size, config.options, main.base_loss,
+                           main.window_nll, progress)
+        log.info("main pass done (base loss %s)", None if main.base_loss is None else round(main.base_loss, 4))
+        sweeps, interrupted = run_sweeps(ctx, config.metrics)
     layers = pd.DataFrame({"layer": np.arange(len(stack)),
                            **{k: np.asarray(v, float) for k, v in main.columns.items()},
                            **{k: np.asarray(v, float) for out in sweeps.values() for k, v in out.columns.items()}})

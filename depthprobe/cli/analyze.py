@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
+import torch
 
+from depthprobe import distributed
 from depthprobe.analysis import ALL_METRICS, DEFAULT_METRICS, analyze, parse_metrics
 from depthprobe.cli.options import (
     analysis_kwargs,
@@ -16,7 +19,12 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.errors import DepthprobeError
-from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, DEFAULT_BLOCK_SIZES, AttributionOptions
+from depthprobe.probes.sweep import (
+    DEFAULT_ATTRIBUTION_STEPS,
+    DEFAULT_BLOCK_SIZES,
+    EXECUTION_ORDERS,
+    AttributionOptions,
+)
 from depthprobe.results import DROP_PROGRESS, REPORT_HTML, parse_list
 from depthprobe.safeio import locks_out
 
@@ -43,6 +51,14 @@ from depthprobe.safeio import locks_out
     help=f"Path points - 1 for --metrics attribution (default {DEFAULT_ATTRIBUTION_STEPS}); cost is steps+1 "
     "forward+backward passes.",
 )
+@click.option(
+    "--execution",
+    type=click.Choice(EXECUTION_ORDERS),
+    default="auto",
+    show_default=True,
+    help="batch: the model's forward batch after batch; layer: every window through block l before block l+1 "
+    "(each block's weights read once per sweep); auto: layer when weights are offloaded.",
+)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
@@ -61,13 +77,28 @@ def command(**opts) -> None:
       depthprobe analyze ./my-model --text-file corpus.txt --metrics drop --out runs/mine
       depthprobe analyze meta-llama/Llama-2-7b --device cuda --dtype bfloat16 --batch-size 2
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
+      depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
+      torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
     """
-    from depthprobe.report import write_report
+    started = distributed.init_from_env(opts["device"])
+    try:
+        _analyze(opts)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
+
+def _analyze(opts: dict) -> None:
     setup_logging(opts["verbose"])
+    main_rank = distributed.is_main()
+    opts["quiet"] = opts["quiet"] or not main_rank  # under torchrun rank 0 prints, shows the bar and writes
+    if distributed.rank_and_world()[1] > 1 and torch.cuda.is_available() and opts["device"] in ("auto", "cuda") \
+            and not (opts["device_map"] or opts["max_memory"] or opts["offload_folder"]):
+        opts["device"] = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
     metrics = parse_metrics(opts["metrics"])
     # options are checked before the model loads
-    options = {"block_sizes": parse_list(opts["block_sizes"], "--block-sizes", int, "2,4,8")}
+    options = {"block_sizes": parse_list(opts["block_sizes"], "--block-sizes", int, "2,4,8"),
+               "execution": opts["execution"]}
     if opts["attribution_steps"] is not None:
         options["attribution_steps"] = AttributionOptions(steps=opts["attribution_steps"]).steps
     if opts["resume"] and not opts["out_dir"]:
@@ -80,6 +111,20 @@ def command(**opts) -> None:
         if result.summary.get("proxy_verdict"):
             click.echo(result.summary["proxy_verdict"])
     measured = [c for c in result.layers.columns if c != "layer"]
+    if main_rank:
+        _save(result, opts, measured)
+    if result.summary["interrupted"]:
+        raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
+    if result.summary["nonfinite"]:
+        where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
+        # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
+        note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
+        raise DepthprobeError(note + where)
+
+
+def _save(result, opts: dict, measured: list[str]) -> None:
+    from depthprobe.report import write_report
+
     if not opts["out_dir"]:
         # said even with -q (benchmarks time `analyze -q` without --out): a silent run saves nothing
         click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
@@ -88,13 +133,6 @@ def command(**opts) -> None:
         if not opts["no_report"]:
             write_report([result], out / REPORT_HTML)
         click.echo(f"Results written to {out}/", err=True)
-    if result.summary["interrupted"]:
-        raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
-    if result.summary["nonfinite"]:
-        where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
-        # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
-        note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
-        raise DepthprobeError(note + where)
 
 
 def interrupted_message(sweep: str, out_dir: str | None, measured: list[str]) -> str:

@@ -44,6 +44,7 @@ forward pass; the running conductance is ``L x (B, T, d)`` floats.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +55,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe import distributed
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.objective import Objective
@@ -228,6 +230,8 @@ def attribution_sweep(ctx: SweepContext) -> SweepOutput:
     options = ctx.options.attribution
     batch = options.batch_size or ctx.batch_size
     res = block_conductance(ctx.stack, ctx.windows.input_ids, options.steps, batch, ctx.progress)
+    # torchrun: every process's windows, in window order (no-op with one process)
+    res = BlockAttribution(*(distributed.gather(getattr(res, f.name)) for f in dataclasses.fields(res)))
     num_layers, n = res.conductance.shape
     windows = pd.DataFrame(
         {

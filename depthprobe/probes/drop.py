@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe import distributed
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
@@ -183,8 +184,14 @@ class _DropTables:
             self.ang_sums[n] += np.asarray(record["ang"][str(n)])
 
     def result(self, n_tokens: int, seconds: float) -> DropSweepResult:
-        angles = {n: self.ang_sums[n] / n_tokens for n in self.block_sizes}
-        return DropSweepResult(self.base, self.block, self.attn, self.mlp, self.block_sizes, self.runs, angles, seconds)
+        """The sweep's result; under torchrun, every process's windows gathered in window
+        order and the angle sums summed (:mod:`depthprobe.distributed`)."""
+        n_tokens = int(distributed.reduce_sum(n_tokens))
+        angles = {n: distributed.reduce_sum(self.ang_sums[n]) / n_tokens for n in self.block_sizes}
+        sub = [distributed.gather(a) if a is not None else None for a in (self.attn, self.mlp)]
+        runs = {n: distributed.gather(r) for n, r in self.runs.items()}
+        return DropSweepResult(distributed.gather(self.base), distributed.gather(self.block), *sub, self.block_sizes,
+                               runs, angles, seconds)
 
 
 def _sweep_batch(objective: Objective, ids: torch.Tensor, sublayers: bool, block_sizes: list[int], bar) -> dict:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 import torch
 
+from depthprobe import distributed
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
 
@@ -59,6 +60,7 @@ class BlockGradNorms:
 
     def _reduce(self, p: torch.Tensor) -> None:
         if self.final and p.grad is not None:
+            distributed.reduce_grads([p])  # torchrun: the norm of the summed gradient, not a sum of norms
             self.squares[id(p)] = M.squared_l2(p.grad)
             p.grad = None
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from depthprobe import distributed
 from depthprobe.data import Windows
 from depthprobe.model.memory import available_memory
 from depthprobe.model.stack import LayerStack, block_output
@@ -279,9 +280,13 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
                 nll_sum += float(M.next_token_nll_sum(logits, ids)[0])
                 window_nll += M.per_sequence_nll(logits, ids).tolist()
             acc.end_batch(None if objective.lm else stack.final_hidden(states[-1]))
+        acc.reduce()  # torchrun: sums over all processes' windows
+        routers.reduce()
         columns = {**acc.columns(), **routers.columns()}
     seconds = time.perf_counter() - t0
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
-    predictions = windows.num_sequences * (windows.seq_len - 1)
-    return PassResult(columns, timings, nll_sum / predictions if full else None,
-                      np.asarray(window_nll) if full else None, acc.angular_matrix())
+    if not full:
+        return PassResult(columns, timings, None, None, acc.angular_matrix())
+    predictions = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
+    return PassResult(columns, timings, distributed.reduce_sum(nll_sum) / predictions,
+                      np.asarray(distributed.gather(window_nll), float), acc.angular_matrix())

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe import distributed
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
@@ -177,6 +178,19 @@ class PassAccumulator:
             columns.update(self.lens.columns(self.predictions if self.objective.lm else self.tokens))
         return columns
 
+    def reduce(self) -> None:
+        """Sum (and max) the running statistics over torchrun processes (:mod:`depthprobe.distributed`)."""
+        if self.angular is not None:
+            self.angular.ang, self.angular.cos = distributed.reduce_sum(self.angular.ang), \
+                distributed.reduce_sum(self.angular.cos)
+        if self.scale is not None:
+            self.scale.var, self.scale.rms = distributed.reduce_sum(self.scale.var), distributed.reduce_sum(self.scale.rms)
+            self.scale.max_abs = distributed.reduce_max(self.scale.max_abs)
+        if self.lens is not None:
+            self.lens.sums = distributed.reduce_sum(self.lens.sums)
+        self.tokens, self.predictions = (int(distributed.reduce_sum(self.tokens)),
+                                         int(distributed.reduce_sum(self.predictions)))
+
     def angular_matrix(self) -> list[list[float]] | None:
         """The square ``(L+1, L+1)`` mean angular distance matrix, when angular was measured."""
         return self.angular.matrix(self.tokens) if self.angular is not None else None
@@ -208,6 +222,11 @@ class _Loss:
         if backward:
             (nll / self.total).backward()
 
+    def reduce(self) -> None:
+        """Sum over torchrun processes; window losses gathered in window order."""
+        self.nll_sum = distributed.reduce_sum(self.nll_sum)
+        self.windows = distributed.gather(self.windows).tolist() if distributed.active() else self.windows
+
 
 def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
                   loss: bool, progress: bool = True) -> PassResult:
@@ -216,7 +235,8 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     acc = PassAccumulator(objective, metrics)
     grad = "grad" in metrics and objective.lm
     full = objective.lm and (loss or grad)  # logits only when a loss is needed
-    losses = _Loss(objective, windows.num_sequences * (windows.seq_len - 1)) if full else None
+    # the mean over all processes' predictions (torchrun): their gradients are summed
+    losses = _Loss(objective, distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)) if full else None
     t_pass = time.perf_counter()
     bar = tqdm(total=windows.num_sequences, desc="analyze", unit="seq", disable=not progress, leave=False, delay=0.5)
     routers = watch_routers(stack)
@@ -238,6 +258,10 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
             bar.update(batch.shape[0])
         bar.close()
     grad_columns, not_applicable = grad_norms.columns() if grad_norms is not None else ({}, {})
+    acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
+    routers.reduce()
+    if losses is not None:
+        losses.reduce()
     seconds = time.perf_counter() - t_pass
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:

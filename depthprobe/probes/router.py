@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from depthprobe import distributed
 from depthprobe.model.stack import LayerStack, experts_per_token, num_experts
 from depthprobe.probes import metrics as M
 
@@ -45,6 +46,10 @@ class watch_routers:  # noqa: N801 - used as a context manager, like the other w
                 self.counts[layer] += M.expert_counts(logits, self.top_k)
 
         return hook
+
+    def reduce(self) -> None:
+        """Sum the expert loads over torchrun processes."""
+        self.counts = {layer: distributed.reduce_sum(counts) for layer, counts in self.counts.items()}
 
     def columns(self) -> dict[str, list[float]]:
         if not self.routers:
