@@ -314,14 +314,15 @@ def run_drop_sweep_layer_major(stack: LayerStack, input_ids: torch.Tensor, *, ba
     t0, was_training = time.perf_counter(), stack.model.training
     stack.model.eval()
     try:
-        with torch.no_grad(), resident(outside_blocks(stack)), \
+        with torch.no_grad(), resident(outside_blocks(stack, "prelude")), \
                 open_store(runner, input_ids, batch_size, 1 + len(variants), budget, spill_dir) as store:
             for layer in range(num_layers):
                 _advance(runner, store.data, variants, layer, input_ids, slices, angles, bar)
-            for index, win in enumerate(slices):
-                batch_angles = {key: sums[index] for key, sums in angles.items()}
-                tables.put(win, _score_layer_major(objective, store.data, variants, input_ids[win], win,
-                                                   batch_angles, tables))
+            with resident(outside_blocks(stack, "output")):  # final norm and head, read once
+                for index, win in enumerate(slices):
+                    batch_angles = {key: sums[index] for key, sums in angles.items()}
+                    tables.put(win, _score_layer_major(objective, store.data, variants, input_ids[win], win,
+                                                       batch_angles, tables))
     finally:
         bar.close()
         stack.model.train(was_training)

@@ -94,10 +94,13 @@ def resident(modules: Iterable[nn.Module]) -> Iterator[None]:
                 hook.post_forward(module, None)  # back to the meta device: the memory is freed
 
 
-def outside_blocks(stack: LayerStack) -> list[nn.Module]:
-    """Offloaded modules that are not inside a block (embeddings, final norm, head...)."""
+def outside_blocks(stack: LayerStack, part: str) -> list[nn.Module]:
+    """Offloaded modules outside the blocks: ``"output"`` those of the final norm and head
+    (needed to score a stream), ``"prelude"`` the others (embeddings, rotary tables...)."""
     inside = {id(m) for m in stack.blocks.modules()}
-    return [m for m in stack.model.modules() if id(m) not in inside and offload_hooks(m)]
+    output = {id(m) for root in (stack.final_norm, stack.head) if root is not None for m in root.modules()}
+    return [m for m in stack.model.modules()
+            if id(m) not in inside and offload_hooks(m) and ((id(m) in output) == (part == "output"))]
 
 
 class _Stop(Exception):
@@ -259,8 +262,7 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
     bar = tqdm(total=num_layers * len(slices), desc="analyze (layer-major)", disable=not progress, leave=False,
                delay=0.5)
     t0 = time.perf_counter()
-    nll_sum, window_nll = 0.0, []
-    with torch.no_grad(), resident(outside_blocks(stack)), watch_routers(stack) as routers, \
+    with torch.no_grad(), resident(outside_blocks(stack, "prelude")), watch_routers(stack) as routers, \
             open_store(runner, windows.input_ids, batch_size, num_layers + 1, budget, spill_dir) as store:
         for layer in range(num_layers):
             with runner.at(layer):
@@ -269,17 +271,8 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
                     store.data[layer + 1, win] = runner.run(ids, store.data[layer, win].to(objective.device)).cpu()
                     bar.update()
         bar.close()
-        for win in slices:
-            ids = windows.input_ids[win].to(objective.device)
-            states = [store.data[i, win].to(objective.device) for i in range(num_layers + 1)]
-            acc.start_batch(ids)
-            for layer in range(num_layers):
-                acc.on_block(layer, states[layer], states[layer + 1])
-            if full:
-                logits = stack.logits(states[-1])
-                nll_sum += float(M.next_token_nll_sum(logits, ids)[0])
-                window_nll += M.per_sequence_nll(logits, ids).tolist()
-            acc.end_batch(None if objective.lm else stack.final_hidden(states[-1]))
+        with resident(outside_blocks(stack, "output")):  # final norm and head, read once, for the metrics
+            nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full)
         acc.reduce()  # torchrun: sums over all processes' windows
         routers.reduce()
         columns = {**acc.columns(), **routers.columns()}
@@ -290,3 +283,24 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
     predictions = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
     return PassResult(columns, timings, distributed.reduce_sum(nll_sum) / predictions,
                       np.asarray(distributed.gather(window_nll), float), acc.angular_matrix())
+
+
+def _accumulate(acc: PassAccumulator, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
+                full: bool) -> tuple[float, list[float]]:
+    """Feed the stored states x_0..x_L to ``acc`` batch by batch, as the batch-major pass
+    does; the base loss (NLL sum, per-window mean NLL) when ``full``."""
+    objective = acc.objective
+    stack, device, num_layers = objective.stack, objective.device, len(objective.stack)
+    nll_sum, window_nll = 0.0, []
+    for win in slices:
+        ids = input_ids[win].to(device)
+        states = [data[i, win].to(device) for i in range(num_layers + 1)]
+        acc.start_batch(ids)
+        for layer in range(num_layers):
+            acc.on_block(layer, states[layer], states[layer + 1])
+        if full:
+            logits = stack.logits(states[-1])
+            nll_sum += float(M.next_token_nll_sum(logits, ids)[0])
+            window_nll += M.per_sequence_nll(logits, ids).tolist()
+        acc.end_batch(None if objective.lm else stack.final_hidden(states[-1]))
+    return nll_sum, window_nll
