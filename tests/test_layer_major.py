@@ -45,9 +45,9 @@ def assert_same(got, ref, tol=1e-5):
 def test_layer_major_equals_batch_major(family):
     torch.manual_seed(0)
     model = build_tiny(family).eval()
-    windows = Windows(random_ids(5, 12), "random ids")  # 5 windows in batches of 2: a short last batch
+    windows = Windows(random_ids(3, 10), "random ids")  # 3 windows in batches of 2: a short last batch
     runs = {order: depthprobe.analyze(model, windows=windows, metrics=METRICS, batch_size=2, progress=False,
-                                      options={"execution": order, "block_sizes": (2, 3), "bootstrap_samples": 50})
+                                      options={"execution": order, "block_sizes": (2,), "bootstrap_samples": 50})
             for order in ("batch", "layer")}
     assert not is_offloaded(model)
     assert "drop_delta_loss_attn" in runs["layer"].layers and "block_drop" in runs["layer"].tables
@@ -125,7 +125,7 @@ def block_reads(counts: collections.Counter) -> dict[int, list[int]]:
 def test_offloaded_drop_sweep_reads_each_block_once(offload_pair, weight_reads):
     in_memory, offloaded = offload_pair
     assert is_offloaded(offloaded)
-    stack, ids = LayerStack.from_model(offloaded), random_ids(5, 16)
+    stack, ids = LayerStack.from_model(offloaded), random_ids(3, 12)
     kwargs = {"batch_size": 2, "sublayers": True, "block_sizes": [2, 4], "progress": False}
     got = run_drop_sweep_layer_major(stack, ids, **kwargs)
     reads = block_reads(weight_reads)
@@ -140,13 +140,13 @@ def test_offloaded_drop_sweep_reads_each_block_once(offload_pair, weight_reads):
         np.testing.assert_allclose(got.runs[n], ref.runs[n], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got.run_angles[n], ref.run_angles[n], rtol=1e-5, atol=1e-6)
     # the batch-major sweep on the same offloaded model reads a block at every call (what this avoids)
-    run_drop_sweep(stack, ids, **kwargs)
-    assert min(min(c) for c in block_reads(weight_reads).values()) > 3
+    run_drop_sweep(stack, ids, batch_size=2, sublayers=False, progress=False)
+    assert min(min(c) for c in block_reads(weight_reads).values()) >= 4
 
 
 def test_offloaded_analyze_is_layer_major_and_equals_in_memory(offload_pair, weight_reads):
     in_memory, offloaded = offload_pair
-    windows = Windows(random_ids(4, 16), "random ids")
+    windows = Windows(random_ids(3, 12), "random ids")
     options = {"block_sizes": (2,), "bootstrap_samples": 50}
     got = depthprobe.analyze(offloaded, windows=windows, metrics=METRICS, batch_size=2, progress=False,
                              options=options)
