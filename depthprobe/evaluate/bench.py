@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.load import load_model
 
 log = logging.getLogger(__name__)
 
@@ -235,8 +236,6 @@ def speedups(table: pd.DataFrame) -> pd.DataFrame:
 def bench_sources(sources: list[str], config: BenchConfig = BenchConfig(), progress: bool = True,
                   **load_kwargs) -> pd.DataFrame:
     """Load every model (``depthprobe.load_model``; all stay loaded so they alternate) and bench."""
-    from depthprobe.model.load import load_model
-
     models = {}
     for source in sources:
         label = source if source not in models else f"{source} ({len(models)})"

@@ -23,6 +23,7 @@ import yaml
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.cloze import TASK_NAME, task_dir
+from depthprobe.model.load import load_model
 from depthprobe.stats import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
@@ -244,8 +245,6 @@ def evaluate_sources(sources: list[str], tasks: str | list[str], *, limit: int |
 
     Task names and ``limit`` are checked before any model is loaded.
     """
-    from depthprobe.model.load import load_model
-
     check_limit(limit)
     spec = resolve_tasks(tasks)
     manager = task_manager(spec)

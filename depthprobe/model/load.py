@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from depthprobe import load_plugins
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
@@ -272,9 +273,7 @@ def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, cach
 def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code, **load_kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    import depthprobe
-
-    depthprobe.load_plugins()  # the packages that register model types and loaders
+    load_plugins()  # the packages that register model types and loaders
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file

@@ -36,8 +36,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from depthprobe.analysis import analyze
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
+from depthprobe.report import write_report
 from depthprobe.results import AnalysisResult, write_json
 from depthprobe.safeio import atomic_to_csv
 from depthprobe.train.data import DataConfig, TokenData, load_tokenizer, token_stream
@@ -65,8 +67,6 @@ def analyze_run(
     model, data: TokenData, metrics: str | Sequence[str] = DEFAULT_METRICS, progress: bool = False, name: str = ""
 ) -> AnalysisResult:
     """:func:`depthprobe.analyze` of a trained model on its held-out windows."""
-    from depthprobe.analysis import analyze
-
     windows = Windows(data.val, f"{data.source} (held out)")
     return analyze(model, None, metrics=metrics, windows=windows, batch_size=8, progress=progress, model_name=name)
 
@@ -207,6 +207,4 @@ def _write(cmp: Comparison, out: Path, model_config, train_config, data_config, 
         },
     )
     if report and cmp.analyses:
-        from depthprobe.report import write_report
-
         write_report([out], out / "report.html", title="depthprobe compare")  # expands to one run per variant
