@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from analyses._common import RunSpec, campaign_specs, collect, run_dir_of  # noqa: E402
 from depthprobe.errors import DepthprobeError  # noqa: E402
 from depthprobe.results import AnalysisResult  # noqa: E402
+from depthprobe.safeio import pid_alive  # noqa: E402
 from depthprobe.train.compare import analyze_run  # noqa: E402
 from depthprobe.train.data import DataConfig, load_data  # noqa: E402
 from depthprobe.train.trainer import CHECKPOINT, Trainer  # noqa: E402
@@ -59,7 +60,8 @@ def claimed(folder: Path):
     try:
         fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        if pid_alive(int(claim.read_text() or 0)):
+        pid = int(claim.read_text() or 0)
+        if pid > 0 and pid_alive(pid):  # an empty claim (pid 0) was left by a killed writer
             yield False
             return
         claim.unlink(missing_ok=True)  # a stopped worker's claim; take the run over
@@ -74,16 +76,6 @@ def claimed(folder: Path):
         yield True
     finally:
         claim.unlink(missing_ok=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def require_same_settings(out: Path, model_cfg, train_cfg) -> None:

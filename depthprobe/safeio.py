@@ -111,12 +111,13 @@ def _remove_dead_temps(path: Path) -> None:
     """Temporary siblings of ``path`` left by a killed process (its pid no longer runs)."""
     for tmp in path.parent.glob(f".{path.name}{TMP_MARK}*"):
         pid = tmp.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (one we may not signal counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -284,7 +285,7 @@ def _alive_here(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # another machine's process: cannot check, assume it runs
     try:
-        return _pid_alive(int(holder.get("pid", 0)))
+        return pid_alive(int(holder.get("pid", 0)))
     except (TypeError, ValueError):
         return False
 
