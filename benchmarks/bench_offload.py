@@ -76,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-dir", default="~/.cache/depthprobe-bench/llama-3gb-f32")
     ap.add_argument("--runs", default="offload,memory", help="comma list of offload,memory,offload-batch")
-    ap.add_argument("--metrics", default="angular,variance,lens,drop")
+    ap.add_argument("--metrics", default="angular,variance,grad,lens,drop")
     ap.add_argument("--args", default="--num-sequences 2 --seq-len 64 --batch-size 2 --block-sizes 2",
                     help="analysis size")
     args = ap.parse_args()

@@ -38,7 +38,12 @@ from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
-from depthprobe.probes.layer_major import run_main_pass_layer_major, use_layer_major
+from depthprobe.probes.layer_major import (
+    is_offloaded,
+    run_main_pass_layer_major,
+    supports_block_backward,
+    use_layer_major,
+)
 from depthprobe.probes.main_pass import DEFAULT_METRICS, PASS_METRICS, PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
@@ -216,11 +221,18 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
 
 
 def _main_pass(stack: LayerStack, windows: Windows, config: ProbeConfig, loss: bool, progress: bool) -> PassResult:
-    """Batch-major (the model's own forward), or layer-major when asked or offloaded and no
-    metric needs a backward."""
+    """Batch-major (the model's own forward), or layer-major when asked or offloaded (a
+    backward then runs block by block, unless blocks share parameters)."""
     execution = config.options.execution
     backward = "grad" in config.metrics and stack.is_causal_lm
-    if not backward and use_layer_major(execution.order, stack.model):
+    layer_major = use_layer_major(execution.order, stack.model)
+    if layer_major and backward and not supports_block_backward(stack):
+        if is_offloaded(stack.model):
+            raise DepthprobeError("--metrics grad on offloaded weights runs the backward block by block, which needs "
+                                  "each parameter in one block, and this model shares parameters between blocks; "
+                                  "drop grad or raise --max-memory")
+        layer_major = False  # in memory: the model's own backward
+    if layer_major:
         return run_main_pass_layer_major(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss,
                                          progress=progress, budget=execution.state_budget,
                                          spill_dir=execution.spill_dir)

@@ -54,6 +54,45 @@ def test_layer_major_equals_batch_major(family):
     assert_same(runs["layer"], runs["batch"])
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_block_by_block_backward_equals_the_models_own(family):
+    """grad layer-major (each block re-run on its stored inputs, backward from dL/dx_{l+1})
+    equals one backward through the whole model, over several batches (a short last one)."""
+    torch.manual_seed(0)
+    model = build_tiny(family).eval()
+    windows = Windows(random_ids(3, 10), "random ids")
+    runs = {order: depthprobe.analyze(model, windows=windows, metrics="angular,grad", batch_size=2, progress=False,
+                                      options={"execution": order}) for order in ("batch", "layer")}
+    for column in ("grad_norm", "grad_norm_attn", "grad_norm_mlp"):
+        np.testing.assert_allclose(runs["layer"].layers[column], runs["batch"].layers[column], rtol=1e-6,
+                                   err_msg=column)
+    # and the model's own gradients, by hand: the norm of each block's summed gradient
+    model.zero_grad()
+    for batch in windows.batches(2):
+        out = model(input_ids=batch, labels=batch)
+        (out.loss * batch.shape[0] / windows.num_sequences).backward()  # equal-length windows: mean over all
+    blocks = LayerStack.from_model(model).blocks
+    want = [float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in block.parameters()))) for block in blocks]
+    np.testing.assert_allclose(runs["layer"].layers["grad_norm"], want, rtol=1e-5)
+    assert all(p.grad is None or p.requires_grad for p in model.parameters())
+
+
+def test_blocks_sharing_parameters_keep_the_models_own_backward():
+    """A parameter in two blocks gets gradient from both: the block-by-block backward would see
+    one share, so analyze falls back to the model's own backward (same numbers either way)."""
+    from depthprobe.probes.layer_major import supports_block_backward
+
+    torch.manual_seed(0)
+    model = build_tiny("llama").eval()
+    model.model.layers[1].mlp = model.model.layers[0].mlp
+    stack = LayerStack.from_model(model)
+    assert not supports_block_backward(stack) and supports_block_backward(LayerStack.from_model(build_tiny("llama")))
+    windows = Windows(random_ids(2, 8), "random ids")
+    runs = {order: depthprobe.analyze(model, windows=windows, metrics="grad", batch_size=2, progress=False,
+                                      options={"execution": order}).layers for order in ("batch", "layer")}
+    np.testing.assert_allclose(runs["layer"]["grad_norm"], runs["batch"]["grad_norm"], rtol=1e-12)
+
+
 def test_layer_major_spills_streams_to_a_memory_mapped_file(monkeypatch):
     model = build_tiny("llama").eval()
     stack, ids = LayerStack.from_model(model), random_ids(4, 16)
@@ -158,3 +197,22 @@ def test_offloaded_analyze_is_layer_major_and_equals_in_memory(offload_pair, wei
     with torch.no_grad():
         own = in_memory(input_ids=windows.input_ids, labels=windows.input_ids).loss
     assert got.summary["base_loss"] == pytest.approx(float(own), rel=1e-5)
+
+
+def test_offloaded_gradients_equal_in_memory_reading_each_block_once_more(offload_pair, weight_reads):
+    """grad on offloaded weights: the backward runs block by block, each block read once more
+    (forward, backward, drop sweep: 3 reads; the rest 2), numbers equal the in-memory run."""
+    in_memory, offloaded = offload_pair
+    windows = Windows(random_ids(3, 12), "random ids")
+    metrics = "angular,variance,grad,drop"
+    options = {"block_sizes": (), "bootstrap_samples": 50}
+    got = depthprobe.analyze(offloaded, windows=windows, metrics=metrics, batch_size=2, progress=False,
+                             options=options)
+    reads = block_reads(weight_reads)
+    assert len(reads) >= 4 and all(n == 3 for counts in reads.values() for n in counts), reads
+    assert {n for key, n in weight_reads.items() if ".layers." not in key} == {2}
+    assert all(p.grad is None for p in offloaded.parameters())  # every gradient freed
+    ref = depthprobe.analyze(in_memory, windows=windows, metrics=metrics, batch_size=2, progress=False,
+                             options=options)
+    assert_same(got, ref, tol=1e-6)
+    assert got.summary["timings_s"]["grad"] > 0

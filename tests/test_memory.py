@@ -177,11 +177,11 @@ def test_offloaded_model_gives_the_in_memory_numbers(offload_pair):
     assert ref.summary["base_loss"] == pytest.approx(float(own), rel=1e-5)
 
 
-def test_gradients_on_offloaded_weights_are_refused(offload_pair):
+def test_attribution_on_offloaded_weights_is_refused(offload_pair):
     _, offloaded = offload_pair
     with pytest.raises(DepthprobeError, match="offloaded"):
-        memory.check_offload_supports(offloaded, ("angular", "grad"))
-    memory.check_offload_supports(offloaded, ("angular", "drop"))  # forward-only: fine
+        memory.check_offload_supports(offloaded, ("angular", "attribution"))
+    memory.check_offload_supports(offloaded, ("angular", "grad", "drop"))  # grad runs block by block
 
 
 def test_cli_offload_options_reach_accelerate(tiny_dir, tmp_path, capsys):

@@ -17,6 +17,11 @@ the workload (metrics, batch tokens). It estimates, in bytes:
   tensor per block for the logit lens.
 - ``states``: the drop sweep's cached block inputs, ``(L + 1) B T d`` values.
 
+Offloaded (``device="offload"``), analyze runs layer-major (:mod:`depthprobe.probes.layer_major`):
+every window's states ``x_0..x_L`` are kept (``(L + 2) N T d`` values with the backward's
+upstream gradient, in RAM up to a quarter of what is available, then spilled to a file), and
+the backward runs one block at a time, so gradients and activations are one block's.
+
 peak = runtime + anonymous weights + max(main pass, drop sweep), compared with the memory
 available (``MemAvailable`` of ``/proc/meminfo``, the cgroup limit if lower, and each GPU's
 free memory).
@@ -96,8 +101,13 @@ class MemoryPlan:
     budget: int | None = None  # --max-memory's share for this device, when given
 
     @property
+    def layer_major(self) -> bool:
+        """Offloaded runs go layer-major: the main pass holds the cached states too."""
+        return self.device == "offload"
+
+    @property
     def main_pass(self) -> int:
-        return self.gradients + self.activations + self.hooks
+        return self.gradients + self.activations + self.hooks + (self.states if self.layer_major else 0)
 
     @property
     def peak_anonymous(self) -> int:
@@ -138,7 +148,7 @@ class MemoryPlan:
             ("gradients", self.gradients),
             ("activations", self.activations),
             ("hooks (angular units, lens logits)", self.hooks),
-            ("drop sweep cached states", self.states),
+            ("cached block states" if self.layer_major else "drop sweep cached states", self.states),
             ("runtime", RUNTIME_BYTES),
             ("peak, anonymous memory", self.peak_anonymous),
             ("peak, resident (with mapped weights)", self.peak_resident),
@@ -211,7 +221,14 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
         states=(layers + 1) * tokens * d * size if "drop" in metrics else 0,
         available=dict(available or {}), budget=budget,
     )
-    backward = tokens * layers * (10 * d + 5 * inter) * size + tokens * shape.vocab * (size + 12)
+    backward_blocks = layers
+    if plan.layer_major:  # one block's gradients and re-run at a time; every window's states kept
+        all_states = (layers + 2) * workload.num_sequences * workload.seq_len * d * size
+        in_ram = (available or {}).get("cpu", all_states * 4) // 4  # the StateStore's default budget
+        backward_blocks = 1
+        plan = replace(plan, gradients=shape.block_parameters // max(layers, 1) * size if "grad" in metrics else 0,
+                       states=max(plan.states, min(all_states, in_ram)))
+    backward = tokens * backward_blocks * (10 * d + 5 * inter) * size + tokens * shape.vocab * (size + 12)
     hooks = (layers + 1) * tokens * d * 8 if "angular" in metrics else 0
     hooks += tokens * shape.vocab * (size + 8) if "lens" in metrics else 0
     activations = backward if grad else _forward_transient(plan)
@@ -418,21 +435,19 @@ def offloaded_modules(model: torch.nn.Module) -> list[str]:
 
 def check_offload_supports(model: torch.nn.Module, metrics: Sequence[str]) -> None:
     """One-line refusals after an offloaded load: a model put on disk whole (accelerate
-    cannot run it), and gradient metrics on offloaded modules (their weights are fresh
-    tensors at every forward, so their gradients would be lost)."""
+    cannot run it), and attribution on offloaded modules (it needs the whole model's graph
+    at once; ``grad`` runs its backward block by block instead)."""
     placement = getattr(model, "hf_device_map", None) or {}
     if set(placement) == {""} and placement[""] == "disk":
         raise DepthprobeError(
             "--max-memory leaves no room for even one block, so accelerate put the whole model on disk as one "
             "piece (which it cannot run); give the cpu (or GPU) budget at least a few blocks"
         )
-    heavy = [m for m in metrics if m in ("grad", "attribution")]
-    offloaded = offloaded_modules(model) if heavy else []
-    if offloaded:
+    if "attribution" in metrics and offloaded_modules(model):
         raise DepthprobeError(
-            f"--metrics {','.join(heavy)} needs every block's weights in memory, and {len(offloaded)} module(s) "
-            f"were offloaded ({offloaded[0]}, ...); drop {','.join(heavy)} from --metrics (the forward-only "
-            "metrics and drop work offloaded), raise --max-memory, or use --dtype bfloat16"
+            "--metrics attribution needs every block's weights in memory at once, and some modules were offloaded; "
+            "drop attribution from --metrics (grad, drop and the forward metrics work offloaded), raise "
+            "--max-memory, or use --dtype bfloat16"
         )
 
 

@@ -7,6 +7,11 @@ mean-token loss over *all* windows (the sum of the per-batch gradients), and lik
 modules. A backward over several batches must keep the running sum ``g_p`` until the last
 batch (the norm of a sum is not the sum of norms), so only the last backward frees each
 gradient as it comes; with one batch no block holds its gradients after its backward step.
+
+Layer-major execution (offloaded weights) runs the backward block by block instead and calls
+:meth:`BlockGradNorms.reduce_layer` once a block has seen every batch: parameters are found
+by their module and name, since accelerate gives an offloaded module fresh tensors each time
+it loads it.
 """
 
 from __future__ import annotations
@@ -37,10 +42,14 @@ class BlockGradNorms:
         # every parameter once, with each (column, block) it counts in: a parameter shared
         # between blocks counts in each of them, as the per-block norm of ``.grad`` did
         self.params: dict[int, torch.nn.Parameter] = {}
+        self.owners: dict[int, tuple[torch.nn.Module, str]] = {}  # key -> (module, parameter name)
         self.targets: dict[int, list[tuple[str, int]]] = {}
         self.missing: dict[str, list[int]] = {}
         for layer in range(self.num_layers):
-            self._add(stack.blocks[layer].parameters(), "grad_norm", layer)
+            block = stack.blocks[layer]
+            self.owners.update({id(p): (m, name) for m in block.modules() for name, p in m._parameters.items()
+                                if p is not None})
+            self._add(block.parameters(), "grad_norm", layer)
             for kind in ("attn", "mlp"):
                 params = [p for m in stack.sublayer_modules(layer, kind) for p in m.parameters()]
                 if not params:
@@ -58,11 +67,26 @@ class BlockGradNorms:
         """The next backward is the last: reduce and free each gradient as it is finished."""
         self.final = True
 
-    def _reduce(self, p: torch.Tensor) -> None:
+    def _reduce(self, p: torch.Tensor, key: int | None = None) -> None:
         if self.final and p.grad is not None:
             distributed.reduce_grads([p])  # torchrun: the norm of the summed gradient, not a sum of norms
-            self.squares[id(p)] = M.squared_l2(p.grad)
+            self.squares[id(p) if key is None else key] = M.squared_l2(p.grad)
             p.grad = None
+
+    @property
+    def shared_across_blocks(self) -> bool:
+        """Whether some parameter belongs to several blocks (then a block-by-block backward
+        would see only one block's share of its gradient)."""
+        return any(len({layer for column, layer in t if column == "grad_norm"}) > 1 for t in self.targets.values())
+
+    def reduce_layer(self, layer: int) -> None:
+        """Reduce and free the gradients of block ``layer``'s parameters as they are now
+        (after a block-by-block backward over every batch)."""
+        self.final = True
+        for key, targets in self.targets.items():
+            if ("grad_norm", layer) in targets:
+                module, name = self.owners[key]
+                self._reduce(module._parameters[name], key)
 
     @contextlib.contextmanager
     def hooked(self) -> Iterator[BlockGradNorms]:

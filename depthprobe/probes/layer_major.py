@@ -37,7 +37,8 @@ from depthprobe.data import Windows
 from depthprobe.model.memory import available_memory
 from depthprobe.model.stack import LayerStack, block_output
 from depthprobe.probes import metrics as M
-from depthprobe.probes.hooks import block_input
+from depthprobe.probes.grad_norms import BlockGradNorms
+from depthprobe.probes.hooks import block_input, only_blocks_require_grad
 from depthprobe.probes.main_pass import PassAccumulator, PassResult
 from depthprobe.probes.objective import Objective, stream_model
 from depthprobe.probes.router import watch_routers
@@ -45,7 +46,7 @@ from depthprobe.probes.router import watch_routers
 log = logging.getLogger(__name__)
 
 __all__ = ["BlockRunner", "StateStore", "default_state_budget", "offload_hooks", "resident", "run_main_pass_layer_major",
-           "use_layer_major"]
+           "supports_block_backward", "use_layer_major"]
 
 ORDERS = ("auto", "batch", "layer")
 
@@ -119,6 +120,7 @@ class BlockRunner:
         self.stack = objective.stack
         self._hidden: torch.Tensor | None = None
         self._output: torch.Tensor | None = None
+        self._keep_graph = False
 
     def _forward(self, ids: torch.Tensor) -> None:
         model = stream_model(self.stack)
@@ -155,7 +157,8 @@ class BlockRunner:
             return args, {**kwargs, "hidden_states": self._hidden}
 
         def stop(module, args, kwargs, output):
-            self._output = block_output(output).detach()
+            out = block_output(output)
+            self._output = out if self._keep_graph else out.detach()
             raise _Stop
 
         handles = [block.register_forward_pre_hook(swap, with_kwargs=True),
@@ -167,14 +170,16 @@ class BlockRunner:
             for h in handles:
                 h.remove()
 
-    def run(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """Output of the block chosen by :meth:`at` for input ``hidden`` (on the input's device)."""
-        self._hidden = hidden
+    def run(self, ids: torch.Tensor, hidden: torch.Tensor, graph: bool = False) -> torch.Tensor:
+        """Output of the block chosen by :meth:`at` for input ``hidden`` (on the input's device);
+        with ``graph`` the output keeps its autograd graph (call under ``torch.enable_grad``)."""
+        self._hidden, self._keep_graph = hidden, graph
         try:
             self._forward(ids)
         finally:
-            self._hidden = None
-        return self._output
+            self._hidden, self._keep_graph = None, False
+        output, self._output = self._output, None
+        return output
 
 
 def default_state_budget() -> int:
@@ -250,39 +255,99 @@ def open_store(runner: BlockRunner, input_ids: torch.Tensor, batch_size: int, co
 def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
                               loss: bool, progress: bool = True, budget: int | None = None,
                               spill_dir: str | os.PathLike | None = None) -> PassResult:
-    """The forward-only main pass (angular, variance, lens, base loss, router load) with
-    each block's weights read once: all windows pass block l, their outputs kept in a
-    :class:`StateStore`; then the same :class:`PassAccumulator` as the batch-major pass
-    reads the stored states batch by batch, so the numbers are the same."""
+    """The main pass (angular, variance, lens, grad, base loss, router load) with each
+    block's weights read once per direction: all windows pass block l, their outputs kept in
+    a :class:`StateStore`; then the same :class:`PassAccumulator` as the batch-major pass
+    reads the stored states batch by batch, so the numbers are the same.
+
+    ``grad`` (causal LMs) adds a backward run block by block from the last: block l is loaded
+    once more, re-run on its stored inputs with autograd and given dL/dx_{l+1} of each batch,
+    which yields its parameters' gradients (reduced to norms and freed before block l-1
+    loads) and dL/dx_l. Only one block's weights and gradients are in memory at a time.
+    """
     objective = Objective(stack)
     acc = PassAccumulator(objective, metrics)
-    full = objective.lm and loss
+    grad = "grad" in metrics and objective.lm
+    full = objective.lm and (loss or grad)
     runner, num_layers = BlockRunner(objective), len(stack)
     slices = batch_slices(windows.num_sequences, batch_size)
-    bar = tqdm(total=num_layers * len(slices), desc="analyze (layer-major)", disable=not progress, leave=False,
-               delay=0.5)
+    bar = tqdm(total=num_layers * len(slices) * (2 if grad else 1), desc="analyze (layer-major)",
+               disable=not progress, leave=False, delay=0.5)
+    total = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
     t0 = time.perf_counter()
-    with torch.no_grad(), resident(outside_blocks(stack, "prelude")), watch_routers(stack) as routers, \
+    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), \
+            resident(outside_blocks(stack, "prelude")), watch_routers(stack) as routers, \
             open_store(runner, windows.input_ids, batch_size, num_layers + 1, budget, spill_dir) as store:
-        for layer in range(num_layers):
-            with runner.at(layer):
-                for win in slices:
-                    ids = windows.input_ids[win].to(objective.device)
-                    store.data[layer + 1, win] = runner.run(ids, store.data[layer, win].to(objective.device)).cpu()
-                    bar.update()
-        bar.close()
+        with torch.no_grad():
+            for layer in range(num_layers):
+                with runner.at(layer):
+                    for win in slices:
+                        ids = windows.input_ids[win].to(objective.device)
+                        store.data[layer + 1, win] = runner.run(ids, store.data[layer, win].to(objective.device)).cpu()
+                        bar.update()
         with resident(outside_blocks(stack, "output")):  # final norm and head, read once, for the metrics
-            nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full)
-        acc.reduce()  # torchrun: sums over all processes' windows
+            with torch.no_grad():
+                nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full)
+            t_grad = time.perf_counter()
+            upstream = _head_gradients(objective, store, windows.input_ids, slices, total) if grad else None
+        grad_columns, not_applicable = ({}, {}) if upstream is None else \
+            _backward_by_block(runner, store, upstream, windows.input_ids, slices, bar)
+        t_grad = time.perf_counter() - t_grad
+        bar.close()
+        acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
         routers.reduce()
-        columns = {**acc.columns(), **routers.columns()}
+        columns = {**acc.columns(), **grad_columns, **routers.columns()}
     seconds = time.perf_counter() - t0
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
+    if grad:
+        timings["grad"] = t_grad
     if not full:
         return PassResult(columns, timings, None, None, acc.angular_matrix())
-    predictions = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
-    return PassResult(columns, timings, distributed.reduce_sum(nll_sum) / predictions,
-                      np.asarray(distributed.gather(window_nll), float), acc.angular_matrix())
+    return PassResult(columns, timings, distributed.reduce_sum(nll_sum) / total,
+                      np.asarray(distributed.gather(window_nll), float), acc.angular_matrix(), not_applicable)
+
+
+def supports_block_backward(stack: LayerStack) -> bool:
+    """The block-by-block backward needs each parameter in one block only."""
+    return not BlockGradNorms(stack).shared_across_blocks
+
+
+def _head_gradients(objective: Objective, store: StateStore, input_ids: torch.Tensor, slices: list[slice],
+                    total: int) -> StateStore:
+    """dL/dx_L of every window, L the mean next-token loss over all ``total`` predictions
+    (as the batch-major backward), in a store of one stream."""
+    data = store.data
+    upstream = StateStore(1, tuple(data.shape[1:]), data.dtype, 0 if store.spilled else data[0].nbytes,
+                          store.path.parent.parent if store.path is not None else None)
+    for win in slices:
+        ids = input_ids[win].to(objective.device)
+        last = data[-1, win].to(objective.device).requires_grad_(True)
+        with torch.enable_grad():
+            nll, _ = M.next_token_nll_sum(objective.stack.logits(last), ids)
+            (nll / total).backward()
+        upstream.data[0, win] = last.grad.cpu()
+    return upstream
+
+
+def _backward_by_block(runner: BlockRunner, store: StateStore, upstream: StateStore, input_ids: torch.Tensor,
+                       slices: list[slice], bar) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Blocks L-1..0: re-run each on its stored inputs with autograd, backward from the
+    upstream gradient (replaced in place by dL/dx_l), reduce its parameters' gradients."""
+    norms = BlockGradNorms(runner.stack)
+    device = runner.objective.device
+    with upstream:
+        for layer in reversed(range(len(runner.stack))):
+            with runner.at(layer):
+                for win in slices:
+                    ids = input_ids[win].to(device)
+                    x = store.data[layer, win].to(device).requires_grad_(True)
+                    with torch.enable_grad():
+                        y = runner.run(ids, x, graph=True)
+                        y.backward(upstream.data[0, win].to(device=y.device, dtype=y.dtype))
+                    upstream.data[0, win] = x.grad.cpu()
+                    bar.update()
+                norms.reduce_layer(layer)  # before accelerate takes the block's weights back
+    return norms.columns()
 
 
 def _accumulate(acc: PassAccumulator, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
