@@ -11,8 +11,9 @@ the workload (metrics, batch tokens). It estimates, in bytes:
   (``grad``), in the compute dtype; with one batch, one weight matrix's (each gradient is
   reduced to its norm and freed as the backward produces it).
 - ``activations``: what the backward keeps per token and block (about ``10 d + 5 I``
-  values for a gated-MLP block, ``d`` the width and ``I`` the MLP width) or, forward only,
-  one block's transient tensors, plus the logits in float32 for the loss.
+  values for a gated-MLP block, ``d`` the width and ``I`` the MLP width, plus ``16 d`` bytes
+  of the norms' float32 copies in a 16-bit dtype) or, forward only, one block's transient
+  tensors, plus the logits in float32 for the loss.
 - ``hooks``: the float64 unit vectors of every residual state (``angular``), one logit
   tensor per block for the logit lens.
 - ``states``: the drop sweep's cached block inputs, ``(L + 1) B T d`` values.
@@ -22,7 +23,8 @@ every window's states ``x_0..x_L`` are kept (``(L + 2) N T d`` values with the b
 upstream gradient, in RAM up to a quarter of what is available, then spilled to a file), and
 the backward runs one block at a time, so gradients and activations are one block's.
 
-peak = runtime + anonymous weights + max(main pass, drop sweep), compared with the memory
+peak = anonymous weights + max(runtime + max(main pass, drop sweep), the loading peak),
+compared with the memory
 available (``MemAvailable`` of ``/proc/meminfo``, the cgroup limit if lower, and each GPU's
 free memory).
 """
@@ -48,6 +50,9 @@ GIB = 1024**3
 #: interpreter, torch, transformers and allocator slack (measured: ~0.17 GB after import,
 #: ~0.4 GB after the first passes)
 RUNTIME_BYTES = int(0.45 * GIB)
+#: transformers' loading of a safetensors checkpoint: the anonymous peak while it loads,
+#: weights aside (measured 0.92-1.08 GiB on Llama shapes of 2 to 32 blocks, bfloat16 mapped)
+LOAD_PEAK_BYTES = int(1.0 * GIB)
 #: the share of available memory a plan may use; the rest absorbs estimate error and others
 HEADROOM = 0.9
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -113,7 +118,8 @@ class MemoryPlan:
     def peak_anonymous(self) -> int:
         """Peak of the process's anonymous (non file-backed) memory."""
         anon_weights = 0 if self.mapped else self.weights
-        return RUNTIME_BYTES + anon_weights + max(self.main_pass, self.states + self.activations_forward)
+        running = RUNTIME_BYTES + max(self.main_pass, self.states + self.activations_forward)
+        return anon_weights + max(running, LOAD_PEAK_BYTES)
 
     @property
     def activations_forward(self) -> int:
@@ -228,7 +234,9 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
         backward_blocks = 1
         plan = replace(plan, gradients=shape.block_parameters // max(layers, 1) * size if "grad" in metrics else 0,
                        states=max(plan.states, min(all_states, in_ram)))
-    backward = tokens * backward_blocks * (10 * d + 5 * inter) * size + tokens * shape.vocab * (size + 12)
+    norm_copies = 16 * d if size < 4 else 0  # RMSNorm/LayerNorm compute (and save) in float32
+    per_token_block = (10 * d + 5 * inter) * size + norm_copies
+    backward = tokens * backward_blocks * per_token_block + tokens * shape.vocab * (size + 12)
     hooks = (layers + 1) * tokens * d * 8 if "angular" in metrics else 0
     hooks += tokens * shape.vocab * (size + 8) if "lens" in metrics else 0
     activations = backward if grad else _forward_transient(plan)
