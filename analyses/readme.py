@@ -51,10 +51,12 @@ CLAIMS = {
         "loss spikes and no divergence at learning rates where Pre-LN spikes or diverges (400M-3.2B models; the "
         "paper's divergence counts are not quoted here: not verifiable offline).",
         ["Peri-LN variance grows less with depth", "Peri-LN max |activation| grows less with depth"],
-        "Massive activations and loss spikes come with many more tokens and larger width. Here AdamW at 15-50x "
-        "the base learning rate, with or without gradient clipping, made neither placement diverge or spike: both "
-        "ended far above their base-rate loss, and alike (the sweep line in its parts), so the stability part rests on one Pre-LN "
-        "spike at the base rate and is weak evidence. Peri-LN's output norms give every sublayer output a fixed "
+        "Massive activations and loss spikes come with many more tokens and larger width. Here AdamW at 15-500x "
+        "the base learning rate (0.03-1.0), with or without gradient clipping, made neither placement diverge or "
+        "spike after warmup: both ended far above their base-rate loss, and alike (the sweep line in its parts). "
+        "At 500x without clipping both blew up early and recovered, Pre-LN further than Peri-LN (first validation "
+        "loss in `periln_stability/lr_sweep.csv`): the claimed direction, but one seed, so weak evidence. "
+        "Peri-LN's output norms give every sublayer output a fixed "
         "scale, so early in training its stream plausibly grows faster than Pre-LN's (whose sublayer outputs are "
         "still small).",
     ),
