@@ -63,6 +63,7 @@ def test_block_by_block_backward_equals_the_models_own(family):
     windows = Windows(random_ids(3, 10), "random ids")
     runs = {order: depthprobe.analyze(model, windows=windows, metrics="angular,grad", batch_size=2, progress=False,
                                       options={"execution": order}) for order in ("batch", "layer")}
+    assert list(runs["layer"].layers.columns) == list(runs["batch"].layers.columns)
     for column in ("grad_norm", "grad_norm_attn", "grad_norm_mlp"):
         np.testing.assert_allclose(runs["layer"].layers[column], runs["batch"].layers[column], rtol=1e-6,
                                    err_msg=column)

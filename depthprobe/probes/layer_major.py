@@ -41,7 +41,7 @@ from depthprobe.model.stack import LayerStack, block_output
 from depthprobe.probes import metrics as M
 from depthprobe.probes.grad_norms import BlockGradNorms
 from depthprobe.probes.hooks import block_input, only_blocks_require_grad
-from depthprobe.probes.main_pass import PassAccumulator, PassResult
+from depthprobe.probes.main_pass import PassAccumulator, PassResult, ordered_columns
 from depthprobe.probes.objective import Objective, stream_model
 from depthprobe.probes.router import watch_routers
 
@@ -322,7 +322,7 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
         bar.close()
         acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
         routers.reduce()
-        columns = {**acc.columns(), **grad_columns, **routers.columns()}
+        columns = ordered_columns({**acc.columns(), **grad_columns, **routers.columns()})
     seconds = time.perf_counter() - t0
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:

@@ -206,6 +206,15 @@ class PassResult:
     not_applicable: dict[str, str] = field(default_factory=dict)  # column -> why it is left empty
 
 
+#: the main pass's columns in ``layers.csv``, in this order whichever way the pass ran
+COLUMN_ORDER = ("angular_distance", "block_influence", "activation_variance", "activation_rms", "max_abs_activation",
+                "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss", "router_load_entropy")
+
+
+def ordered_columns(columns: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: columns[k] for k in COLUMN_ORDER if k in columns}
+
+
 class _Loss:
     """Base loss over the pass; its backward (for ``grad``) uses the mean over all predictions."""
 
@@ -266,10 +275,7 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:
         timings["grad"] = seconds - sum(acc.seconds.values())
-    columns = {**acc.columns(), **grad_columns, **routers.columns()}
-    order = ["angular_distance", "block_influence", "activation_variance", "activation_rms", "max_abs_activation",
-             "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss", "router_load_entropy"]
-    columns = {k: columns[k] for k in order if k in columns}
+    columns = ordered_columns({**acc.columns(), **grad_columns, **routers.columns()})
     base_loss = losses.nll_sum / losses.total if losses is not None else None
     window_nll = np.asarray(losses.windows) if losses is not None else None
     return PassResult(columns, timings, base_loss, window_nll, acc.angular_matrix(), not_applicable)
