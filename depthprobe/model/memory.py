@@ -197,6 +197,12 @@ def _forward_transient(plan: MemoryPlan) -> int:
     return tokens * ((4 * s.hidden + 3 * s.intermediate) * size + s.vocab * (size + 8))
 
 
+def state_budget(available: dict[str, int]) -> int | None:
+    """Bytes of cached streams layer-major execution keeps in RAM before spilling to a file:
+    a quarter of the CPU memory ``available`` (None when unknown)."""
+    return available["cpu"] // 4 if "cpu" in available else None
+
+
 def _gradient_bytes(shape: ModelShape, workload: Workload, size: int) -> int:
     """Gradients alive at once: with several batches the running sums of every block
     parameter's gradient; with one, each gradient is reduced and freed as the backward
@@ -230,7 +236,7 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
     backward_blocks = layers
     if plan.layer_major:  # one block's gradients and re-run at a time; every window's states kept
         all_states = (layers + 2) * workload.num_sequences * workload.seq_len * d * size
-        in_ram = (available or {}).get("cpu", all_states * 4) // 4  # the StateStore's default budget
+        in_ram = state_budget(available or {}) or all_states
         backward_blocks = 1
         plan = replace(plan, gradients=shape.block_parameters // max(layers, 1) * size if "grad" in metrics else 0,
                        states=max(plan.states, min(all_states, in_ram)))

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from depthprobe import distributed
 from depthprobe.data import Windows
-from depthprobe.model.memory import available_memory
+from depthprobe.model.memory import available_memory, state_budget
 from depthprobe.model.stack import LayerStack, block_output
 from depthprobe.probes import metrics as M
 from depthprobe.probes.grad_norms import BlockGradNorms
@@ -214,7 +214,7 @@ def default_state_budget() -> int:
     env = os.environ.get("DEPTHPROBE_STATE_BUDGET")
     if env:
         return int(float(env))
-    return available_memory().get("cpu", 4 * 1024**3) // 4
+    return state_budget(available_memory()) or 1024**3  # 1 GiB when the available memory is unknown
 
 
 class StateStore:
@@ -301,9 +301,11 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
                disable=not progress, leave=False, delay=0.5)
     total = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
     t0 = time.perf_counter()
+    # slots 0..L: x_0..x_L of every window; with grad one more for dL/dx of the block being run back
     with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), \
             resident(outside_blocks(stack, "prelude")), watch_routers(stack) as routers, \
-            open_store(runner, windows.input_ids, batch_size, num_layers + 1, budget, spill_dir) as store:
+            open_store(runner, windows.input_ids, batch_size, num_layers + (2 if grad else 1), budget,
+                       spill_dir) as store:
         with torch.no_grad():
             for layer in range(num_layers):
                 with runner.at(layer):
@@ -311,13 +313,12 @@ def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Coll
                         ids = windows.input_ids[win].to(objective.device)
                         store.data[layer + 1, win] = runner.run(ids, store.data[layer, win].to(objective.device)).cpu()
                         bar.update()
-        with resident(outside_blocks(stack, "output")):  # final norm and head, read once, for the metrics
-            with torch.no_grad():
-                nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full)
-            t_grad = time.perf_counter()
-            upstream = _head_gradients(objective, store, windows.input_ids, slices, total) if grad else None
-        grad_columns, not_applicable = ({}, {}) if upstream is None else \
-            _backward_by_block(runner, store, upstream, windows.input_ids, slices, bar)
+        with resident(outside_blocks(stack, "output")), torch.no_grad():  # final norm and head, read once
+            nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full,
+                                              total if grad else None)
+        t_grad = time.perf_counter()
+        grad_columns, not_applicable = _backward_by_block(runner, store.data, windows.input_ids, slices, bar) \
+            if grad else ({}, {})
         t_grad = time.perf_counter() - t_grad
         bar.close()
         acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
@@ -338,48 +339,34 @@ def supports_block_backward(stack: LayerStack) -> bool:
     return not BlockGradNorms(stack).shared_across_blocks
 
 
-def _head_gradients(objective: Objective, store: StateStore, input_ids: torch.Tensor, slices: list[slice],
-                    total: int) -> StateStore:
-    """dL/dx_L of every window, L the mean next-token loss over all ``total`` predictions
-    (as the batch-major backward), in a store of one stream."""
-    data = store.data
-    upstream = StateStore(1, tuple(data.shape[1:]), data.dtype, 0 if store.spilled else data[0].nbytes,
-                          store.path.parent.parent if store.path is not None else None)
-    for win in slices:
-        ids = input_ids[win].to(objective.device)
-        last = data[-1, win].to(objective.device).requires_grad_(True)
-        with torch.enable_grad():
-            nll, _ = M.next_token_nll_sum(objective.stack.logits(last), ids)
-            (nll / total).backward()
-        upstream.data[0, win] = last.grad.cpu()
-    return upstream
-
-
-def _backward_by_block(runner: BlockRunner, store: StateStore, upstream: StateStore, input_ids: torch.Tensor,
-                       slices: list[slice], bar) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Blocks L-1..0: re-run each on its stored inputs with autograd, backward from the
-    upstream gradient (replaced in place by dL/dx_l), reduce its parameters' gradients."""
+def _backward_by_block(runner: BlockRunner, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
+                       bar) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Blocks L-1..0: re-run each on its stored inputs ``data[l]`` with autograd, backward from
+    the upstream gradient in the last slot (replaced in place by dL/dx_l), reduce its
+    parameters' gradients."""
     norms = BlockGradNorms(runner.stack)
     device = runner.objective.device
-    with upstream:
-        for layer in reversed(range(len(runner.stack))):
-            with runner.at(layer):
-                for win in slices:
-                    ids = input_ids[win].to(device)
-                    x = store.data[layer, win].to(device).requires_grad_(True)
-                    with torch.enable_grad():
-                        y = runner.run(ids, x, graph=True)
-                        y.backward(upstream.data[0, win].to(device=y.device, dtype=y.dtype))
-                    upstream.data[0, win] = x.grad.cpu()
-                    bar.update()
-                norms.reduce_layer(layer)  # before accelerate takes the block's weights back
+    upstream = data[-1]
+    for layer in reversed(range(len(runner.stack))):
+        with runner.at(layer):
+            for win in slices:
+                ids = input_ids[win].to(device)
+                x = data[layer, win].to(device).requires_grad_(True)
+                with torch.enable_grad():
+                    y = runner.run(ids, x, graph=True)
+                    y.backward(upstream[win].to(device=y.device, dtype=y.dtype))
+                upstream[win] = x.grad.cpu()
+                bar.update()
+            norms.reduce_layer(layer)  # before accelerate takes the block's weights back
     return norms.columns()
 
 
 def _accumulate(acc: PassAccumulator, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
-                full: bool) -> tuple[float, list[float]]:
+                full: bool, total: int | None = None) -> tuple[float, list[float]]:
     """Feed the stored states x_0..x_L to ``acc`` batch by batch, as the batch-major pass
-    does; the base loss (NLL sum, per-window mean NLL) when ``full``."""
+    does; the base loss (NLL sum, per-window mean NLL) when ``full``. With ``total`` (grad),
+    the same logits also give dL/dx_L, L the mean next-token loss over all ``total``
+    predictions (as the batch-major backward), written to the store's last slot."""
     objective = acc.objective
     stack, device, num_layers = objective.stack, objective.device, len(objective.stack)
     nll_sum, window_nll = 0.0, []
@@ -390,8 +377,14 @@ def _accumulate(acc: PassAccumulator, data: torch.Tensor, input_ids: torch.Tenso
         for layer in range(num_layers):
             acc.on_block(layer, states[layer], states[layer + 1])
         if full:
-            logits = stack.logits(states[-1])
-            nll_sum += float(M.next_token_nll_sum(logits, ids)[0])
-            window_nll += M.per_sequence_nll(logits, ids).tolist()
+            last = states[-1].detach().requires_grad_(total is not None)
+            with torch.set_grad_enabled(total is not None):
+                logits = stack.logits(last)
+                nll, _ = M.next_token_nll_sum(logits, ids)
+                if total is not None:
+                    (nll / total).backward()
+                    data[-1, win] = last.grad.cpu()
+            nll_sum += float(nll.detach())
+            window_nll += M.per_sequence_nll(logits.detach(), ids).tolist()
         acc.end_batch(None if objective.lm else stack.final_hidden(states[-1]))
     return nll_sum, window_nll
