@@ -40,17 +40,6 @@ _EXPORTS = {
 }
 
 
-#: packages that register model types and loaders (``depthprobe.model.load.register_loader``)
-#: when imported; :func:`load_plugins` imports them before a model is loaded
-PLUGINS = ("depthprobe.train", "depthprobe.convert")
-
-
-def load_plugins() -> None:
-    """Import every package in :data:`PLUGINS` (each registers itself; cheap after the first call)."""
-    for module in PLUGINS:
-        importlib.import_module(module)
-
-
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)

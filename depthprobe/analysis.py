@@ -316,7 +316,8 @@ class RunSummary:
         notes = [f"{name}: {reason}" for name, reason in not_applicable.items() if name not in covered] + part_notes
         if interrupted:
             notes.append(f"interrupted during the {interrupted} sweep; the metrics before it are complete")
-        bad_weights = nonfinite_weight_blocks(stack)
+        # NaN/inf weights make non-finite metrics: scanned only then (not a full read of every run)
+        bad_weights = nonfinite_weight_blocks(stack) if nonfinite else []
         if bad_weights:
             notes.append(f"NaN/inf weights in block(s) {', '.join(map(str, bad_weights))}: their metrics, and those "
                          "of every later block, are not meaningful")

@@ -8,7 +8,7 @@ error (or a clean run) instead of a traceback deep in a library, or silently wro
 - :func:`loader_errors`: errors libraries raise on bad files (safetensors, a refused pickle)
   become :class:`DepthprobeError`.
 - :func:`check_loaded`: the tokenizer fits the model's vocabulary; blocks holding NaN/inf
-  weights are logged (the analysis notes them, see :func:`nonfinite_weight_blocks`).
+  weights are found by the analysis when a metric is non-finite (:func:`nonfinite_weight_blocks`).
 - :func:`decode_text`: a text file in UTF-8, UTF-16/32 (with a BOM) or a legacy 8-bit encoding.
 """
 
@@ -150,7 +150,9 @@ def loader_errors(source: str) -> Iterator[None]:
 
 
 def check_loaded(model, tokenizer, source: str) -> None:
-    """The tokenizer's ids fit the model's embedding; NaN/inf weights are logged."""
+    """The tokenizer's ids fit the model's embedding. NaN/inf weights are not scanned here
+    (a full read of every weight before any work): the analysis looks for them only when a
+    metric comes out non-finite (:func:`nonfinite_weight_blocks`)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     rows = getattr(embed, "num_embeddings", None)
     if tokenizer is not None and isinstance(rows, int):
@@ -165,9 +167,6 @@ def check_loaded(model, tokenizer, source: str) -> None:
         if len(tokenizer) > rows:
             log.warning("%s: %d added tokens have no embedding row; text that spells them out would fail",
                         source, len(tokenizer) - rows)
-    bad = [name for name, p in model.named_parameters() if _nonfinite(p)]
-    if bad:
-        log.warning("%s: %d weight tensor(s) hold NaN/inf values, e.g. %s", source, len(bad), bad[0])
 
 
 def nonfinite_weight_blocks(stack) -> list[int]:

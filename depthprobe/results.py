@@ -72,14 +72,19 @@ class AnalysisResult:
         return len(self.layers)
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``layers.csv``, ``angular_distance.csv``, ``summary.json`` and extra tables."""
+        """Write ``layers.csv``, ``angular_distance.csv``, ``summary.json`` and extra tables;
+        ``summary.json`` lists them under ``files`` (what :meth:`load` reads)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_to_csv(self.layers, out / LAYERS_CSV, index=False, float_format="%.10g")
+        files = [LAYERS_CSV]
         if self.angular_distance is not None:
             atomic_to_csv(self.angular_distance, out / ANGULAR_CSV, float_format="%.10g")
+            files.append(ANGULAR_CSV)
         for name, table in self.tables.items():
             atomic_to_csv(table, out / f"{name}.csv", index=False, float_format="%.10g")
+            files.append(f"{name}.csv")
+        self.summary["files"] = [*files, SUMMARY_JSON]
         write_json(out / SUMMARY_JSON, self.summary)
         return out
 
@@ -93,9 +98,10 @@ class AnalysisResult:
         angular = pd.read_csv(run / ANGULAR_CSV, index_col=0) if (run / ANGULAR_CSV).is_file() else None
         if angular is not None:
             angular.columns = [int(c) for c in angular.columns]
-        tables = {
-            p.stem: pd.read_csv(p) for p in sorted(run.glob("*.csv")) if p.name not in (LAYERS_CSV, ANGULAR_CSV)
-        }
+        # a folder lists its run's files: another run's leftovers are never read as part of it
+        listed = [run / f for f in summary["files"]] if "files" in summary else sorted(run.glob("*.csv"))
+        tables = {p.stem: pd.read_csv(p) for p in listed
+                  if p.suffix == ".csv" and p.name not in (LAYERS_CSV, ANGULAR_CSV)}
         return cls(layers=layers, summary=summary, angular_distance=angular, tables=tables)
 
     def _repr_html_(self) -> str:

@@ -83,10 +83,12 @@ class Row:
     seconds: float = 0.0
 
 
-def causal_lm_types() -> list[str]:
+def causal_lm_types(with_variants: bool = True) -> list[str]:
+    """Every causal-LM ``model_type`` of the installed transformers (and its variants)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    return [v for t in names for v in variants(t)] if with_variants else names
 
 
 def _spread(values: list, n: int) -> list:
@@ -124,9 +126,31 @@ def _shrink_kwargs(default) -> dict:
     return kw
 
 
-def tiny_config(model_type: str):
+def variants(model_type: str) -> list[str]:
+    """The config defaults that choose a code path, varied the way users' checkpoints arrive:
+    ``model_type`` as its config class ships it, plus ``+decoder`` (``is_decoder`` flipped on
+    where the default is off: BERT-likes build their causal-LM head only then) and ``+untied``
+    / ``+tied`` (``tie_word_embeddings`` flipped)."""
     from transformers import CONFIG_MAPPING
 
+    try:
+        have = CONFIG_MAPPING[model_type]().to_dict()
+    except Exception:  # noqa: BLE001 - tiny_config says why
+        return [model_type]
+    out = [model_type]
+    if have.get("is_decoder") is False:
+        out.append(f"{model_type}+decoder")
+    if "tie_word_embeddings" in have:
+        out.append(f"{model_type}+{'untied' if have['tie_word_embeddings'] else 'tied'}")
+    return out
+
+
+def tiny_config(model_type: str):
+    """The tiny config of ``model_type`` (``name+decoder`` / ``name+tied`` / ``name+untied``:
+    that default flipped, see :func:`variants`)."""
+    from transformers import CONFIG_MAPPING
+
+    model_type, *flips = model_type.split("+")
     config_cls = CONFIG_MAPPING[model_type]
     try:
         default = config_cls()
@@ -137,8 +161,12 @@ def tiny_config(model_type: str):
         value = getattr(config, key, None)
         if isinstance(value, int) and value >= VOCAB:
             setattr(config, key, 1)
-    if hasattr(config, "is_decoder"):  # BERT-likes build their causal-LM head only as decoders
+    if "decoder" in flips:
         config.is_decoder = True
+    if "tied" in flips or "untied" in flips:
+        config.tie_word_embeddings = "tied" in flips
+        if hasattr(config, "get_text_config"):
+            config.get_text_config().tie_word_embeddings = "tied" in flips
     if getattr(config, "is_encoder_decoder", False):
         raise Unsupported("encoder-decoder (needs decoder inputs)")
     return config

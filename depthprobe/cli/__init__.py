@@ -69,13 +69,16 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes exit 2 with one line, never a traceback."""
+    from depthprobe.cli import interrupts
+
+    interrupts.start(argv)
     try:
         rv = cli.main(args=argv, prog_name="depthprobe", standalone_mode=False)
     except DepthprobeError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("Error: interrupted (Ctrl-C); work finished before it was saved where the command writes", err=True)
+        click.echo(f"Error: {interrupts.message()}", err=True)
         sys.exit(2)
     except click.UsageError as exc:  # one line, like every other user mistake
         where = exc.ctx.command_path if exc.ctx else "depthprobe"

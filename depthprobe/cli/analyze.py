@@ -6,27 +6,33 @@ import os
 from pathlib import Path
 
 import click
-import torch
 
-from depthprobe import distributed
-from depthprobe.analysis import ALL_METRICS, DEFAULT_METRICS, analyze, parse_metrics
+from depthprobe.cli import preflight
+from depthprobe.cli.choices import (
+    ALL_METRICS,
+    DEFAULT_ATTRIBUTION_STEPS,
+    DEFAULT_BLOCK_SIZES,
+    DEFAULT_METRICS,
+    EXECUTION_ORDERS,
+)
+from depthprobe.cli.interrupts import interrupt_message, keeps
 from depthprobe.cli.options import (
     analysis_kwargs,
+    clear_owned_outputs,
     common_options,
     data_options,
     load_from_options,
     model_options,
+    open_from_options,
+    refuse_existing_out,
     setup_logging,
 )
+from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
-from depthprobe.probes.sweep import (
-    DEFAULT_ATTRIBUTION_STEPS,
-    DEFAULT_BLOCK_SIZES,
-    EXECUTION_ORDERS,
-    AttributionOptions,
-)
-from depthprobe.results import DROP_PROGRESS, REPORT_HTML, parse_list
 from depthprobe.safeio import locks_out
+
+DROP_PROGRESS = "drop_progress.jsonl"  # home: depthprobe.results.DROP_PROGRESS
+REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 
 
 @click.command("analyze")
@@ -61,6 +67,7 @@ from depthprobe.safeio import locks_out
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out: the files of the run there are removed first.")
 @click.option("--no-report", is_flag=True, help="Do not write report.html.")
 @common_options
 @locks_out()  # one command at a time per --out; a killed one leaves no stuck lock
@@ -80,46 +87,74 @@ def command(**opts) -> None:
       depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
       torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
     """
+    options = _checked(opts)  # before torch is even imported
+    from depthprobe import distributed
+
     started = distributed.init_from_env(opts["device"])
     try:
-        _analyze(opts)
+        _analyze(opts, options)
     finally:
         if started:
+            import torch
+
             torch.distributed.destroy_process_group()
 
 
-def _analyze(opts: dict) -> None:
-    setup_logging(opts["verbose"])
-    main_rank = distributed.is_main()
-    opts["quiet"] = opts["quiet"] or not main_rank  # under torchrun rank 0 prints, shows the bar and writes
-    if distributed.rank_and_world()[1] > 1 and torch.cuda.is_available() and opts["device"] in ("auto", "cuda") \
-            and not (opts["device_map"] or opts["max_memory"] or opts["offload_folder"]):
-        opts["device"] = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
-    metrics = parse_metrics(opts["metrics"])
-    # options are checked before the model loads
+def _checked(opts: dict) -> dict:
+    """Every check that needs no forward pass (:mod:`depthprobe.cli.preflight`); the sweep options."""
+    preflight.check_options(opts)
+    preflight.check_metrics(opts["metrics"])
     options = {"block_sizes": parse_list(opts["block_sizes"], "--block-sizes", int, "2,4,8"),
                "execution": opts["execution"]}
     if opts["attribution_steps"] is not None:
-        options["attribution_steps"] = AttributionOptions(steps=opts["attribution_steps"]).steps
-    if opts["resume"] and not opts["out_dir"]:
-        raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
-    model, tokenizer = load_from_options(opts)
-    result = analyze(model, tokenizer, metrics=metrics, options=options, progress_dir=opts["out_dir"],
-                     resume=opts["resume"], **analysis_kwargs(opts))
-    if not opts["quiet"]:
+        preflight.at_least(opts, {"attribution_steps": 1})
+        options["attribution_steps"] = opts["attribution_steps"]
+    if opts["out_dir"]:
+        refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"],
+                            "--force to replace the run there, or --resume to continue it")
+    return options
+
+
+def _analyze(opts: dict, options: dict) -> None:
+    from depthprobe import distributed
+
+    setup_logging(opts["verbose"])
+    main_rank = distributed.is_main()
+    opts["quiet"] = opts["quiet"] or not main_rank  # under torchrun rank 0 prints, shows the bar and writes
+    if distributed.rank_and_world()[1] > 1 and _cuda() and opts["device"] in ("auto", "cuda") \
+            and not (opts["device_map"] or opts["max_memory"] or opts["offload_folder"]):
+        opts["device"] = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
+    config, tokenizer = open_from_options(opts)
+    preflight.check_config(opts, config)
+    windows = preflight.calibration_windows(opts, tokenizer, config)
+    if opts["force"] and opts["out_dir"] and main_rank:
+        clear_owned_outputs(opts["out_dir"])
+    model, tokenizer = load_from_options(opts, tokenizer)
+    from depthprobe.analysis import analyze
+
+    keeps("finished drop batches" if "drop" in opts["metrics"] else None, opts["out_dir"])
+    result = analyze(model, tokenizer, metrics=opts["metrics"], options=options, progress_dir=opts["out_dir"],
+                     resume=opts["resume"], windows=windows, **analysis_kwargs(opts))
+    measured = [c for c in result.layers.columns if c != "layer"]
+    if not opts["quiet"] and measured:
         click.echo(format_table(result))
         if result.summary.get("proxy_verdict"):
             click.echo(result.summary["proxy_verdict"])
-    measured = [c for c in result.layers.columns if c != "layer"]
     if main_rank:
         _save(result, opts, measured)
     if result.summary["interrupted"]:
-        raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts["out_dir"], measured))
+        raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts, measured))
     if result.summary["nonfinite"]:
         where = f"; results saved in {opts['out_dir']}" if opts["out_dir"] else ""
         # the non-finite note, not a later caveat (depthprobe.caveats adds notes after it)
         note = next(n for n in result.summary["notes"] if n.startswith("non-finite"))
         raise DepthprobeError(note + where)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _save(result, opts: dict, measured: list[str]) -> None:
@@ -135,15 +170,16 @@ def _save(result, opts: dict, measured: list[str]) -> None:
         click.echo(f"Results written to {out}/", err=True)
 
 
-def interrupted_message(sweep: str, out_dir: str | None, measured: list[str]) -> str:
-    """What an interrupt kept: saved metrics, and --resume only when a drop batch finished."""
-    if not measured:
-        return f"interrupted during the {sweep} sweep before any metric finished; nothing was saved"
-    where = f"saved in {out_dir}" if out_dir else "not saved (no --out)"
+def interrupted_message(sweep: str, opts: dict, measured: list[str]) -> str:
+    """One true line: what finished, where it is kept, and the command that continues."""
+    out_dir = opts["out_dir"]
     progress = Path(out_dir) / DROP_PROGRESS if out_dir else None
-    resumable = progress is not None and progress.is_file() and len(progress.read_text().splitlines()) > 1
-    resume = f" (rerun with --resume to continue the {sweep} sweep)" if resumable else ""
-    return f"interrupted during the {sweep} sweep; the metrics finished before it are {where}{resume}"
+    batches = max(len(progress.read_text().splitlines()) - 1, 0) if progress is not None and progress.is_file() else 0
+    finished = f"the main pass ({', '.join(measured)})" if measured else "no metric"
+    kept = f"{batches} finished {sweep} batch(es) in {DROP_PROGRESS}" if batches else None
+    if not measured and not kept:
+        return f"interrupted during the {sweep} sweep before any metric or batch finished; nothing was saved"
+    return interrupt_message(f"the {sweep} sweep", finished, out_dir, kept)
 
 
 def format_table(result) -> str:

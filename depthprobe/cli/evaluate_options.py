@@ -7,21 +7,13 @@ import math
 from pathlib import Path
 
 import click
-import pandas as pd
 
+from depthprobe.cli import choices
 from depthprobe.cli.options import _stack
-from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, speedups
-from depthprobe.evaluate.harness import (
-    EvalOutput,
-    check_limit,
-    evaluate_model,
-    load_tasks,
-    resolve_tasks,
-    retention,
-    task_manager,
-    write_eval,
-)
-from depthprobe.results import parse_list
+from depthprobe.cli.parsing import parse_list
+
+#: the journal of a prune's before/after measurements (removed once they are written)
+JUDGE_JOURNAL = "judge_progress.jsonl"
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,
@@ -70,19 +62,33 @@ def quiet_harness(verbose: bool) -> None:
     logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-bench_options = _stack(
-    click.option("--batch-sizes", default="1,4", show_default=True, help="Comma list of batch sizes."),
-    click.option("--prompt-lens", default="128,512", show_default=True, help="Comma list of prompt lengths."),
-    click.option("--new-tokens", type=int, default=32, show_default=True, help="Greedy decode steps per prompt."),
-    click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs per setting (median)."),
-)
+def _bench_size_options(prefix: str, batch_sizes: str, prompt_lens: str, new_tokens: int, repeats: int):
+    """The four size options of a bench (``--batch-sizes`` ...; ``--bench-batch-sizes`` ... in prune)."""
+    return _stack(
+        click.option(f"--{prefix}batch-sizes", default=batch_sizes, show_default=True, help="Comma list of batch sizes."),
+        click.option(f"--{prefix}prompt-lens", default=prompt_lens, show_default=True,
+                     help="Comma list of prompt lengths."),
+        click.option(f"--{prefix}new-tokens", type=int, default=new_tokens, show_default=True,
+                     help="Greedy decode steps per prompt."),
+        click.option(f"--{prefix}repeats", type=int, default=repeats, show_default=True,
+                     help="Timed runs per setting (median)."),
+    )
 
 
-def bench_config(opts: dict) -> BenchConfig:
-    """``BenchConfig`` from the parsed ``bench_options``."""
-    return BenchConfig(batch_sizes=tuple(parse_list(opts["batch_sizes"], "--batch-sizes", int, "1,4")),
-                       prompt_lens=tuple(parse_list(opts["prompt_lens"], "--prompt-lens", int, "128,512")),
-                       new_tokens=opts["new_tokens"], repeats=opts["repeats"])
+bench_options = _bench_size_options("", "1,4", "128,512", 32, 3)
+#: prune measures before and after in one process: a small bench unless asked for more
+prune_bench_options = _bench_size_options("bench-", choices.PRUNE_BENCH_BATCH_SIZES, choices.PRUNE_BENCH_PROMPT_LENS,
+                                          choices.PRUNE_BENCH_NEW_TOKENS, choices.PRUNE_BENCH_REPEATS)
+
+
+def bench_config(opts: dict, prefix: str = ""):
+    """``BenchConfig`` from the parsed bench size options (``prefix`` ``bench_`` in prune)."""
+    from depthprobe.evaluate.bench import BenchConfig
+
+    flag = "--" + prefix.replace("_", "-")
+    return BenchConfig(batch_sizes=tuple(parse_list(opts[f"{prefix}batch_sizes"], f"{flag}batch-sizes", int, "1,4")),
+                       prompt_lens=tuple(parse_list(opts[f"{prefix}prompt_lens"], f"{flag}prompt-lens", int, "128,512")),
+                       new_tokens=opts[f"{prefix}new_tokens"], repeats=opts[f"{prefix}repeats"])
 
 
 judge_options = _stack(
@@ -91,7 +97,8 @@ judge_options = _stack(
     click.option("--eval-limit", type=int, default=None, help="Documents per task for --eval-tasks (default all)."),
     click.option("--eval-num-fewshot", type=int, default=None, help="Few-shot examples for --eval-tasks."),
     click.option("--bench", "run_bench", is_flag=True,
-                 help="Measure prefill/decode tokens/s and peak memory before and after pruning."),
+                 help="Measure prefill/decode tokens/s and peak memory before and after pruning (sizes: --bench-*)."),
+    prune_bench_options,
 )
 
 
@@ -99,31 +106,72 @@ class PruneJudge:
     """``prune --eval-tasks / --bench``: score the model before pruning and after, write
     ``eval*.csv`` / ``bench*.csv`` into the prune folder (read by its report).
 
-    Task names and the limit are checked before any work. Before and after are measured
-    one after the other in the same process (the model is pruned in place).
+    Task names and the limit are checked before any model loads (:meth:`check`). Each
+    finished measurement is journaled in ``judge_progress.jsonl``, so a resumed prune does not
+    measure the original model again.
     """
 
-    def __init__(self, opts: dict, model, tokenizer):
-        self.opts, self.model, self.tokenizer = opts, model, tokenizer
+    def __init__(self, opts: dict, fingerprint: str):
+        from depthprobe.journal import Journal
+
+        self.opts = opts
         self.spec = self.manager = None
-        if opts["eval_tasks"]:
-            check_limit(opts["eval_limit"])
-            self.spec = resolve_tasks(opts["eval_tasks"])
+        path = Path(opts["out_dir"]) / JUDGE_JOURNAL
+        if not opts["resume"]:  # a fresh run never mixes in another run's measurements
+            path.unlink(missing_ok=True)
+        self.journal = Journal(path, fingerprint, what="prune evaluation")
+        self.outputs: list = []
+        self.bench_rows: list = []
+
+    def check(self) -> None:
+        """Tasks resolved and loaded, bench sizes valid: before the model loads."""
+        if self.opts["eval_tasks"]:
+            from depthprobe.evaluate.harness import check_limit, load_tasks, resolve_tasks, task_manager
+
+            check_limit(self.opts["eval_limit"])
+            self.spec = resolve_tasks(self.opts["eval_tasks"])
             self.manager = task_manager(self.spec)
             load_tasks(self.manager, self.spec)
-        self.outputs: list[EvalOutput] = []
-        self.bench_rows: list[pd.DataFrame] = []
-
-    def measure(self, label: str) -> None:
-        if self.spec is not None:
-            self.outputs.append(evaluate_model(self.model, self.tokenizer, self.spec, label=label,
-                                               limit=self.opts["eval_limit"], num_fewshot=self.opts["eval_num_fewshot"],
-                                               batch_size=self.opts["batch_size"], manager=self.manager))
         if self.opts["run_bench"]:
-            config = fit_config(BenchConfig(), self.model)
-            self.bench_rows.append(bench({label: self.model}, config, progress=not self.opts["quiet"]))
+            bench_config(self.opts, "bench_")
+
+    def measure(self, label: str, model, tokenizer) -> None:
+        """Evaluate and bench ``model`` as ``label`` (original / pruned), or read them from the journal."""
+        import pandas as pd
+
+        if self.spec is not None:
+            self.outputs.append(self._journaled(("eval", label), lambda: self._evaluate(label, model, tokenizer)))
+        if self.opts["run_bench"]:
+            rows = self._journaled(("bench", label), lambda: self._bench(label, model))
+            self.bench_rows.append(pd.DataFrame(rows))
+
+    def _journaled(self, key, compute):
+        done = self.journal.get(list(key))
+        if done is not None:
+            return _from_record(key[0], done)
+        value = compute()
+        self.journal.append(list(key), _to_record(key[0], value))
+        return value
+
+    def _evaluate(self, label: str, model, tokenizer):
+        from depthprobe.evaluate.harness import evaluate_model
+
+        return evaluate_model(model, tokenizer, self.spec, label=label, limit=self.opts["eval_limit"],
+                              num_fewshot=self.opts["eval_num_fewshot"], batch_size=self.opts["batch_size"],
+                              manager=self.manager)
+
+    def _bench(self, label: str, model):
+        from depthprobe.evaluate.bench import bench, fit_config
+
+        config = fit_config(bench_config(self.opts, "bench_"), model)
+        return bench({label: model}, config, progress=not self.opts["quiet"])
 
     def write(self, out_dir: str) -> None:
+        import pandas as pd
+
+        from depthprobe.evaluate.bench import speedups
+        from depthprobe.evaluate.harness import retention, write_eval
+
         if self.outputs:
             write_eval(out_dir, self.outputs)
             click.echo(retention(self.outputs).drop(columns=["reference"])
@@ -134,3 +182,23 @@ class PruneJudge:
             speed = speedups(table)
             speed.to_csv(Path(out_dir) / "bench_speedup.csv", index=False, float_format="%.6g")
             click.echo(speed.drop(columns=["reference"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        (Path(out_dir) / JUDGE_JOURNAL).unlink(missing_ok=True)  # written: nothing left to resume
+
+
+def _to_record(kind: str, value):
+    """A measurement as JSON: the bench table's rows; an eval output's table and samples."""
+    if kind == "bench":
+        return value.to_dict(orient="records")
+    return {"table": value.table.to_dict(orient="records"),
+            "samples": {task: frame.to_dict(orient="records") for task, frame in value.samples.items()}}
+
+
+def _from_record(kind: str, data):
+    import pandas as pd
+
+    if kind == "bench":
+        return data
+    from depthprobe.evaluate.harness import EvalOutput
+
+    return EvalOutput(table=pd.DataFrame(data["table"]),
+                      samples={task: pd.DataFrame(rows) for task, rows in data["samples"].items()})

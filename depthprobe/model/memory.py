@@ -1,8 +1,10 @@
 """A memory plan made before any weight is read: will this analysis fit, and in which dtype?
 
-The plan comes from the model's config (parameter counts of a meta-device model: no
-memory, no weights read), the checkpoint's safetensors headers (stored dtype and size) and
-the workload (metrics, batch tokens). It estimates, in bytes:
+The plan comes from the model's config and the checkpoint's safetensors headers (parameter
+counts, stored dtype and size: :mod:`depthprobe.model.shape`; no weight read, no module tree
+built where headers exist) and the workload (metrics, batch tokens). What the machine offers
+is probed in :mod:`depthprobe.model.system`; offload refusals live in
+:mod:`depthprobe.model.offload`. It estimates, in bytes:
 
 - ``weights``: parameters in the compute dtype. On a CPU, safetensors weights loaded in
   their stored dtype stay memory-mapped (file-backed pages the kernel can drop and re-read),
@@ -31,11 +33,7 @@ free memory).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +41,9 @@ from pathlib import Path
 import torch
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.offload import check_offload_supports, offloaded_modules
+from depthprobe.model.shape import ModelShape, config_dtype, model_shape, safetensors_headers
+from depthprobe.model.system import available_memory, parse_max_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ RUNTIME_BYTES = int(0.45 * GIB)
 LOAD_PEAK_BYTES = int(1.0 * GIB)
 #: the share of available memory a plan may use; the rest absorbs estimate error and others
 HEADROOM = 0.9
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-_BLOCK_NAME = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -71,21 +70,6 @@ class Workload:
     @property
     def batch_tokens(self) -> int:
         return min(self.batch_size, self.num_sequences) * self.seq_len
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Sizes read from the config and a meta-device copy of the model (no weights)."""
-
-    num_parameters: int
-    block_parameters: int
-    num_layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    checkpoint_dtype: torch.dtype
-    checkpoint_bytes: int | None  # size of the safetensors data, when the headers were read
-    safetensors: bool  # weights in safetensors files (memory-mappable)
 
 
 @dataclass(frozen=True)
@@ -249,132 +233,7 @@ def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: 
     return replace(plan, activations=activations, hooks=hooks)
 
 
-# ---------------------------------------------------------------------------- inputs
-def available_memory() -> dict[str, int]:
-    """Bytes available now: ``cpu`` (MemAvailable, capped by a cgroup limit) and ``cuda:N``."""
-    avail: dict[str, int] = {}
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail["cpu"] = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if "cpu" not in avail:
-        import psutil
-
-        avail["cpu"] = int(psutil.virtual_memory().available)
-    cgroup = _cgroup_room()
-    if cgroup is not None:
-        avail["cpu"] = min(avail["cpu"], cgroup)
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            avail[f"cuda:{i}"] = int(torch.cuda.mem_get_info(i)[0])
-    return avail
-
-
-def _cgroup_room() -> int | None:
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-    except (OSError, ValueError):
-        return None
-    return None if limit == "max" else max(int(limit) - used, 0)
-
-
-def safetensors_headers(folder: str | os.PathLike) -> tuple[torch.dtype | None, int] | None:
-    """(most common stored dtype, bytes of tensor data) from the headers of every
-    ``*.safetensors`` file in ``folder`` (8-byte length + JSON, no tensor data read)."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        return None
-    counts: dict[str, int] = {}
-    total = 0
-    for path in files:
-        with path.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            counts[info["dtype"]] = counts.get(info["dtype"], 0) + end - begin
-            total += end - begin
-    stored = max(counts, key=counts.get)
-    return SAFETENSORS_DTYPES.get(stored), total
-
-
-def config_dtype(config) -> torch.dtype:
-    """The checkpoint's dtype as its config states it (float32 when unstated)."""
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else torch.float32
-
-
-def model_shape(config, folder: str | os.PathLike | None = None, gguf: bool = False) -> ModelShape:
-    """Parameter counts from a meta-device model built from ``config`` (no memory used)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    with init_empty_weights():
-        try:
-            model = AutoModelForCausalLM.from_config(config)
-        except ValueError:  # encoders and other configs without a causal-LM class
-            model = AutoModel.from_config(config)
-    model.tie_weights()  # tied embeddings count once
-    total = blocks = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # tied weights count once
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        blocks += p.numel() if _BLOCK_NAME.search("." + name) else 0
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
-    inter = int(getattr(text, "intermediate_size", 0) or getattr(text, "n_inner", 0) or getattr(text, "ffn_dim", 0)
-                or 4 * hidden)
-    layers = int(getattr(text, "num_hidden_layers", 0) or getattr(text, "n_layer", 0) or 1)
-    headers = safetensors_headers(folder) if folder is not None and Path(folder).is_dir() and not gguf else None
-    stored = headers[0] if headers and headers[0] is not None else config_dtype(config)
-    if gguf:
-        stored = torch.float32  # GGUF weights are de-quantized to float32 (and cached as such)
-    return ModelShape(
-        num_parameters=total, block_parameters=blocks, num_layers=layers, hidden=hidden, intermediate=inter,
-        vocab=int(getattr(text, "vocab_size", 0) or 0), checkpoint_dtype=stored,
-        checkpoint_bytes=headers[1] if headers else None, safetensors=headers is not None,
-    )
-
-
 # ---------------------------------------------------------------------------- decisions
-def parse_max_memory(value: str | dict | None) -> dict | None:
-    """``"0:70GiB,cpu:20GiB"`` -> ``{0: "70GiB", "cpu": "20GiB"}`` (accelerate's format)."""
-    if value is None or isinstance(value, dict):
-        return value
-    from accelerate.utils import convert_file_size_to_int
-
-    out: dict = {}
-    for part in (p.strip() for p in value.split(",") if p.strip()):
-        dev, sep, size = part.rpartition(":")
-        dev = dev.strip()
-        if not sep or not size.strip():
-            raise DepthprobeError(f"--max-memory takes DEVICE:SIZE pairs like 0:70GiB,cpu:20GiB (got {part!r})")
-        try:
-            convert_file_size_to_int(size.strip())
-        except ValueError as exc:
-            raise DepthprobeError(f"--max-memory {part!r}: {size!r} is not a size like 20GiB or 500MB") from exc
-        key = dev.removeprefix("cuda:")
-        if key.isdigit():
-            out[int(key)] = size.strip()
-        elif key in ("cpu", "disk", "mps"):
-            out[key] = size.strip()
-        else:
-            raise DepthprobeError(f"--max-memory device {dev!r} unknown; use a GPU index (0, 1, ...), cpu or disk")
-    if not out:
-        raise DepthprobeError("--max-memory is empty; give DEVICE:SIZE pairs like 0:70GiB,cpu:20GiB")
-    return out
-
-
 def fallback_dtype(checkpoint: torch.dtype, device: str) -> torch.dtype:
     """The dtype to use when float32 does not fit: the checkpoint's own, but bfloat16 on a
     CPU for float16 (CPU float16 kernels are slow and overflow-prone), and half precision
@@ -436,35 +295,6 @@ def refusal(plan: MemoryPlan) -> str:
     )
 
 
-def offloaded_modules(model: torch.nn.Module) -> list[str]:
-    """Modules whose weights accelerate keeps off the execution device and moves in for
-    each forward (``device_map`` with a cpu or disk share next to a faster device)."""
-    names = []
-    for name, module in model.named_modules():
-        hook = getattr(module, "_hf_hook", None)
-        if hook is not None and any(getattr(h, "offload", False) for h in getattr(hook, "hooks", [hook])):
-            names.append(name)
-    return names
-
-
-def check_offload_supports(model: torch.nn.Module, metrics: Sequence[str]) -> None:
-    """One-line refusals after an offloaded load: a model put on disk whole (accelerate
-    cannot run it), and attribution on offloaded modules (it needs the whole model's graph
-    at once; ``grad`` runs its backward block by block instead)."""
-    placement = getattr(model, "hf_device_map", None) or {}
-    if set(placement) == {""} and placement[""] == "disk":
-        raise DepthprobeError(
-            "--max-memory leaves no room for even one block, so accelerate put the whole model on disk as one "
-            "piece (which it cannot run); give the cpu (or GPU) budget at least a few blocks"
-        )
-    if "attribution" in metrics and offloaded_modules(model):
-        raise DepthprobeError(
-            "--metrics attribution needs every block's weights in memory at once, and some modules were offloaded; "
-            "drop attribution from --metrics (grad, drop and the forward metrics work offloaded), raise "
-            "--max-memory, or use --dtype bfloat16"
-        )
-
-
 def make_plan(source: str, gguf_file: str | None = None, *, dtype: torch.dtype | str = "auto",
               device: torch.device | str | None = "cpu", device_map=None, max_memory: dict | None = None,
               workload: Workload | None = None, config_kwargs: dict | None = None
@@ -510,3 +340,9 @@ def metrics_of(opts_metrics: str | Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(opts_metrics, str):
         return tuple(m.strip() for m in opts_metrics.split(",") if m.strip())
     return tuple(opts_metrics)
+
+
+# these moved to their own modules; kept importable from here (the plan's public face)
+__all__ = ["GIB", "MemoryPlan", "ModelShape", "Workload", "available_memory", "check_offload_supports",
+           "choose_dtype", "config_dtype", "estimate", "make_plan", "metrics_of", "model_shape", "offloaded_modules",
+           "parse_max_memory", "refusal", "safetensors_headers", "state_budget"]

@@ -112,6 +112,7 @@ class LayerStack:
                 f"(model_type={model_type!r}); pass --layers-path with the dotted path of its "
                 "block list, e.g. --layers-path model.layers"
             )
+        _refuse_parallel_lists(model, model_type, path)
         return cls._assemble(model, model_type, None, path, _get(model, path))
 
     @classmethod
@@ -141,9 +142,9 @@ class LayerStack:
 
     @property
     def is_causal_lm(self) -> bool:
-        config = getattr(self.model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        return self.head is not None and (model_type not in ENCODER_TYPES or bool(getattr(config, "is_decoder", False)))
+        """A model with an LM head is scored by next-token loss: its forward gives logits,
+        whatever ``is_decoder`` says (a BERT-like ``*LMHeadModel`` built as an encoder)."""
+        return self.head is not None
 
     @property
     def norm_placement(self) -> str:
@@ -253,18 +254,20 @@ class LayerStack:
             return None
         return router_of(core, num_experts(getattr(self.model, "config", None)))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and head applied to a residual-stream state ``(B, T, d) -> (B, T, V)``.
 
         Applied to the last block's raw output this reproduces the model's own logits. Named
         families apply their norm and head directly; any other model runs its own forward
         with ``hidden`` standing in for the last block's output, so logit scales, softcaps,
-        projections before the head and multi-token heads stay the model's own.
+        projections before the head and multi-token heads stay the model's own; that forward
+        is given ``input_ids`` when known (models that prepend positions of their own, like
+        CPM-Ant's prompt tokens, size their position bias from them).
         """
         if self.head is None:
             raise DepthprobeError("this model has no LM head; load a *ForCausalLM model for logits")
         if self.spec is None or not self.spec.head:
-            return self._logits_via_model(hidden)
+            return self._logits_via_model(hidden, input_ids)
         h = self.final_norm(hidden) if self.final_norm is not None else hidden
         project_out = _get(self.model, "model.decoder.project_out") if self.family == "opt" else None
         if project_out is not None:
@@ -275,7 +278,7 @@ class LayerStack:
             out = torch.tanh(out / softcap) * softcap
         return out
 
-    def _logits_via_model(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _logits_via_model(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         last = self.blocks[len(self) - 1]
 
         def replace_output(module, args, kwargs, output):
@@ -283,7 +286,8 @@ class LayerStack:
                 return type(output)([hidden, *output[1:]])
             return hidden
 
-        ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device)
+        ids = (input_ids.to(self.input_device) if input_ids is not None
+               else torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device))
         handle = last.register_forward_hook(replace_output, with_kwargs=True)
         try:
             with self.start_at(len(self) - 1, hidden):
@@ -444,6 +448,22 @@ def _generic_blocks_path(model: nn.Module) -> str | None:
         if len(m) > best_len and len({type(b) for b in m}) == 1:
             best, best_len = name, len(m)
     return best
+
+
+def _refuse_parallel_lists(model: nn.Module, model_type: str | None, path: str) -> None:
+    """A model that keeps each block's parts in parallel lists (XLM: ``attentions[i]``,
+    ``layer_norm1[i]``, ``ffns[i]``, ``layer_norm2[i]``) has no module per block to hook, skip
+    or remove: one line instead of a failure deep in a sweep."""
+    parent_path, _, _ = path.rpartition(".")
+    parent = _get(model, parent_path) if parent_path else model
+    length = len(_get(model, path))
+    siblings = sorted(n for n, m in parent.named_children() if isinstance(m, nn.ModuleList) and len(m) == length)
+    if len(siblings) >= 3:
+        raise DepthprobeError(
+            f"{type(model).__name__} (model_type={model_type!r}) keeps each block's parts in parallel lists "
+            f"({', '.join(siblings)}) instead of one module per block, which depthprobe needs to measure and "
+            "remove blocks; not supported"
+        )
 
 
 def _inside_list(name: str, lists: list) -> bool:

@@ -84,14 +84,14 @@ class Objective:
     def stream_scores(self, hidden: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
         """Objective of each window if ``hidden`` were the last block's output, ``(B,)``."""
         if self.lm:
-            return M.per_sequence_nll(self.stack.logits(hidden), input_ids).cpu().numpy()
+            return M.per_sequence_nll(self.stack.logits(hidden, input_ids), input_ids).cpu().numpy()
         return M.per_sequence_drift(self.stack.final_hidden(hidden), reference).cpu().numpy()
 
     def stream_sum(self, hidden: torch.Tensor, input_ids: torch.Tensor, reference: torch.Tensor | None) -> float:
         """Summed objective (over predictions, or tokens for drift) with ``hidden`` as the last
         block's output: the logit lens."""
         if self.lm:
-            return float(M.next_token_nll_sum(self.stack.logits(hidden), input_ids)[0])
+            return float(M.next_token_nll_sum(self.stack.logits(hidden, input_ids), input_ids)[0])
         return M.cosine_drift_sum(self.stack.final_hidden(hidden), reference)
 
     def target(self, inputs_embeds: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
