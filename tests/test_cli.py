@@ -98,10 +98,22 @@ def test_help_shows_examples(capsys):
     assert code == 0 and "Examples:" in out and "--metrics" in out
 
 
-def test_trust_remote_code_is_off_by_default():
-    import inspect
+def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
+    """Default options refuse a folder whose config points at its own code; asked for, it is allowed."""
+    import shutil
 
-    assert inspect.signature(depthprobe.load_model).parameters["trust_remote_code"].default is False
+    from depthprobe.model.load import LoadOptions, open_source
+
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_dir("llama"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert LoadOptions().trust_remote_code is False
+    with pytest.raises(depthprobe.DepthprobeError, match="ships its own Python code"):
+        open_source(str(folder))
+    with pytest.raises(depthprobe.DepthprobeError, match="ships its own Python code"):
+        depthprobe.load_model(str(folder), device="cpu")
 
 
 def test_nan_activations_save_results_then_exit_2(tiny_dir, tmp_path, capsys):
@@ -143,7 +155,10 @@ def test_interrupted_sweep_keeps_main_pass(tiny_dir, tmp_path, capsys, monkeypat
         capsys,
     )
     assert code == 2
+    command = (f"depthprobe analyze {tiny_dir('llama')} --seq-len 16 --num-sequences 2 --metrics angular,drop "
+               f"--out {out} --quiet --no-report --force")
     assert [line for line in err.splitlines() if line.startswith("Error:")] == [
-        f"Error: interrupted during the drop sweep; the metrics finished before it are saved in {out}"
+        "Error: interrupted during the drop sweep; the main pass (angular_distance, block_influence) finished and "
+        f"is saved in {out}/; rerun with: {command}"
     ]  # no drop batch finished: nothing to --resume (tests/test_user_steps.py covers the other case)
     assert np.isfinite(pd.read_csv(out / "layers.csv")["angular_distance"]).all()

@@ -128,7 +128,7 @@ def test_no_fit_is_refused_in_one_line_before_loading(llama_bf16, capsys, monkey
     folder, _ = llama_bf16
     monkeypatch.setattr("depthprobe.model.load._from_pretrained", _no_loading)
     monkeypatch.setattr(memory, "available_memory", lambda: {"cpu": 1024})
-    code, _, err = run_cli(["analyze", str(folder), "--device", "cpu"], capsys)
+    code, _, err = run_cli(["analyze", str(folder), "--device", "cpu", "--seq-len", "64"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "nothing was loaded" in err and "--offload-folder" in err
 
@@ -204,7 +204,7 @@ def test_cli_offload_options_reach_accelerate(tiny_dir, tmp_path, capsys):
     assert len(layers) == 4 and np.isfinite(layers["drop_delta_loss"]).all()
     code, _, err = run_cli(["analyze", str(folder), "--device-map", "everywhere", "--metrics", "angular"], capsys)
     assert code == 2 and "--device-map" in err
-    code, _, err = run_cli(["analyze", str(folder), "--metrics", "angular", "--max-memory", "cpu:1KB",
+    code, _, err = run_cli(["analyze", str(folder), "--metrics", "angular", "--seq-len", "16", "--max-memory", "cpu:1KB",
                             "--offload-folder", str(tmp_path / "off2")], capsys)
     assert code == 2 and "no room for even one block" in err and err.count("\n") == 1
 

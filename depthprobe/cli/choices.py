@@ -36,3 +36,5 @@ PRUNE_BENCH_BATCH_SIZES = "1"
 PRUNE_BENCH_PROMPT_LENS = "64"
 PRUNE_BENCH_NEW_TOKENS = 8
 PRUNE_BENCH_REPEATS = 1
+#: --device-map strategies (home: depthprobe.model.load.DEVICE_MAPS)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -23,13 +23,12 @@ def keeps(what: str | None, where: str | None = None) -> None:
     _KEPT["what"], _KEPT["where"] = what, where
 
 
-def resume_command(argv: list[str] | None = None) -> str:
+def resume_command(argv: list[str] | None = None, flag: str = "--resume") -> str:
     """This command line with ``--resume`` (and without ``--force``, which would delete the
-    kept work): the exact command that continues."""
-    args = [a for a in (argv if argv is not None else _ARGV or sys.argv[1:]) if a != "--force"]
-    if "--resume" not in args:
-        args.append("--resume")
-    return "depthprobe " + shlex.join(args)
+    kept work), or with ``flag="--force"`` when nothing is there to continue: the exact
+    command that goes on."""
+    args = [a for a in (argv if argv is not None else _ARGV or sys.argv[1:]) if a not in ("--force", "--resume")]
+    return "depthprobe " + shlex.join([*args, flag])
 
 
 def interrupt_message(during: str, finished: str, where: str | None, progress: str | None = None,
@@ -40,7 +39,7 @@ def interrupt_message(during: str, finished: str, where: str | None, progress: s
     kept = f"{finished} finished and is saved in {where}/"
     if progress:
         return f"interrupted during {during}; {kept}, with {progress}; continue with: {resume_command(argv)}"
-    return f"interrupted during {during}; {kept}; rerun with: {resume_command(argv)}"
+    return f"interrupted during {during}; {kept}; rerun with: {resume_command(argv, '--force')}"
 
 
 def message() -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from depthprobe.cli.choices import ALL_METRICS, REPAIR_VAL_FRACTION
+from depthprobe.cli.choices import ALL_METRICS, DEVICE_MAPS, REPAIR_VAL_FRACTION
 from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
 
@@ -62,6 +62,8 @@ def check_options(opts: dict) -> None:
     if opts.get("text_file") and opts.get("dataset"):
         raise DepthprobeError("give at most one of --text-file and --dataset")
     check_text_file(opts.get("text_file"), "--text-file")
+    if opts.get("device_map") is not None and opts["device_map"] not in DEVICE_MAPS:
+        raise DepthprobeError(f"unknown --device-map {opts['device_map']!r}; choose one of {', '.join(DEVICE_MAPS)}")
     if opts.get("resume") and not opts.get("out_dir"):
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
 

@@ -17,6 +17,7 @@ all of them alike; compare ratios from one run, not numbers across runs.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import statistics
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.load import load_model
+from depthprobe.probes.layer_major import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +73,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_of(out):
+    """The KV cache of a forward's output: ``cache`` in newer transformers (reading
+    ``past_key_values`` there warns of its removal), ``past_key_values`` before."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache argument (``cache``, or ``past_key_values`` in older
+    transformers and models that keep it)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor):
     """One forward over the prompts that fills the KV cache ``-> (cache, next token (B, 1))``."""
     out = model(input_ids=input_ids, use_cache=True)
-    return out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    return _cache_of(out), out.logits[:, -1].argmax(-1, keepdim=True)
 
 
 @torch.no_grad()
 def decode(model, cache, token: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding with the KV cache: ``steps`` one-token forwards ``-> (B, steps)`` ids."""
     produced = []
+    name = _cache_argument(model)
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache = _cache_of(out)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         produced.append(token)
     return torch.cat(produced, 1)
@@ -101,6 +116,9 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            # freed heap pages stay resident (glibc keeps them), so an earlier run's transients
+            # would hide in the baseline and the sampled peak read 0: hand them back first
+            return_freed_memory()
             self._base = self._peak = _rss_bytes()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)

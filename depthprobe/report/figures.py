@@ -173,16 +173,20 @@ def plot_angular_heatmap(runs: AnalysisResult | Sequence[AnalysisResult]) -> Fig
     if not runs:
         return None
     fig, axes = plt.subplots(1, len(runs), figsize=(5.2 * len(runs), 4.4), squeeze=False)
-    for ax, run in zip(axes[0], runs, strict=True):
-        matrix = run.angular_distance.to_numpy(dtype=float)
-        image = ax.imshow(matrix, origin="lower", aspect="auto", cmap="viridis",
+    matrices = [run.angular_distance.to_numpy(dtype=float) for run in runs]
+    # one colour scale for every panel: compared runs differ by large factors that
+    # per-panel scales would hide
+    values = np.concatenate([m[np.isfinite(m)] for m in matrices]) if matrices else np.array([])
+    vmin, vmax = (float(values.min()), float(values.max())) if values.size else (None, None)
+    for ax, run, matrix in zip(axes[0], runs, matrices, strict=True):
+        image = ax.imshow(matrix, origin="lower", aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
                           extent=(0.5, matrix.shape[1] + 0.5, -0.5, matrix.shape[0] - 0.5))
         ax.set_xlabel("block size n")
         ax.set_ylabel("start layer l")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(run_label(run), fontsize=10)
-        fig.colorbar(image, ax=ax, label="angular distance")
+        fig.colorbar(image, ax=ax, label="angular distance" + (" (one scale, all panels)" if len(runs) > 1 else ""))
     fig.tight_layout()
     return fig
 

@@ -124,7 +124,7 @@ def findings(result: AnalysisResult) -> list[str]:
     if base_loss is not None and "logit_lens_loss" in layers and layers["logit_lens_loss"].notna().all() and n >= 2:
         close = layers["logit_lens_loss"].to_numpy() <= base_loss + 0.5
         first = next(i for i in range(n + 1) if close[i:].all())  # from here on, every layer is close
-        if first < n:
+        if first < n - 1:  # from the last block on is always true: the last state gives the final loss
             out.append(
                 f"Read through the final norm and head, the stream is within 0.5 nats of the final loss "
                 f"({base_loss:.3f}) from layer {first} on."

@@ -21,6 +21,7 @@ import pandas as pd
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.report import figures as F
+from depthprobe.report.align import aligned, kept_blocks, mark_removed, original_indices
 from depthprobe.report.captions import activation_caption, drop_caption, lens_caption
 from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
@@ -161,6 +162,14 @@ def _sentence_boxes(runs: Sequence[AnalysisResult], title: str, sentences_of) ->
     return "".join(parts)
 
 
+def _findings_as_shown(run: AnalysisResult) -> list[str]:
+    """Findings of a run shown beside others: a pruned run's in original block indices, the
+    pruned index in brackets."""
+    kept = kept_blocks(run)
+    sentences = findings(run)
+    return sentences if kept is None else [original_indices(s, kept) for s in sentences]
+
+
 def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     """The report as one HTML string."""
     if not runs:
@@ -175,8 +184,11 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
             parts.append("<h2>Comparison across seeds</h2><p class='meta'>Final validation loss per variant: mean "
                          "and sd over seeds, and a paired t-test / Wilcoxon test against pre.</p>"
                          + table_html(run.tables["comparison"]))
-    parts.append(_sentence_boxes(runs, "Findings", findings))
-    for heading, fig, caption in _figure_sections(runs):
+    # side by side, pruned runs are drawn on their original's block indices (report.align)
+    shown = [aligned(r) for r in runs] if len(runs) > 1 else list(runs)
+    parts.append(_sentence_boxes(runs, "Findings", _findings_as_shown if len(runs) > 1 else findings))
+    for heading, fig, caption in _figure_sections(shown):
+        mark_removed(fig, shown, F.COLORS)
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
     parts += eval_sections(runs, figure_html, table_html)
@@ -187,7 +199,7 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
                 parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>"
                              + table_html(run.tables[name]))
     frames = []
-    for run in runs:
+    for run in shown:
         frame = run.layers.copy()
         if len(runs) > 1:
             frame.insert(0, "run", F.run_label(run))
