@@ -38,7 +38,8 @@ coverage: install
 	HF_HUB_OFFLINE=1 $(PY) -m tests.arch_coverage --out docs/coverage.md
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 --out $(OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/depthprobe analyze smollm2 --num-sequences 4 --seq-len 256 --out $(OUT) --force
+	@echo "demo report: $(OUT)/report.html"
 
 # 5 norm placements x 2 seeds at cpu-small: about 15 minutes on 2 CPU cores (docs/train.md).
 compare-demo: install

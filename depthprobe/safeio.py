@@ -161,7 +161,9 @@ def atomic_save_pretrained(out_dir: str | Path, *objects, **kwargs) -> Path:
             if obj is not None:
                 obj.save_pretrained(staging, **({} if _is_tokenizer(obj) else kwargs))
         files = sorted(p for p in staging.rglob("*") if p.is_file())
+        mode = _file_mode()
         for f in files:
+            os.chmod(f, mode)  # some writers create 0600 files; an export is as readable as any other output
             _fsync_path(f)
         for f in files:
             target = out / f.relative_to(staging)
@@ -175,6 +177,13 @@ def atomic_save_pretrained(out_dir: str | Path, *objects, **kwargs) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(..., "w")`` gives a new file here (0666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def load_checkpoint(path: str | Path, map_location=None) -> dict:

@@ -74,7 +74,8 @@ SHRINK = {  # option -> tiny value (calibration windows, training steps, sizes)
     "--num-sequences": "2", "--seq-len": "32", "--steps": "3", "--preset": "tiny", "--seeds": "1",
     "--attribution-steps": "2", "--block-sizes": "2", "--batch-size": "2", "--num-layers": "3",
     "--eval-limit": "20", "--limit": "20", "--heal-steps": "2", "--repair-windows": "8",
-    "--prompt-lens": "16,32", "--new-tokens": "4", "--batch-sizes": "1,2",
+    "--prompt-lens": "16,32", "--new-tokens": "4", "--batch-sizes": "1,2", "--bench-prompt-lens": "16",
+    "--bench-new-tokens": "4",
 }
 ADD = {  # options a command gets when it does not give them, so defaults stay small
     "analyze": {"--num-sequences": "2", "--seq-len": "32"},

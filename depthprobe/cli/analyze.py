@@ -178,7 +178,7 @@ def interrupted_message(sweep: str, opts: dict, measured: list[str]) -> str:
     finished = f"the main pass ({', '.join(measured)})" if measured else "no metric"
     kept = f"{batches} finished {sweep} batch(es) in {DROP_PROGRESS}" if batches else None
     if not measured and not kept:
-        return f"interrupted during the {sweep} sweep before any metric or batch finished; nothing was saved"
+        return f"interrupted during the {sweep} sweep before any metric finished; nothing was saved"
     return interrupt_message(f"the {sweep} sweep", finished, out_dir, kept)
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from depthprobe.safeio import atomic_to_csv
-from depthprobe.testing.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare_runs, format_comparison, summarize
+from depthprobe.cli.choices import DEFAULT_ATOL, DEFAULT_RTOL
 
 
 @click.command("check")
@@ -38,6 +37,9 @@ def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show
       depthprobe check runs/today --baseline runs/baseline --rtol 0.01 --metrics angular_distance,base_loss
       depthprobe check runs/today --baseline runs/baseline --all --out diff.csv
     """
+    from depthprobe.safeio import atomic_to_csv
+    from depthprobe.testing.compare import compare_runs, format_comparison, summarize
+
     table = compare_runs(run_dir, baseline_dir, rtol=rtol, atol=atol, metrics=metrics,
                          allow_different_text=allow_different_text)
     for difference in table.attrs.get("setup_differences", []):

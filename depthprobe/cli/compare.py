@@ -6,11 +6,13 @@ from pathlib import Path
 
 import click
 
+from depthprobe.cli.choices import PLACEMENT_NAMES
 from depthprobe.cli.options import common_options, setup_logging
+from depthprobe.cli.parsing import parse_list
 from depthprobe.cli.train import configs_from_options, train_options
-from depthprobe.results import REPORT_HTML, parse_list
 from depthprobe.safeio import locks_out
-from depthprobe.train.model import PLACEMENT_NAMES
+
+REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 
 
 @click.command("compare")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from depthprobe.cli.choices import CONVERT_KINDS as KINDS
 from depthprobe.cli.options import load_from_options, model_options, refuse_existing_out, setup_logging
-from depthprobe.convert.fold import KINDS
 from depthprobe.errors import DepthprobeError
 from depthprobe.safeio import locks_out
 

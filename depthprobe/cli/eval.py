@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
+from depthprobe.cli.choices import CLOZE_TASK as TASK_NAME
 from depthprobe.cli.evaluate_options import quiet_harness
 from depthprobe.cli.options import common_options, plain_model_options, setup_logging
-from depthprobe.evaluate.cloze import TASK_NAME
 
 
 @click.command("eval")

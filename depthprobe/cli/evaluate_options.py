@@ -46,7 +46,7 @@ def heldout_line(summary: dict) -> str | None:
     for name, recovered in (("repaired", "repair_recovered"), ("healed", "heal_recovered")):
         value = summary.get(f"heldout_loss_{name}", math.nan)
         if value == value:  # not NaN
-            parts.append(f"{name} {value:.6f} ({100 * summary[recovered]:.0f}% of the gap recovered)")
+            parts.append(f"{name} {value:.4f} ({100 * summary[recovered]:.0f}% of the gap recovered)")
     final = summary.get("heldout_loss_final", removed)
     return (", ".join(parts) + f"   perplexity {math.exp(full):.2f} -> {math.exp(final):.2f}   ({where})")
 

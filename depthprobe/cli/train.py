@@ -7,12 +7,12 @@ from pathlib import Path
 
 import click
 
+from depthprobe.cli.choices import NORM_TYPES, PLACEMENT_NAMES, PRESET_NAMES
 from depthprobe.cli.options import _stack, common_options, refuse_existing_out, setup_logging
-from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
 from depthprobe.safeio import locks_out
-from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
 
-PRESET_NAMES = list(PRESETS)
+ANALYSIS_DIR = "analysis"  # home: depthprobe.results.ANALYSIS_DIR
+REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 
 #: options shared by `train` and `compare` (model shape, optimisation, data)
 train_options = _stack(
