@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from depthprobe.config import DEFAULT_BOOTSTRAP_SAMPLES, BootstrapOptions
 from depthprobe.errors import DepthprobeError
-from depthprobe.probes.sweep import DEFAULT_BOOTSTRAP_SAMPLES, BootstrapOptions
 from depthprobe.results import AnalysisResult
 
 log = logging.getLogger(__name__)
