@@ -226,40 +226,45 @@ def proxy_table(
     deltas = window_matrix(drop_windows, "delta_loss")  # (L, N)
     if deltas.shape[0] != len(layers):
         raise DepthprobeError(f"drop_windows has {deltas.shape[0]} layers but the table has {len(layers)}")
-    truth = deltas.mean(1)
     idx = bootstrap_indices(deltas.shape[1], n_boot, seed)
-    truth_boot = deltas[:, idx].mean(-1).T  # (B, L)
-    rows = []
-    for name, proxy in values.items():
-        per_window = proxy_windows is not None and name in proxy_windows.columns
-        if per_window:
-            pw = window_matrix(proxy_windows, name)
-            if pw.shape != deltas.shape:
-                raise DepthprobeError(f"{name} per-window table is {pw.shape}, drop_windows is {deltas.shape}")
-            proxy_boot = pw[:, idx].sum(-1).T
-        else:
-            proxy_boot = np.broadcast_to(proxy, truth_boot.shape)
-        keep = np.isfinite(proxy) & np.isfinite(truth)
-        rho, tau = spearman(proxy[keep], truth[keep]), kendall(proxy[keep], truth[keep])
-        rho_lo, rho_hi = percentile_interval(spearman_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
-        tau_lo, tau_hi = percentile_interval(kendall_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
-        row = {
-            "proxy": name,
-            "name": PROXIES[name],
-            "spearman": rho,
-            "spearman_lo": float(rho_lo),
-            "spearman_hi": float(rho_hi),
-            "kendall": tau,
-            "kendall_lo": float(tau_lo),
-            "kendall_hi": float(tau_hi),
-            "n_layers": int(keep.sum()),
-            "n_windows": deltas.shape[1],
-            "resampled": "windows" if per_window else "fixed",
-        }
-        row["text"] = agreement_text(row)
-        rows.append(row)
+    rows = [_agreement_row(name, proxy, deltas, idx, proxy_windows, level) for name, proxy in values.items()]
     table = pd.DataFrame(rows, columns=PROXY_COLUMNS)
     return table.sort_values("spearman", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _agreement_row(name: str, proxy: np.ndarray, deltas: np.ndarray, idx: np.ndarray,
+                   proxy_windows: pd.DataFrame | None, level: float) -> dict:
+    """One row of :func:`proxy_table`: the proxy's rank agreement with the mean drop damage
+    and its bootstrap intervals over the resampled windows ``idx`` (B, N)."""
+    truth = deltas.mean(1)
+    truth_boot = deltas[:, idx].mean(-1).T  # (B, L)
+    per_window = proxy_windows is not None and name in proxy_windows.columns
+    if per_window:
+        pw = window_matrix(proxy_windows, name)
+        if pw.shape != deltas.shape:
+            raise DepthprobeError(f"{name} per-window table is {pw.shape}, drop_windows is {deltas.shape}")
+        proxy_boot = pw[:, idx].sum(-1).T
+    else:
+        proxy_boot = np.broadcast_to(proxy, truth_boot.shape)
+    keep = np.isfinite(proxy) & np.isfinite(truth)
+    rho, tau = spearman(proxy[keep], truth[keep]), kendall(proxy[keep], truth[keep])
+    rho_lo, rho_hi = percentile_interval(spearman_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+    tau_lo, tau_hi = percentile_interval(kendall_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+    row = {
+        "proxy": name,
+        "name": PROXIES[name],
+        "spearman": rho,
+        "spearman_lo": float(rho_lo),
+        "spearman_hi": float(rho_hi),
+        "kendall": tau,
+        "kendall_lo": float(tau_lo),
+        "kendall_hi": float(tau_hi),
+        "n_layers": int(keep.sum()),
+        "n_windows": deltas.shape[1],
+        "resampled": "windows" if per_window else "fixed",
+    }
+    row["text"] = agreement_text(row)
+    return row
 
 
 def agreement_text(row: dict | pd.Series) -> str:

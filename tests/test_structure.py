@@ -66,13 +66,10 @@ UPWARD_EXCEPTIONS = {
 #: owned by engine/failfast branch (the coordinator deletes this list after merging)
 SIZE_EXCEPTIONS = {
     "depthprobe/model/memory.py",  # failfast: memory plan / system split
-    "depthprobe/train/trainer.py",  # structure: being split (this branch)
 }
 FUNCTION_EXCEPTIONS = {  # "path:function"
     "depthprobe/cli/prune.py:command",  # owned by failfast branch
     "depthprobe/model/load.py:load_model",  # owned by failfast branch
-    "depthprobe/stats.py:proxy_table",  # structure: being split (this branch)
-    "depthprobe/train/compare.py:compare",  # structure: being split (this branch)
 }
 
 PARAMETER_EXCEPTIONS = {  # "path:function"
