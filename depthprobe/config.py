@@ -30,6 +30,8 @@ SWEEP_METRICS = ("drop", "attribution")
 #: every name ``--metrics`` accepts
 ALL_METRICS = (*PASS_METRICS, *SWEEP_METRICS)
 DEFAULT_METRICS = PASS_METRICS
+#: what ``depthprobe compare`` measures on each trained model
+COMPARE_METRICS = ("angular", "variance", "grad", "lens", "drop")
 
 DEFAULT_BLOCK_SIZES = (2, 4, 8)
 DEFAULT_ATTRIBUTION_STEPS = 8

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from depthprobe.analysis import analyze
-from depthprobe.config import ProbeConfig, RunOptions
+from depthprobe.config import COMPARE_METRICS, ProbeConfig, RunOptions
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.results import AnalysisResult, write_json
@@ -52,7 +52,7 @@ from depthprobe.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("angular", "variance", "grad", "lens", "drop")
+DEFAULT_METRICS = COMPARE_METRICS
 BASELINE = "pre"
 
 
