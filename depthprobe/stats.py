@@ -34,12 +34,17 @@ recomputes the proxy as the sum over the drawn windows; proxies measured only po
 all windows (angular distance, block influence, gradient norm, lens) are held fixed. The
 same resamples serve every proxy, so intervals are paired. Resamples where a vector is
 constant (rho undefined) are left out of the percentiles.
+
+**Across seeds** (the analyses of trained variants): :func:`paired_difference` (mean of
+``a - b`` over seeds, t interval, paired t-test, Cohen's d_z) and :func:`holm` (Holm–Bonferroni
+adjusted p-values over the comparisons made).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -340,6 +345,40 @@ def prune_excess(curve: pd.DataFrame, reference: str = "greedy") -> pd.DataFrame
 
 
 # ---------------------------------------------------------------------------- wiring
+def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
+    """Paired a - b over seeds: mean, t interval, paired t-test p, Cohen's d_z = mean/sd.
+
+    With n pairs: mean d̄, sd s (ddof=1), interval d̄ ± t_{(1+level)/2, n-1} · s/√n.
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "p": math.nan, "cohen_dz": math.nan}  # fmt: skip
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        half = float(sps.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+        out.update(ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
+        if sd > 0:
+            out.update(p=float(sps.ttest_rel(np.asarray(a, float), np.asarray(b, float), nan_policy="omit").pvalue),
+                       cohen_dz=out["mean_diff"] / sd)  # fmt: skip
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values: sort p ascending, p_(i) · (m - i), running max, cap 1
+    (NaNs stay NaN and do not count in m)."""
+    p = np.asarray(pvalues, float)
+    ok = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(len(p), np.nan)
+    order = ok[np.argsort(p[ok])]
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, p[idx] * (len(order) - i)))
+        adjusted[idx] = running
+    return adjusted.tolist()
+
+
 def with_proxy_statistics(result: AnalysisResult, bootstrap: BootstrapOptions | None = None) -> AnalysisResult:
     """A new result with drop intervals, ``tables["proxies"]`` and the verdict (``result`` is
     not changed).
