@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from depthprobe import distributed
+from depthprobe.config import DEFAULT_METRICS, PASS_METRICS  # noqa: F401  (re-exported; defined in config)
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.accumulator import COLUMN_ORDER, BaseLoss, PassAccumulator, ordered_columns
@@ -32,10 +33,6 @@ from depthprobe.probes.offload import use_layer_major
 from depthprobe.probes.router import watch_routers
 from depthprobe.probes.sweep import ExecutionOptions
 
-#: metrics of the main pass; names accepted by ``--metrics``
-PASS_METRICS = ("angular", "variance", "grad", "lens")
-#: what ``analyze`` measures unless told otherwise
-DEFAULT_METRICS = PASS_METRICS
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
 
