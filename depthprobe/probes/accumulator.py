@@ -12,6 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Collection
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -215,3 +216,13 @@ class BaseLoss:
 
     def window_array(self) -> np.ndarray:
         return np.asarray(self.windows, float)
+
+
+@dataclass
+class GradOutput:
+    """What a schedule's pass returns besides what it fed: the gradient columns (``grad``),
+    why some are empty, and the backward's seconds when the schedule timed it apart."""
+
+    columns: dict[str, list[float]] = field(default_factory=dict)
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None

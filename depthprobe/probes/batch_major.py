@@ -15,14 +15,13 @@ from tqdm.auto import tqdm
 
 from depthprobe.journal import Journal
 from depthprobe.probes import metrics as M
-from depthprobe.probes.accumulator import BaseLoss, PassAccumulator
+from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
 from depthprobe.probes.batch import Batch
-from depthprobe.probes.drop import BatchScorer, DropPlan, capture_states
-from depthprobe.probes.drop_tables import DropRecord, Variant
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, Variant
 from depthprobe.probes.grad_norms import BlockGradNorms
 from depthprobe.probes.hooks import watch_blocks, zero_output
-from depthprobe.probes.main_pass import GradOutput
 from depthprobe.probes.objective import Objective
+from depthprobe.probes.scoring import BatchScorer, capture_states
 
 
 class BatchMajor:

@@ -27,94 +27,25 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.batch import Batch, batches_of
-from depthprobe.probes.drop_tables import (
-    DropRecord,
-    DropSweepResult,
-    DropTables,
-    Variant,
-    can_drop_sublayers,
-    drop_variants,
-)
-from depthprobe.probes.hooks import evaluating, watch_blocks
-from depthprobe.probes.objective import Objective, objective_for
+from depthprobe.probes.batch import batches_of
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables
+from depthprobe.probes.hooks import evaluating
+from depthprobe.probes.objective import objective_for
 from depthprobe.probes.offload import use_layer_major
+from depthprobe.probes.schedules import make_schedule
+from depthprobe.probes.scoring import BatchScorer, capture_states  # noqa: F401 - their home before
 from depthprobe.probes.sweep import DEFAULT_BLOCK_SIZES, ExecutionOptions, SweepContext, SweepOutput
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BLOCK_SIZES", "BatchScorer", "DropPlan", "DropRecord", "DropSweepResult", "capture_states",
            "drop_sweep", "run_drop_sweep", "run_drop_sweep_layer_major"]
-
-
-@dataclass
-class BatchScorer:
-    """Per-window objective (:class:`Objective`) of a model run on one batch."""
-
-    objective: Objective
-    batch: Batch
-    reference: torch.Tensor | None = None  # encoders: the full model's final hidden state
-
-    def from_output(self, out) -> np.ndarray:
-        return self.objective.window_scores(out, self.batch, self.reference)
-
-    def from_stream(self, hidden: torch.Tensor) -> np.ndarray:
-        """Score a residual-stream state as if it were the last block's output."""
-        return self.objective.stream_scores(hidden, self.batch, self.reference)
-
-    def run(self, start: int, hidden: torch.Tensor, keep: Sequence[int] | None = None) -> np.ndarray:
-        """Objective when blocks ``keep`` (default ``start..L-1``) run on ``hidden``."""
-        stack = self.objective.stack
-        keep = list(range(start, len(stack))) if keep is None else list(keep)
-        if not keep:
-            return self.from_stream(hidden)
-        with stack.start_at(keep[0], hidden, keep=keep):
-            return self.from_output(self.objective.forward(self.batch))
-
-
-def capture_states(objective: Objective, batch: Batch, keep: Sequence[int] | None = None):
-    """One forward pass; returns ``(states, out)`` with ``states[l]`` the input of block l
-    (``states[L]`` the last block's output), for the blocks in ``keep`` (default: all)."""
-    stack = objective.stack
-    keep = list(range(len(stack))) if keep is None else list(keep)
-    states: dict[int, torch.Tensor] = {}
-
-    def record(layer, x_in, x_out):
-        states[layer] = x_in.detach()
-        if layer == keep[-1]:
-            states[len(stack)] = x_out.detach()
-
-    with stack.keep_blocks(keep), watch_blocks(stack, record, layers=keep):
-        out = objective.forward(batch)
-    return states, out
-
-
-@dataclass(frozen=True)
-class DropPlan:
-    """The drops of one sweep: every :class:`Variant`, and the shape of its records."""
-
-    variants: list[Variant]
-    num_layers: int
-    sublayers: bool
-    block_sizes: list[int]
-
-    @classmethod
-    def of(cls, stack: LayerStack, sublayers: bool, block_sizes: Sequence[int]) -> DropPlan:
-        can_sublayer = can_drop_sublayers(stack, sublayers)
-        block_sizes = list(block_sizes)
-        return cls(drop_variants(stack, can_sublayer, block_sizes), len(stack), can_sublayer, block_sizes)
-
-    def record(self, size: int) -> DropRecord:
-        """An empty record for a batch of ``size`` windows."""
-        return DropRecord.empty(self.num_layers, size, self.sublayers, self.block_sizes)
 
 
 def drop_sweep(ctx: SweepContext) -> SweepOutput:
@@ -150,8 +81,6 @@ def run_drop_sweep(
     ``execution``: batch-major (default) or layer-major, and the layer-major store's budget.
     With ``progress_file`` finished work is journaled there and a rerun resumes from it.
     """
-    from depthprobe.probes.main_pass import make_schedule
-
     execution = execution or ExecutionOptions(order="batch")
     order = "layer" if use_layer_major(execution.order, stack.model) else "batch"
     objective = objective_for(stack)

@@ -50,6 +50,26 @@ def can_drop_sublayers(stack: LayerStack, sublayers: bool) -> bool:
     return sublayers and any(stack.sublayer_layers(k, droppable=True) for k in SUBLAYER_KINDS)
 
 
+@dataclass(frozen=True)
+class DropPlan:
+    """The drops of one sweep: every :class:`Variant`, and the shape of its records."""
+
+    variants: list[Variant]
+    num_layers: int
+    sublayers: bool
+    block_sizes: list[int]
+
+    @classmethod
+    def of(cls, stack: LayerStack, sublayers: bool, block_sizes: Sequence[int]) -> DropPlan:
+        can_sublayer = can_drop_sublayers(stack, sublayers)
+        block_sizes = list(block_sizes)
+        return cls(drop_variants(stack, can_sublayer, block_sizes), len(stack), can_sublayer, block_sizes)
+
+    def record(self, size: int) -> DropRecord:
+        """An empty record for a batch of ``size`` windows."""
+        return DropRecord.empty(self.num_layers, size, self.sublayers, self.block_sizes)
+
+
 @dataclass
 class DropRecord:
     """Per-window objectives of one batch of ``B`` windows: the full model (``base``, ``(B,)``),

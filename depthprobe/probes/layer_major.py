@@ -22,24 +22,23 @@ importable from here for one release.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import time
-from collections.abc import Collection, Iterator
+import warnings
+from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.data import Windows
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
-from depthprobe.probes.accumulator import BaseLoss, PassAccumulator
+from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
 from depthprobe.probes.batch import Batch
-from depthprobe.probes.drop import BatchScorer, DropPlan
-from depthprobe.probes.drop_tables import DropRecord, Variant
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, Variant
 from depthprobe.probes.grad_norms import BlockGradNorms
 from depthprobe.probes.hooks import zero_output
-from depthprobe.probes.main_pass import GradOutput, PassResult, run_main_pass
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.offload import (  # noqa: F401 - re-exported for one release
     is_offloaded,
@@ -50,12 +49,12 @@ from depthprobe.probes.offload import (  # noqa: F401 - re-exported for one rele
     use_layer_major,
 )
 from depthprobe.probes.runner import BlockRunner
+from depthprobe.probes.scoring import BatchScorer
 from depthprobe.probes.store import StateStore, StreamCheckpoints, default_state_budget, open_store
 from depthprobe.probes.sweep import EXECUTION_ORDERS as ORDERS  # noqa: F401 - deprecated alias
-from depthprobe.probes.sweep import ExecutionOptions
 
 __all__ = ["BlockRunner", "LayerMajor", "StateStore", "default_state_budget", "offload_hooks", "resident",
-           "run_main_pass_layer_major", "supports_block_backward", "use_layer_major"]
+           "supports_block_backward", "use_layer_major"]
 
 
 def supports_block_backward(stack: LayerStack) -> bool:
@@ -217,11 +216,15 @@ class LayerMajor:
         return record
 
 
-def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
-                              loss: bool, progress: bool = True, budget: int | None = None,
-                              spill_dir: str | os.PathLike | None = None) -> PassResult:
-    """Deprecated (one release): ``run_main_pass(..., execution=ExecutionOptions("layer", budget, spill_dir))``."""
-    execution = ExecutionOptions(order="layer", state_budget=budget,
-                                 spill_dir=None if spill_dir is None else str(spill_dir))
-    return run_main_pass(stack, windows, metrics, batch_size=batch_size, loss=loss, progress=progress,
-                         execution=execution)
+#: names that moved: ``layer_major.<name>`` -> ``<module>.<name>`` (warns, for one release)
+_MOVED = {"run_main_pass_layer_major": "depthprobe.probes.main_pass",
+          "run_drop_sweep_layer_major": "depthprobe.probes.drop"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"depthprobe.probes.layer_major.{name} moved to {_MOVED[name]}.{name} (deprecated: pass "
+                      "execution=ExecutionOptions(order='layer')); this alias goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'depthprobe.probes.layer_major' has no attribute {name!r}")

@@ -28,16 +28,17 @@ from depthprobe.model.stack import LayerStack
 from depthprobe.probes.accumulator import COLUMN_ORDER, BaseLoss, PassAccumulator, ordered_columns
 from depthprobe.probes.batch import batches_of
 from depthprobe.probes.hooks import only_blocks_require_grad
-from depthprobe.probes.objective import Objective, objective_for
+from depthprobe.probes.objective import objective_for
 from depthprobe.probes.offload import use_layer_major
 from depthprobe.probes.router import watch_routers
+from depthprobe.probes.schedules import make_schedule
 from depthprobe.probes.sweep import ExecutionOptions
 
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
 
 __all__ = ["COLUMN_ORDER", "DEFAULT_METRICS", "PASS_METRICS", "STREAM_METRICS", "PassAccumulator", "PassResult",
-           "needs_loss", "ordered_columns", "run_main_pass"]
+           "needs_loss", "ordered_columns", "run_main_pass", "run_main_pass_layer_major"]
 
 
 def needs_loss(metrics: Collection[str]) -> bool:
@@ -54,27 +55,6 @@ class PassResult:
     window_nll: np.ndarray | None  # (N,) mean-token loss of each window (LMs, when the loss ran)
     angular_matrix: list[list[float]] | None
     not_applicable: dict[str, str] = field(default_factory=dict)  # column -> why it is left empty
-
-
-@dataclass
-class GradOutput:
-    """What a schedule's pass returns besides what it fed: the gradient columns (``grad``),
-    why some are empty, and the backward's seconds when the schedule timed it apart."""
-
-    columns: dict[str, list[float]] = field(default_factory=dict)
-    not_applicable: dict[str, str] = field(default_factory=dict)
-    seconds: float | None = None
-
-
-def make_schedule(order: str, objective: Objective, batches, progress: bool, budget: int | None = None,
-                  spill_dir: str | os.PathLike | None = None):
-    """The schedule for ``order`` (``"batch"`` or ``"layer"``) over ``batches``."""
-    from depthprobe.probes.batch_major import BatchMajor
-    from depthprobe.probes.layer_major import LayerMajor
-
-    if order == "layer":
-        return LayerMajor(objective, batches, progress, budget=budget, spill_dir=spill_dir)
-    return BatchMajor(objective, batches, progress)
 
 
 def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
@@ -111,3 +91,13 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     if losses is None:
         return PassResult(columns, timings, None, None, acc.angular_matrix(), out.not_applicable)
     return PassResult(columns, timings, losses.mean, losses.window_array(), acc.angular_matrix(), out.not_applicable)
+
+
+def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
+                              loss: bool, progress: bool = True, budget: int | None = None,
+                              spill_dir: str | os.PathLike | None = None) -> PassResult:
+    """Deprecated (one release): ``run_main_pass(..., execution=ExecutionOptions("layer", budget, spill_dir))``."""
+    execution = ExecutionOptions(order="layer", state_budget=budget,
+                                 spill_dir=None if spill_dir is None else str(spill_dir))
+    return run_main_pass(stack, windows, metrics, batch_size=batch_size, loss=loss, progress=progress,
+                         execution=execution)

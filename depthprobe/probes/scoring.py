@@ -1,4 +1,6 @@
-"""The one per-window scorer: each window's objective of the model with some blocks removed.
+"""Scoring windows: the one per-window scorer of a model with some blocks removed
+(:class:`WindowScorer`), a batch's scores from an output or a stream (:class:`BatchScorer`),
+and the block inputs of one pass (:func:`capture_states`), which prefix caching reuses.
 
 ``scores(removed)[w]`` = the objective (:class:`~depthprobe.probes.objective.Objective`:
 mean next-token NLL ``-1/(T-1) Σ_t log p(x_{t+1} | x_≤t)`` for LMs, cosine drift against the
@@ -11,14 +13,57 @@ evaluator (:class:`depthprobe.prune.select.Evaluator`) both score through it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.batch import Batch, batches_of
-from depthprobe.probes.hooks import evaluating
+from depthprobe.probes.hooks import evaluating, watch_blocks
 from depthprobe.probes.objective import Objective, objective_for
+
+
+@dataclass
+class BatchScorer:
+    """Per-window objective (:class:`Objective`) of a model run on one batch."""
+
+    objective: Objective
+    batch: Batch
+    reference: torch.Tensor | None = None  # encoders: the full model's final hidden state
+
+    def from_output(self, out) -> np.ndarray:
+        return self.objective.window_scores(out, self.batch, self.reference)
+
+    def from_stream(self, hidden: torch.Tensor) -> np.ndarray:
+        """Score a residual-stream state as if it were the last block's output."""
+        return self.objective.stream_scores(hidden, self.batch, self.reference)
+
+    def run(self, start: int, hidden: torch.Tensor, keep: Sequence[int] | None = None) -> np.ndarray:
+        """Objective when blocks ``keep`` (default ``start..L-1``) run on ``hidden``."""
+        stack = self.objective.stack
+        keep = list(range(start, len(stack))) if keep is None else list(keep)
+        if not keep:
+            return self.from_stream(hidden)
+        with stack.start_at(keep[0], hidden, keep=keep):
+            return self.from_output(self.objective.forward(self.batch))
+
+
+def capture_states(objective: Objective, batch: Batch, keep: Sequence[int] | None = None):
+    """One forward pass; returns ``(states, out)`` with ``states[l]`` the input of block l
+    (``states[L]`` the last block's output), for the blocks in ``keep`` (default: all)."""
+    stack = objective.stack
+    keep = list(range(len(stack))) if keep is None else list(keep)
+    states: dict[int, torch.Tensor] = {}
+
+    def record(layer, x_in, x_out):
+        states[layer] = x_in.detach()
+        if layer == keep[-1]:
+            states[len(stack)] = x_out.detach()
+
+    with stack.keep_blocks(keep), watch_blocks(stack, record, layers=keep):
+        out = objective.forward(batch)
+    return states, out
 
 
 class WindowScorer:

@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 from depthprobe.errors import DepthprobeError
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.drop import BatchScorer, capture_states
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
-from depthprobe.probes.scoring import WindowScorer
+from depthprobe.probes.scoring import BatchScorer, WindowScorer, capture_states
 
 STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
 #: ranked strategies: the per-layer column whose smallest values are removed first
