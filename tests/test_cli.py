@@ -10,6 +10,7 @@ import pytest
 
 import depthprobe
 from depthprobe.cli import main
+from depthprobe.errors import DepthprobeError
 
 
 def run_cli(args, capsys):
@@ -98,22 +99,14 @@ def test_help_shows_examples(capsys):
     assert code == 0 and "Examples:" in out and "--metrics" in out
 
 
-def test_trust_remote_code_is_off_by_default(tiny_dir, tmp_path):
-    """Default options refuse a folder whose config points at its own code; asked for, it is allowed."""
-    import shutil
-
-    from depthprobe.model.load import LoadOptions, open_source
-
-    folder = tmp_path / "custom"
-    shutil.copytree(tiny_dir("llama"), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
-    (folder / "config.json").write_text(json.dumps(config))
-    assert LoadOptions().trust_remote_code is False
-    with pytest.raises(depthprobe.DepthprobeError, match="ships its own Python code"):
-        open_source(str(folder))
-    with pytest.raises(depthprobe.DepthprobeError, match="ships its own Python code"):
+def test_load_model_runs_no_repo_code_unless_asked(remote_code_model):
+    """The Python API's default: a folder whose config maps to its own code is refused in one
+    line naming the flag, and that code never runs (the CLI's case: test_faults_security)."""
+    folder, marker = remote_code_model
+    with pytest.raises(DepthprobeError, match="trust_remote_code|--trust-remote-code") as exc:
         depthprobe.load_model(str(folder), device="cpu")
+    assert "\n" not in str(exc.value)
+    assert not marker.exists()
 
 
 def test_nan_activations_save_results_then_exit_2(tiny_dir, tmp_path, capsys):

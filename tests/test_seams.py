@@ -9,6 +9,7 @@ import torch
 
 import depthprobe
 from depthprobe.analysis import SWEEPS, ProbeConfig, analyze, measure
+from depthprobe.cli.parsing import parse_list
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes import drop
@@ -16,7 +17,7 @@ from depthprobe.probes.hooks import watch_blocks
 from depthprobe.probes.main_pass import PassAccumulator
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import DropOptions, SweepOptions, SweepOutput
-from depthprobe.results import DROP_PROGRESS, parse_list
+from depthprobe.runs import DROP_PROGRESS
 from depthprobe.stats import with_proxy_statistics
 from tests.tiny_models import FAMILY_NAMES, build_tiny, random_ids
 
@@ -131,9 +132,11 @@ def test_resume_lives_in_analyze(llama, tmp_path, monkeypatch):
             with pytest.raises(DepthprobeError, match="different sweep"):
                 analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2, progress_dir=tmp_path,
                         resume=True, progress=False)
-        else:
-            analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2, progress_dir=tmp_path,
-                    progress=False)
+        else:  # the stale file is dropped, the sweep measured afresh, and its own file removed at the end
+            fresh = analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2,
+                            progress_dir=tmp_path, progress=False)
+            np.testing.assert_allclose(fresh.layers["drop_delta_loss"], full.layers["drop_delta_loss"], rtol=1e-12)
+            assert not (tmp_path / DROP_PROGRESS).exists()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

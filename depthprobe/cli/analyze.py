@@ -29,10 +29,8 @@ from depthprobe.cli.options import (
 )
 from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
+from depthprobe.runs import DROP_PROGRESS, REPORT_HTML
 from depthprobe.safeio import locks_out
-
-DROP_PROGRESS = "drop_progress.jsonl"  # home: depthprobe.results.DROP_PROGRESS
-REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 
 
 @click.command("analyze")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 #: --dtype names (home: depthprobe.model.load.DTYPES)
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
-#: --metrics (home: depthprobe.analysis.ALL_METRICS / DEFAULT_METRICS)
-ALL_METRICS = ("angular", "variance", "grad", "lens", "drop", "attribution")
-DEFAULT_METRICS = ("angular", "variance", "grad", "lens")
-#: --block-sizes, --attribution-steps, --execution (home: depthprobe.probes.sweep)
-DEFAULT_BLOCK_SIZES = (2, 4, 8)
-DEFAULT_ATTRIBUTION_STEPS = 8
-EXECUTION_ORDERS = ("auto", "batch", "layer")
+#: --metrics, --block-sizes, --attribution-steps, --execution: their one home is the (light) config
+from depthprobe.config import (  # noqa: E402
+    ALL_METRICS,
+    DEFAULT_ATTRIBUTION_STEPS,
+    DEFAULT_BLOCK_SIZES,
+    DEFAULT_METRICS,
+    EXECUTION_ORDERS,
+)
+
+__all__ = ["ALL_METRICS", "DEFAULT_ATTRIBUTION_STEPS", "DEFAULT_BLOCK_SIZES", "DEFAULT_METRICS", "EXECUTION_ORDERS"]
 #: prune --strategy (home: depthprobe.prune.select.STRATEGIES)
 STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
 #: convert --to (home: depthprobe.convert.fold.KINDS)

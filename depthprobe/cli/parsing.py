@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from depthprobe.config import split_items
 from depthprobe.errors import DepthprobeError
 
 
@@ -13,11 +14,8 @@ def parse_list(value: str | Sequence | None, flag: str, cast: Callable = str, ex
     Empty items are skipped; a list is cast item by item; a bad item is a one-line error
     naming ``flag``.
     """
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else list(value)
     try:
-        return [cast(v.strip() if isinstance(v, str) else v) for v in items if not (isinstance(v, str) and not v.strip())]
+        return [cast(v) for v in split_items(value)]
     except (TypeError, ValueError) as exc:
         kind = {int: " of integers", float: " of numbers"}.get(cast, "")
         raise DepthprobeError(f"{flag} takes a comma-separated list{kind} like {example} (got {value!r})") from exc

@@ -29,9 +29,9 @@ from depthprobe.cli.options import (
 )
 from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
+from depthprobe.runs import REPORT_HTML
 from depthprobe.safeio import locks_out
 
-REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 #: the options of a prune, kept in its --out: a --resume with other options is refused
 OPTIONS_JSON = "prune_options.json"
 #: options that do not change what a prune computes

@@ -9,10 +9,8 @@ import click
 
 from depthprobe.cli.choices import NORM_TYPES, PLACEMENT_NAMES, PRESET_NAMES
 from depthprobe.cli.options import _stack, common_options, refuse_existing_out, setup_logging
+from depthprobe.runs import ANALYSIS_DIR, REPORT_HTML
 from depthprobe.safeio import locks_out
-
-ANALYSIS_DIR = "analysis"  # home: depthprobe.results.ANALYSIS_DIR
-REPORT_HTML = "report.html"  # home: depthprobe.results.REPORT_HTML
 
 #: options shared by `train` and `compare` (model shape, optimisation, data)
 train_options = _stack(

@@ -35,7 +35,7 @@ from depthprobe.model.families import ENCODER_TYPES, FAMILIES
 from depthprobe.model.hub import OFFLINE_HINT
 from depthprobe.model.memory import MemoryPlan, Workload, make_plan
 from depthprobe.model.system import parse_max_memory
-from depthprobe.results import model_source
+from depthprobe.runs import model_source
 
 log = logging.getLogger(__name__)
 
