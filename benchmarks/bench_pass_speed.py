@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import depthprobe  # noqa: E402
-from depthprobe.model.memory import Workload  # noqa: E402
+from depthprobe.config import ProbeConfig as Workload  # noqa: E402
 from depthprobe.probes import metrics as M  # noqa: E402
 from depthprobe.probes.hooks import only_blocks_require_grad  # noqa: E402
 from depthprobe.probes.main_pass import run_main_pass  # noqa: E402

@@ -13,10 +13,11 @@ import torch
 
 import depthprobe
 from depthprobe.cli import main
+from depthprobe.config import ProbeConfig as Workload
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.model import memory
-from depthprobe.model.memory import GIB, Workload, estimate, model_shape, parse_max_memory
+from depthprobe.model.memory import GIB, estimate, model_shape, parse_max_memory
 from tests.tiny_models import build_tiny, random_ids, save_tiny
 
 

@@ -147,11 +147,13 @@ def load_from_options(opts: dict, tokenizer=None):
 
 def _workload(opts: dict):
     """What the memory plan assumes: this command's metrics and batch tokens."""
-    from depthprobe.model.memory import Workload, metrics_of
+    from depthprobe.config import ProbeConfig
+    from depthprobe.model.memory import metrics_of
 
     metrics = metrics_of(opts["metrics"]) if opts.get("metrics") else ("angular", "drop")
-    return Workload(metrics=metrics, batch_size=opts.get("batch_size", 4), seq_len=opts.get("seq_len", 256),
-                    num_sequences=opts.get("num_sequences", 8))
+    return ProbeConfig(metrics=metrics, batch_size=opts.get("batch_size", DEFAULT_BATCH_SIZE),
+                       seq_len=opts.get("seq_len", DEFAULT_SEQ_LEN),
+                       num_sequences=opts.get("num_sequences", DEFAULT_NUM_SEQUENCES))
 
 
 def analysis_kwargs(opts: dict) -> dict:

@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from depthprobe.config import ProbeConfig
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model import hub
 from depthprobe.model.families import ENCODER_TYPES, FAMILIES
 from depthprobe.model.hub import OFFLINE_HINT
-from depthprobe.model.memory import MemoryPlan, Workload, make_plan
+from depthprobe.model.memory import MemoryPlan, make_plan
 from depthprobe.model.system import parse_max_memory
 from depthprobe.runs import model_source
 
@@ -153,7 +154,7 @@ def load_model(
     source: str | os.PathLike,
     options: LoadOptions | None = None,
     *,
-    workload: Workload | None = None,
+    workload: ProbeConfig | None = None,
     cache: bool = True,
     tokenizer=None,
     **overrides,
@@ -167,8 +168,9 @@ def load_model(
         options: :class:`LoadOptions` (dtype, device, device_map, max_memory, offload_folder,
             gguf_file, revision, trust_remote_code); ``overrides`` are its field names
             (``load_model("smollm2", device="cpu")``).
-        workload: metrics and batch tokens the memory plan assumes (default: the default
-            analysis); see :mod:`depthprobe.model.memory`.
+        workload: the :class:`~depthprobe.config.ProbeConfig` of the run the memory plan
+            assumes (metrics, windows, batch size; default: the default analysis); see
+            :mod:`depthprobe.model.memory`.
         cache: cache de-quantized GGUF weights as safetensors (see module docs).
         tokenizer: the tokenizer :func:`open_source` already loaded (not loaded twice).
 
@@ -289,7 +291,7 @@ def _planned_dtype(source, gguf_file, opts: LoadOptions, target, device_map, max
     return plan.dtype
 
 
-def plan_load(source: str | os.PathLike, options: LoadOptions | None = None, *, workload: Workload | None = None,
+def plan_load(source: str | os.PathLike, options: LoadOptions | None = None, *, workload: ProbeConfig | None = None,
               **overrides) -> tuple[MemoryPlan, str | None]:
     """The memory plan :func:`load_model` would follow with these options, and its
     one-line dtype note; reads the config and safetensors headers only (``--dry-run``).

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from depthprobe.config import ProbeConfig
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.offload import check_offload_supports, offloaded_modules
 from depthprobe.model.shape import ModelShape, config_dtype, model_shape, safetensors_headers
@@ -58,18 +59,9 @@ LOAD_PEAK_BYTES = int(1.0 * GIB)
 HEADROOM = 0.9
 
 
-@dataclass(frozen=True)
-class Workload:
-    """What the run will compute: the metrics and the tokens of one forward pass."""
-
-    metrics: tuple[str, ...] = ("angular", "variance", "grad", "lens")
-    batch_size: int = 4
-    seq_len: int = 256
-    num_sequences: int = 8
-
-    @property
-    def batch_tokens(self) -> int:
-        return min(self.batch_size, self.num_sequences) * self.seq_len
+def batch_tokens(config: ProbeConfig) -> int:
+    """Tokens of one forward pass: ``min(batch_size, num_sequences) * seq_len``."""
+    return min(config.batch_size, config.num_sequences) * config.seq_len
 
 
 @dataclass(frozen=True)
@@ -79,7 +71,7 @@ class MemoryPlan:
     dtype: torch.dtype
     device: str  # "cpu", "cuda:0", or "offload" when accelerate places the weights
     shape: ModelShape
-    workload: Workload
+    workload: ProbeConfig
     weights: int
     mapped: bool  # weights stay memory-mapped (not anonymous memory)
     gradients: int
@@ -150,7 +142,7 @@ class MemoryPlan:
         head = (
             f"memory plan: {s.num_parameters / 1e9:.2f} B parameters ({s.num_layers} blocks, d={s.hidden}) "
             f"in {_name(self.dtype)} on {self.device} (checkpoint {_name(s.checkpoint_dtype)}); "
-            f"metrics {','.join(w.metrics)}; {w.batch_tokens} tokens per forward"
+            f"metrics {','.join(w.metrics)}; {batch_tokens(w)} tokens per forward"
         )
         lines = [head] + [f"  {name:<38s} {gb(v):>9s}" for name, v in self.rows()]
         for dev, avail in self.available.items():
@@ -177,7 +169,7 @@ def _bytes(dtype: torch.dtype) -> int:
 
 def _forward_transient(plan: MemoryPlan) -> int:
     """One block's forward temporaries plus the float32 logits and their log-softmax."""
-    s, tokens, size = plan.shape, plan.workload.batch_tokens, _bytes(plan.dtype)
+    s, tokens, size = plan.shape, batch_tokens(plan.workload), _bytes(plan.dtype)
     return tokens * ((4 * s.hidden + 3 * s.intermediate) * size + s.vocab * (size + 8))
 
 
@@ -187,7 +179,7 @@ def state_budget(available: dict[str, int]) -> int | None:
     return available["cpu"] // 4 if "cpu" in available else None
 
 
-def _gradient_bytes(shape: ModelShape, workload: Workload, size: int) -> int:
+def _gradient_bytes(shape: ModelShape, workload: ProbeConfig, size: int) -> int:
     """Gradients alive at once: with several batches the running sums of every block
     parameter's gradient; with one, each gradient is reduced and freed as the backward
     produces it, so about one weight matrix (``d x I``) and a float64 chunk of it."""
@@ -196,11 +188,11 @@ def _gradient_bytes(shape: ModelShape, workload: Workload, size: int) -> int:
     return shape.hidden * shape.intermediate * size + (1 << 21) * 8
 
 
-def estimate(shape: ModelShape, dtype: torch.dtype, workload: Workload, device: str = "cpu",
+def estimate(shape: ModelShape, dtype: torch.dtype, workload: ProbeConfig, device: str = "cpu",
              available: dict[str, int] | None = None, budget: int | None = None) -> MemoryPlan:
     """The plan for ``shape`` run in ``dtype`` on ``device`` (formulas in the module docs)."""
     size = _bytes(dtype)
-    metrics, tokens = set(workload.metrics), workload.batch_tokens
+    metrics, tokens = set(workload.metrics), batch_tokens(workload)
     d, inter, layers = shape.hidden, shape.intermediate, shape.num_layers
     # CPU-resident weights of the stored dtype stay views of the memory-mapped files
     mapped = device in ("cpu", "offload") and shape.safetensors and dtype == shape.checkpoint_dtype
@@ -245,7 +237,7 @@ def fallback_dtype(checkpoint: torch.dtype, device: str) -> torch.dtype:
     return checkpoint
 
 
-def choose_dtype(shape: ModelShape, workload: Workload, device: str, available: dict[str, int],
+def choose_dtype(shape: ModelShape, workload: ProbeConfig, device: str, available: dict[str, int],
                  budget: int | None = None) -> tuple[MemoryPlan, str | None]:
     """``--dtype auto``: the plan in float32 when it fits, else in the fallback dtype, and
     the one-line note saying so (None when float32 was kept). Raises the refusal when
@@ -297,7 +289,7 @@ def refusal(plan: MemoryPlan) -> str:
 
 def make_plan(source: str, gguf_file: str | None = None, *, dtype: torch.dtype | str = "auto",
               device: torch.device | str | None = "cpu", device_map=None, max_memory: dict | None = None,
-              workload: Workload | None = None, config_kwargs: dict | None = None
+              workload: ProbeConfig | None = None, config_kwargs: dict | None = None
               ) -> tuple[MemoryPlan, str | None]:
     """The plan for loading ``source`` (a folder, hub id, or folder + ``gguf_file``) and the
     one-line dtype note of ``--dtype auto``. ``device`` None means accelerate places the
@@ -317,7 +309,7 @@ def make_plan(source: str, gguf_file: str | None = None, *, dtype: torch.dtype |
         key = "cpu" if where in ("cpu", "offload") else int(where.split(":")[1] if ":" in where else 0)
         if key in max_memory:
             budget = convert_file_size_to_int(max_memory[key])
-    workload = workload or Workload()
+    workload = workload or ProbeConfig()
     available = available_memory()
     if dtype == "auto":
         return choose_dtype(shape, workload, where, available, budget)
@@ -336,13 +328,24 @@ def _device_key(device) -> str:
 
 def metrics_of(opts_metrics: str | Sequence[str] | None) -> tuple[str, ...]:
     if opts_metrics is None:
-        return Workload().metrics
+        return ProbeConfig().metrics
     if isinstance(opts_metrics, str):
         return tuple(m.strip() for m in opts_metrics.split(",") if m.strip())
     return tuple(opts_metrics)
 
 
 # these moved to their own modules; kept importable from here (the plan's public face)
-__all__ = ["GIB", "MemoryPlan", "ModelShape", "Workload", "available_memory", "check_offload_supports",
+__all__ = ["GIB", "MemoryPlan", "ModelShape", "batch_tokens", "available_memory", "check_offload_supports",
            "choose_dtype", "config_dtype", "estimate", "make_plan", "metrics_of", "model_shape", "offloaded_modules",
            "parse_max_memory", "refusal", "safetensors_headers", "state_budget"]
+
+
+def __getattr__(name: str):
+    """``Workload`` became :class:`depthprobe.config.ProbeConfig` (same fields); kept one release."""
+    if name == "Workload":
+        import warnings
+
+        warnings.warn("depthprobe.model.memory.Workload is depthprobe.config.ProbeConfig now", DeprecationWarning,
+                      stacklevel=2)
+        return ProbeConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
