@@ -57,27 +57,14 @@ LAYERS: dict[str, int] = {
 }
 
 #: known arrows other branches remove; the coordinator deletes this list after merging
-UPWARD_EXCEPTIONS = {
-    # owned by failfast branch: load_model imports the package's load_plugins (train, convert)
-    ("depthprobe.model.load", "depthprobe"),
-}
+UPWARD_EXCEPTIONS: set[tuple[str, str]] = set()
 
 #: modules over 450 lines or with functions over 60 lines, in files other helpers own;
 #: owned by engine/failfast branch (the coordinator deletes this list after merging)
-SIZE_EXCEPTIONS = {
-    "depthprobe/model/memory.py",  # failfast: memory plan / system split
-}
-FUNCTION_EXCEPTIONS = {  # "path:function"
-    "depthprobe/cli/prune.py:command",  # owned by failfast branch
-    "depthprobe/model/load.py:load_model",  # owned by failfast branch
-}
+SIZE_EXCEPTIONS: set[str] = set()
+FUNCTION_EXCEPTIONS: set[str] = set()  # "path:function"
 
-PARAMETER_EXCEPTIONS = {  # "path:function"
-    "depthprobe/cli/check.py:command",  # owned by failfast branch
-    "depthprobe/model/load.py:load_model",  # owned by failfast branch (LoadOptions)
-    "depthprobe/model/load.py:plan_load",  # owned by failfast branch (LoadOptions)
-    "depthprobe/model/load.py:_planned_dtype",  # owned by failfast branch (LoadOptions)
-}
+PARAMETER_EXCEPTIONS: set[str] = set()  # "path:function"
 
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60

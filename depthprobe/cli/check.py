@@ -22,8 +22,7 @@ from depthprobe.cli.choices import DEFAULT_ATOL, DEFAULT_RTOL
 @click.option("--allow-different-text", is_flag=True,
               help="Compare even when the model, calibration text, windows or dtype differ (exit 2 otherwise).")
 @click.pass_context
-def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show_all, out_csv,
-            allow_different_text) -> None:
+def command(ctx: click.Context, **opts) -> None:
     """Compare RUN_DIR with a baseline, metric by metric and layer by layer.
 
     Both are run folders (analyze, prune or train --out; or baselines written by the pytest
@@ -40,8 +39,9 @@ def command(ctx: click.Context, run_dir, baseline_dir, rtol, atol, metrics, show
     from depthprobe.safeio import atomic_to_csv
     from depthprobe.testing.compare import compare_runs, format_comparison, summarize
 
-    table = compare_runs(run_dir, baseline_dir, rtol=rtol, atol=atol, metrics=metrics,
-                         allow_different_text=allow_different_text)
+    rtol, atol, show_all, out_csv = opts["rtol"], opts["atol"], opts["show_all"], opts["out_csv"]
+    table = compare_runs(opts["run_dir"], opts["baseline_dir"], rtol=rtol, atol=atol, metrics=opts["metrics"],
+                         allow_different_text=opts["allow_different_text"])
     for difference in table.attrs.get("setup_differences", []):
         click.echo(f"note: measured differently: {difference}")
     moved = not table["ok"].all()

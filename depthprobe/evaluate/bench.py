@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.load import load_model
-from depthprobe.probes.layer_major import return_freed_memory
+from depthprobe.probes.offload import return_freed_memory
 
 log = logging.getLogger(__name__)
 
