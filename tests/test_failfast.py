@@ -136,7 +136,7 @@ def test_an_interrupted_drop_sweep_says_what_is_kept_and_its_command_continues(t
     code, _, err = run(shlex.split(command)[1:])
     assert code == 0, err
     straight = tmp_path / "straight"
-    code, _, err = run([*args[:-5], "--out", straight, "-q", "--no-report"])
+    code, _, err = run([*args[:-4], "--out", straight, "-q", "--no-report"])
     assert code == 0, err
     pd.testing.assert_frame_equal(pd.read_csv(out / "layers.csv"), pd.read_csv(straight / "layers.csv"))
 
@@ -155,7 +155,7 @@ def test_prune_bench_takes_size_options_and_resume_refuses_other_options(tiny_di
     assert bench[["model", "num_layers", "batch_size", "prompt_len", "new_tokens"]].values.tolist() == [
         ["original", 4, 1, 8, 2], ["pruned", 3, 1, 8, 2]]
     assert not (out / "judge_progress.jsonl").exists()  # written: nothing left to resume
-    code, _, err = run(["prune", folder, *PRUNE[:-5], "--num-sequences", "2", "--seq-len", "32", "--device", "cpu",
+    code, _, err = run(["prune", folder, *PRUNE[:-6], "--num-sequences", "2", "--seq-len", "32", "--device", "cpu",
                         *BENCH, "--out", out, "--resume", "-q"])
     assert code == 2
     (line,) = error_lines(err)

@@ -49,7 +49,7 @@ def test_prune_repair_and_heal_export_reloads_and_reproduces_printed_loss(tiny_d
     lines = [x for x in stdout.splitlines() if "held-out" in x]
     assert len(lines) == 1 and lines[0].startswith("held-out loss"), stdout  # one line for every held-out loss
     line = lines[0]
-    assert f"healed {info['heldout_loss_healed']:.6f}" in line and f"repaired {info['heldout_loss_repaired']:.6f}" in line
+    assert f"healed {info['heldout_loss_healed']:.4f}" in line and f"repaired {info['heldout_loss_repaired']:.4f}" in line
     assert info["heldout_loss_full"] == info["heldout_loss_before"]  # one set of windows, one scoring
     model, loss = _heldout_loss_by_hand(out, AutoTokenizer.from_pretrained(out))
     assert loss == pytest.approx(info["heldout_loss_healed"], abs=1e-5)

@@ -28,7 +28,7 @@ def check_text_file(path: str | None, flag: str) -> None:
 
     p = Path(path).expanduser()
     if not p.is_file():
-        raise DepthprobeError(f"{flag} {path}: file not found")
+        raise DepthprobeError(f"{flag}: text file not found: {path}")
     if not decode_text(p.read_bytes(), str(path)).strip():
         raise DepthprobeError(f"{flag} {path} is empty; give a file with at least a few thousand words")
 
