@@ -100,3 +100,13 @@ def test_notebook_view_is_registered_by_the_package_front():
     assert html_view(Other()) is None  # nothing registered: Jupyter shows the repr
     register_html_view("Other", lambda obj: "<b>other</b>")
     assert html_view(Other()) == "<b>other</b>"
+
+
+def test_a_curve_longer_than_the_model_is_a_one_line_error(llama):
+    from depthprobe.errors import DepthprobeError
+    from depthprobe.prune import PruneConfig, prune
+
+    blocks = len(depthprobe.LayerStack.from_model(llama))
+    with pytest.raises(DepthprobeError, match=f"--curve-max must be below the {blocks} blocks"):
+        prune(copy.deepcopy(llama), None, PruneConfig(remove=(), curve_max=blocks), windows=Windows(random_ids(2, 8), "r"),
+              run=RunOptions(progress=False))
