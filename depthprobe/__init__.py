@@ -34,6 +34,7 @@ from depthprobe.views import register_html_view
 _EXPORTS = {
     "analyze": "depthprobe.analysis",
     "ProbeConfig": "depthprobe.config",
+    "RunOptions": "depthprobe.config",
     "AnalysisResult": "depthprobe.results",
     "LayerStack": "depthprobe.model.stack",
     "load_model": "depthprobe.model.load",
@@ -77,5 +78,5 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})  # a name imported on first use is in both
 
 
-__all__ = ["AnalysisResult", "DepthprobeError", "LayerStack", "ProbeConfig", "Windows", "analyze", "load_model",
-           "make_windows"]
+__all__ = ["AnalysisResult", "DepthprobeError", "LayerStack", "ProbeConfig", "RunOptions", "Windows", "analyze",
+           "load_model", "make_windows"]

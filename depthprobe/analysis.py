@@ -20,7 +20,6 @@ import logging
 import math
 import platform
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from depthprobe.config import (
     RUN_FIELDS,
     ProbeConfig,
     RunOptions,
+    keyword_overrides,
     parse_metrics,
 )
 from depthprobe.data import Windows, make_windows
@@ -131,16 +131,9 @@ def from_keywords(config: ProbeConfig | None, run: RunOptions | None,
                   keywords: Mapping) -> tuple[ProbeConfig, RunOptions]:
     """The deprecated keyword form of :func:`analyze` (``metrics=..., progress=...``) as
     ``(ProbeConfig, RunOptions)``; a keyword overrides that field of ``config`` / ``run``."""
-    unknown = [k for k in keywords if k not in PROBE_FIELDS and k not in RUN_FIELDS]
-    if unknown:
-        raise TypeError(f"analyze() got an unexpected keyword argument {unknown[0]!r}")
-    if keywords:
-        warnings.warn("analyze(model, tokenizer, metrics=..., progress=...) is deprecated; pass "
-                      "config=ProbeConfig(...) and run=RunOptions(...) (the keywords go in the next release)",
-                      DeprecationWarning, stacklevel=3)
-    probe = {k: v for k, v in keywords.items() if k in PROBE_FIELDS and v is not None}
-    config = dataclasses.replace(config or ProbeConfig(), **probe)
-    run = dataclasses.replace(run or RunOptions(), **{k: v for k, v in keywords.items() if k in RUN_FIELDS})
+    probe, run_keywords = keyword_overrides("analyze", keywords, PROBE_FIELDS, RUN_FIELDS)
+    config = dataclasses.replace(config or ProbeConfig(), **{k: v for k, v in probe.items() if v is not None})
+    run = dataclasses.replace(run or RunOptions(), **run_keywords)
     return config, run
 
 

@@ -14,6 +14,7 @@ misspelled name is an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -205,3 +206,16 @@ class RunOptions:
 #: the keyword form of ``analyze`` (deprecated): ProbeConfig and RunOptions fields by name
 PROBE_FIELDS = tuple(f.name for f in dataclasses.fields(ProbeConfig))
 RUN_FIELDS = tuple(f.name for f in dataclasses.fields(RunOptions))
+
+
+def keyword_overrides(function: str, keywords: Mapping, *groups: tuple[str, ...]) -> list[dict]:
+    """The deprecated keyword form of ``function`` (``analyze(model, tok, metrics=...)``):
+    ``keywords`` split by the field names of each group, in order. A keyword in no group is a
+    TypeError, as Python's own; any keyword at all warns (the form goes in the next release)."""
+    unknown = [k for k in keywords if not any(k in group for group in groups)]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    if keywords:
+        warnings.warn(f"{function}(..., name=value) is deprecated: pass its config and run=RunOptions(...) "
+                      "(the keywords go in the next release)", DeprecationWarning, stacklevel=4)
+    return [{k: v for k, v in keywords.items() if k in group} for group in groups]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +62,38 @@ def calibration_file(tmp_path_factory):
 
 
 __all__ = ["DECODER_FAMILIES", "FAMILY_NAMES"]
+
+
+CONFIG_CODE = '''
+from pathlib import Path
+from transformers import LlamaConfig
+
+Path({marker!r}).write_text("the repo's code ran")  # what any code in a model repo could do
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil_llama"
+'''
+MODEL_CODE = '''
+from transformers import LlamaForCausalLM
+
+from .configuration_evil import EvilConfig
+
+
+class EvilForCausalLM(LlamaForCausalLM):
+    config_class = EvilConfig
+'''
+
+
+@pytest.fixture
+def remote_code_model(tiny_dir, tmp_path):
+    """A tiny Llama whose config.json points at code shipped in the folder (auto_map)."""
+    folder = Path(shutil.copytree(tiny_dir("llama"), tmp_path / "remote-code-model"))
+    marker = tmp_path / "CODE_RAN"
+    (folder / "configuration_evil.py").write_text(CONFIG_CODE.format(marker=str(marker)))
+    (folder / "modeling_evil.py").write_text(MODEL_CODE)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evil_llama", architectures=["EvilForCausalLM"], auto_map={
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, marker

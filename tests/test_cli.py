@@ -10,6 +10,7 @@ import pytest
 
 import depthprobe
 from depthprobe.cli import main
+from depthprobe.errors import DepthprobeError
 
 
 def run_cli(args, capsys):
@@ -98,10 +99,14 @@ def test_help_shows_examples(capsys):
     assert code == 0 and "Examples:" in out and "--metrics" in out
 
 
-def test_trust_remote_code_is_off_by_default():
-    import inspect
-
-    assert inspect.signature(depthprobe.load_model).parameters["trust_remote_code"].default is False
+def test_load_model_runs_no_repo_code_unless_asked(remote_code_model):
+    """The Python API's default: a folder whose config maps to its own code is refused in one
+    line naming the flag, and that code never runs (the CLI's case: test_faults_security)."""
+    folder, marker = remote_code_model
+    with pytest.raises(DepthprobeError, match="trust_remote_code|--trust-remote-code") as exc:
+        depthprobe.load_model(str(folder), device="cpu")
+    assert "\n" not in str(exc.value)
+    assert not marker.exists()
 
 
 def test_nan_activations_save_results_then_exit_2(tiny_dir, tmp_path, capsys):

@@ -12,6 +12,7 @@ import io
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,12 +163,47 @@ def tiny(inputs):
     return depthprobe.load_model(str(inputs / "model"), device="cpu")
 
 
-def _api_ok(call) -> None:
-    """The call returns, or raises a one-line DepthprobeError; anything else fails the test."""
+def _api_ok(call, check) -> None:
+    """The call returns a value ``check`` accepts, or raises a one-line DepthprobeError;
+    anything else fails the test."""
     try:
-        call()
+        value = call()
     except DepthprobeError as exc:
         assert str(exc) and "\n" not in str(exc), str(exc)
+        return
+    check(value)
+
+
+#: the per-layer column each metric adds (``drop`` also its sublayer columns)
+METRIC_COLUMN = {"angular": "angular_distance", "variance": "activation_variance", "grad": "grad_norm",
+                 "lens": "logit_lens_loss", "drop": "drop_delta_loss"}
+
+
+def _analysis_checker(model, kwargs):
+    """What a returned analysis must hold: one row per block, the windows asked for, and a
+    finite column for every metric asked."""
+    from depthprobe.config import parse_metrics
+
+    def check(result):
+        num_layers = len(depthprobe.LayerStack.from_model(model))
+        assert list(result.layers["layer"]) == list(range(num_layers))
+        assert (result.summary["num_sequences"], result.summary["seq_len"]) == (kwargs["num_sequences"],
+                                                                                kwargs["seq_len"])
+        asked = parse_metrics(kwargs["metrics"])
+        assert result.summary["metrics"] == list(asked)
+        for metric in asked:
+            assert np.isfinite(result.layers[METRIC_COLUMN[metric]]).all(), metric
+    return check
+
+
+def _prune_checker(model, kwargs, num_blocks: int):
+    """What a returned pruning must hold: as many blocks removed as asked, gone from the model."""
+    def check(result):
+        asked = kwargs["num_layers"] if kwargs["remove"] is None else len(set(kwargs["remove"]))
+        assert len(result.removed) == len(set(result.removed)) == asked
+        assert len(depthprobe.LayerStack.from_model(model)) == num_blocks - asked
+        assert np.isfinite(result.loss_after)
+    return check
 
 
 @R("hypothesis: 25 random calls of depthprobe.analyze (metrics as text or lists, sizes, batch size, options "
@@ -184,7 +220,7 @@ def test_analyze_api(tiny, data):
         "attribution_steps": st.integers(-2, 3)}))
     kwargs = dict(num_sequences=data.draw(st.integers(-2, 6)), seq_len=data.draw(st.integers(-2, 200)),
                   batch_size=data.draw(st.integers(-2, 8)), metrics=metrics, options=options, progress=False)
-    _api_ok(lambda: depthprobe.analyze(model, tok, **kwargs))
+    _api_ok(lambda: depthprobe.analyze(model, tok, **kwargs), _analysis_checker(model, kwargs))
 
 
 @R("hypothesis: 25 random calls of depthprobe.prune on a fresh copy (remove lists, num_layers, strategy names, "
@@ -199,7 +235,8 @@ def test_prune_api(inputs, data):
         ["drop", "greedy", "angular", "block-influence", "block", "manual", "nope"])),
         curve=data.draw(st.booleans()), curve_max=data.draw(st.one_of(st.none(), st.integers(-2, 6))),
         num_sequences=2, seq_len=16, progress=False)
-    _api_ok(lambda: prune(model, tok, **kwargs))
+    num_blocks = len(depthprobe.LayerStack.from_model(model))
+    _api_ok(lambda: prune(model, tok, **kwargs), _prune_checker(model, kwargs, num_blocks))
 
 
 @R("hypothesis: 25 random TrainConfig / ModelConfig / DataConfig argument sets (incl. NaN, inf, negatives)",
@@ -218,7 +255,15 @@ def test_train_configs(data):
     model = {k: data.draw(num) for k in data.draw(st.lists(st.sampled_from(
         ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "mix_alpha"]),
         max_size=3, unique=True))}
-    _api_ok(lambda: TrainConfig(**train))
-    _api_ok(lambda: ModelConfig(**model))
-    _api_ok(lambda: DataConfig(max_tokens=data.draw(st.integers(-5, 10**7)),
-                               val_windows=data.draw(st.integers(-3, 10))))
+    _api_ok(lambda: TrainConfig(**train), _keeps(train))
+    _api_ok(lambda: ModelConfig(**model), _keeps(model))
+    given_data = {"max_tokens": data.draw(st.integers(-5, 10**7)), "val_windows": data.draw(st.integers(-3, 10))}
+    _api_ok(lambda: DataConfig(**given_data), _keeps(given_data))
+
+
+def _keeps(given: dict):
+    """A config that was constructed holds every value as given, and none is NaN or infinite."""
+    def check(config):
+        for name, value in given.items():
+            assert getattr(config, name) == value and np.isfinite(value), (name, value)
+    return check

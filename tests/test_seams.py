@@ -132,9 +132,11 @@ def test_resume_lives_in_analyze(llama, tmp_path, monkeypatch):
             with pytest.raises(DepthprobeError, match="different sweep"):
                 analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2, progress_dir=tmp_path,
                         resume=True, progress=False)
-        else:
-            analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2, progress_dir=tmp_path,
-                    progress=False)
+        else:  # the stale file is dropped, the sweep measured afresh, and its own file removed at the end
+            fresh = analyze(llama, windows=windows, metrics="drop", options=opts, batch_size=2,
+                            progress_dir=tmp_path, progress=False)
+            np.testing.assert_allclose(fresh.layers["drop_delta_loss"], full.layers["drop_delta_loss"], rtol=1e-12)
+            assert not (tmp_path / DROP_PROGRESS).exists()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

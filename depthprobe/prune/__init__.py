@@ -230,6 +230,9 @@ def _validated(model: torch.nn.Module, config: PruneConfig):
     stack = LayerStack.from_model(model, config.probe.layers_path)
     if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
+    if config.curve and config.curve_max is not None and config.curve_max >= len(stack):
+        raise DepthprobeError(f"--curve-max must be below the {len(stack)} blocks of this model "
+                              f"(got {config.curve_max})")
     if remove is not None:
         remove = validate_removal(stack, remove)
         return stack, remove, len(remove)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from depthprobe.config import PROBE_FIELDS, RUN_FIELDS, ProbeConfig, RunOptions
+from depthprobe.config import PROBE_FIELDS, RUN_FIELDS, ProbeConfig, RunOptions, keyword_overrides
 from depthprobe.prune.seam import SeamOptions
 
 #: held-out windows a pruned model is scored on (of the calibration length)
@@ -46,17 +45,10 @@ def from_keywords(config: PruneConfig | None, run: RunOptions | None,
                   keywords: Mapping) -> tuple[PruneConfig, RunOptions]:
     """``prune(model, tok, num_layers=6, num_sequences=4, progress=False)`` (deprecated) as
     ``(PruneConfig, RunOptions)``; a keyword overrides that field of ``config`` / ``run``."""
-    probe_fields = [f for f in PROBE_FIELDS if f != "metrics"]
-    unknown = [k for k in keywords if k not in (*PRUNE_FIELDS, *probe_fields, *RUN_FIELDS)]
-    if unknown:
-        raise TypeError(f"prune() got an unexpected keyword argument {unknown[0]!r}")
-    if keywords:
-        warnings.warn("prune(model, tokenizer, num_layers=..., num_sequences=...) is deprecated; pass "
-                      "config=PruneConfig(...) and run=RunOptions(...) (the keywords go in the next release)",
-                      DeprecationWarning, stacklevel=3)
+    probe_fields = tuple(f for f in PROBE_FIELDS if f != "metrics")  # prune chooses the metrics
+    prune, probe, run_keywords = keyword_overrides("prune", keywords, PRUNE_FIELDS, probe_fields, RUN_FIELDS)
     config = config or PruneConfig()
-    probe = {k: v for k, v in keywords.items() if k in probe_fields and v is not None}
-    config = dataclasses.replace(config, probe=dataclasses.replace(config.probe, **probe),
-                                 **{k: v for k, v in keywords.items() if k in PRUNE_FIELDS})
-    run = dataclasses.replace(run or RunOptions(), **{k: v for k, v in keywords.items() if k in RUN_FIELDS})
+    probe = dataclasses.replace(config.probe, **{k: v for k, v in probe.items() if v is not None})
+    config = dataclasses.replace(config, probe=probe, **prune)
+    run = dataclasses.replace(run or RunOptions(), **run_keywords)
     return config, run
