@@ -19,7 +19,7 @@ import torch
 
 from depthprobe import distributed
 from depthprobe.probes import metrics as M
-from depthprobe.probes.batch import Batch, token_batches
+from depthprobe.probes.batch import Batch, as_batch
 from depthprobe.probes.objective import Objective
 
 #: the main pass's columns in ``layers.csv``, in this order whichever way the pass ran
@@ -133,7 +133,7 @@ class PassAccumulator:
 
     def start_batch(self, batch: Batch | torch.Tensor) -> None:
         """The batch whose blocks come next (token ids are taken as one token batch)."""
-        self.batch = token_batches(batch, len(batch))[0] if isinstance(batch, torch.Tensor) else batch
+        self.batch = as_batch(batch)
 
     def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         if layer == 0:

@@ -67,6 +67,11 @@ def token_batches(input_ids: torch.Tensor, batch_size: int) -> list[Batch]:
     return split_batches({"input_ids": input_ids}, input_ids, batch_size)
 
 
+def as_batch(batch: Batch | torch.Tensor) -> Batch:
+    """``batch`` itself, or token ids ``(B, T)`` as one token batch (callers that still pass ids)."""
+    return token_batches(batch, len(batch))[0] if isinstance(batch, torch.Tensor) else batch
+
+
 def batches_of(windows, batch_size: int) -> list[Batch]:
     """The batches of a run's windows: ``windows.engine_batches(batch_size)`` when the data
     type makes its own (non-text models), else token batches of ``windows.input_ids``."""

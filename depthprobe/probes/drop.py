@@ -33,7 +33,7 @@ import torch
 
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.batch import batches_of
+from depthprobe.probes.batch import batches_of, num_windows
 from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables
 from depthprobe.probes.hooks import evaluating
 from depthprobe.probes.objective import objective_for
@@ -90,7 +90,7 @@ def run_drop_sweep(
     fingerprint = _fingerprint(stack, batches, plan.sublayers, plan.block_sizes)
     journal = Journal(progress_file, fingerprint if order == "batch" else f"{fingerprint}:layer:{batch_size}",
                       what="sweep")
-    tables = DropTables(plan.num_layers, batches[-1].rows.stop, plan.sublayers, plan.block_sizes)
+    tables = DropTables(plan.num_layers, num_windows(batches), plan.sublayers, plan.block_sizes)
     t0 = time.perf_counter()
     with evaluating(stack.model), torch.no_grad():
         for batch, record in schedule.drop_sweep(plan, journal):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.batch import Batch, batches_of
+from depthprobe.probes.batch import Batch, as_batch, batches_of
 from depthprobe.probes.hooks import evaluating, watch_blocks
 from depthprobe.probes.objective import Objective, objective_for
 
@@ -29,8 +29,11 @@ class BatchScorer:
     """Per-window objective (:class:`Objective`) of a model run on one batch."""
 
     objective: Objective
-    batch: Batch
+    batch: Batch  # placed on the input device (token ids are taken as one token batch)
     reference: torch.Tensor | None = None  # encoders: the full model's final hidden state
+
+    def __post_init__(self):
+        self.batch = as_batch(self.batch)
 
     def from_output(self, out) -> np.ndarray:
         return self.objective.window_scores(out, self.batch, self.reference)
@@ -52,7 +55,7 @@ class BatchScorer:
 def capture_states(objective: Objective, batch: Batch, keep: Sequence[int] | None = None):
     """One forward pass; returns ``(states, out)`` with ``states[l]`` the input of block l
     (``states[L]`` the last block's output), for the blocks in ``keep`` (default: all)."""
-    stack = objective.stack
+    stack, batch = objective.stack, as_batch(batch)
     keep = list(range(len(stack))) if keep is None else list(keep)
     states: dict[int, torch.Tensor] = {}
 

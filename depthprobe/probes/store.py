@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from depthprobe.model.memory import available_memory, state_budget
-from depthprobe.probes.batch import Batch
+from depthprobe.probes.batch import Batch, num_windows
 from depthprobe.safeio import TMP_MARK, atomic_write
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def open_store(embed, batches: list[Batch], count: int, budget: int | None,
     """A store of ``count`` streams with x_0 (``embed(batch)``: the prelude's output) of
     every window in slot 0 (computed for every batch; with ``fill=False`` only to learn the
     shape, for a resumed sweep that loads its streams)."""
-    n_windows = batches[-1].rows.stop
+    n_windows = num_windows(batches)
     store = None
     for batch in batches:
         x0 = embed(batch)
