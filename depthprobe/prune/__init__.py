@@ -154,6 +154,8 @@ def prune(
     journals = resume_files(out_dir, (DROP_JOURNAL, GREEDY_JOURNAL), run.resume)
     analysis = analyze(model, config=_sweep_config(config, remove, journals), windows=windows, stack=stack,
                        run=dataclasses.replace(run, resume=False))
+    if analysis.summary["interrupted"]:  # finished drop batches are journaled: the caller says how to resume
+        raise KeyboardInterrupt
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
     remove, table = _choose(evaluator, analysis, remove, k, config, run.progress, journals.get(GREEDY_JOURNAL))
     loss_before, loss_after = evaluator.loss(), evaluator.loss(remove)
