@@ -350,3 +350,28 @@ def test_readme_prune_with_eval_and_bench_runs_in_three_minutes(tmp_path):
     assert bench["model"].tolist() == ["original", "pruned"] and (bench["prompt_len"] == 64).all()
     assert bench["num_layers"].tolist() == [30, 24]
     assert (tmp_path / "smol-24" / "eval_retention.csv").is_file()
+
+
+def test_an_interrupted_prune_names_its_resume_command_and_it_finishes(tiny_dir, tmp_path):
+    folder, out = tiny_dir("llama"), tmp_path / "pruned"
+    args = ["prune", str(folder), "--num-layers", "1", "--strategy", "drop", "--no-curve", "--heldout-windows", "2",
+            "--num-sequences", "48", "--batch-size", "1", "--seq-len", "16", "--device", "cpu", "--out", str(out),
+            "--no-report", "-q"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "depthprobe", *args], stderr=subprocess.PIPE, text=True, env=env)
+    progress = out / "drop_progress.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if progress.is_file() and len(progress.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert f"is kept in {out}/" in line
+    command = line.split("continue with: ")[1]
+    assert command == "depthprobe " + shlex.join([*args, "--resume"])
+    code, _, err = run(shlex.split(command)[1:])
+    assert code == 0, err
+    assert json.loads((out / "prune.json").read_text())["removed"]
