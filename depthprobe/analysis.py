@@ -218,9 +218,22 @@ def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, Swe
             out = SWEEPS[name](ctx)
         except KeyboardInterrupt:  # the caller saves what is finished and says how to resume
             return done, name
+        except (RuntimeError, ValueError, IndexError) as exc:  # the model's own code refuses a skipped block
+            raise sweep_unsupported(ctx, name, exc) from exc
         out.seconds = out.seconds or (time.perf_counter() - t0)
         done[name] = out
     return done, None
+
+
+def sweep_unsupported(ctx: SweepContext, name: str, exc: Exception) -> DepthprobeError:
+    """One line for an architecture whose forward breaks when a sweep skips or replaces blocks
+    (layers that read state an earlier layer left: shared KV caches, shared indexers)."""
+    model_type = getattr(getattr(ctx.stack.model, "config", None), "model_type", None)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    log.debug("the %s sweep failed", name, exc_info=exc)
+    return DepthprobeError(f"--metrics {name} is not supported for {type(ctx.stack.model).__name__} "
+                           f"(model_type={model_type!r}): its forward fails when blocks are skipped ({type(exc).__name__}: "
+                           f"{first}); its blocks likely share state across layers; leave {name} out of --metrics")
 
 
 @dataclass
