@@ -375,3 +375,18 @@ def test_an_interrupted_prune_names_its_resume_command_and_it_finishes(tiny_dir,
     code, _, err = run(shlex.split(command)[1:])
     assert code == 0, err
     assert json.loads((out / "prune.json").read_text())["removed"]
+
+
+def test_a_sweep_the_model_refuses_is_one_line():
+    """Gemma 4 text layers read KV a previous layer shared: skipping blocks breaks its forward."""
+    from tests import arch_coverage as cov
+
+    try:
+        model = cov.build_tiny("gemma4_text")
+    except cov.Unsupported as exc:
+        pytest.skip(str(exc))
+    windows = cov.calibration_windows()
+    with pytest.raises(depthprobe.DepthprobeError, match="--metrics drop is not supported for") as exc:
+        depthprobe.analyze(model, windows=windows, metrics="angular,drop", progress=False,
+                           batch_size=windows.num_sequences, options={"block_sizes": ()})
+    assert "\n" not in str(exc.value)
