@@ -204,8 +204,15 @@ def test_report_aligns_a_pruned_run_on_original_blocks(tiny_dir, tmp_path):
         assert shown.loc[old, "pruned_layer"] == new
     assert original_indices("the smallest change is at layer 1 (0.1); layers 1–2 each", [0, 2, 3]) == (
         "the smallest change is at layer 2 [1] (0.1); layers 2–3 [1–2] each")
-    page = render([original, pruned])
-    assert "pruned_layer" in page and "[1]" in page
+    assert "pruned_layer" in render([original, pruned])
+    # findings of a pruned run beside others quote original indices, the pruned one in brackets
+    from depthprobe.report.html import _findings_as_shown
+
+    five = depthprobe.AnalysisResult(
+        layers=pd.DataFrame({"layer": range(5), "angular_distance": [0.5, 0.4, 0.1, 0.3, 0.2]}),
+        summary={"model": "m", "pruned_from": {"model": "m", "removed": [1], "num_layers": 6}})
+    sentence = next(s for s in _findings_as_shown(five) if "smallest change" in s)
+    assert "at layer 3 [2] (0.100)" in sentence and "largest at layer 0 [0]" in sentence
 
 
 # ---------------------------------------------------------------- 8, 9, 10: small things
