@@ -65,7 +65,9 @@ class ImageSet:
 
     def subset(self, index) -> ImageSet:
         index = torch.as_tensor(index)
-        pick = (lambda t: None if t is None else t[index])
+        def pick(t):
+            return None if t is None else t[index]
+
         return ImageSet(self.pixels[index], pick(self.labels), pick(self.attributes), self.names, self.source,
                         pick(self.boxes), [self.files[i] for i in index.tolist()] if self.files else [])
 

@@ -18,6 +18,7 @@ from depthprobe.cli.options import (
     model_options,
     setup_logging,
 )
+from depthprobe.cli.vision_options import run_image_analysis, vision_options
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes.sweep import (
     DEFAULT_ATTRIBUTION_STEPS,
@@ -32,6 +33,7 @@ from depthprobe.safeio import locks_out
 @click.command("analyze")
 @model_options
 @data_options
+@vision_options
 @click.option(
     "--metrics",
     default=",".join(DEFAULT_METRICS),
@@ -79,6 +81,8 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
       depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
       torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
+      depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
+      depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
     """
     started = distributed.init_from_env(opts["device"])
     try:
@@ -90,6 +94,8 @@ def command(**opts) -> None:
 
 def _analyze(opts: dict) -> None:
     setup_logging(opts["verbose"])
+    if run_image_analysis(opts):  # an image model: measured on --images (cli/vision_options.py)
+        return
     main_rank = distributed.is_main()
     opts["quiet"] = opts["quiet"] or not main_rank  # under torchrun rank 0 prints, shows the bar and writes
     if distributed.rank_and_world()[1] > 1 and torch.cuda.is_available() and opts["device"] in ("auto", "cuda") \

@@ -48,13 +48,14 @@ def _color(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> tuple[int, i
     return tuple(int(v) for v in rng.integers(lo, hi, size=3))
 
 
-def _clutter(rng: np.random.Generator, size: int) -> Image.Image:
+def _clutter(rng: np.random.Generator, size: int, items: tuple[int, int] = (6, 13),
+             largest: float = 0.5) -> Image.Image:
     """A background of random rectangles, ellipses and lines (the 'in the wild' part)."""
     image = Image.new("RGB", (size, size), _color(rng, 40, 220))
     draw = ImageDraw.Draw(image)
-    for _ in range(int(rng.integers(6, 13))):
+    for _ in range(int(rng.integers(*items))):
         x0, y0 = (int(v) for v in rng.integers(-size // 4, size, size=2))
-        w, h = (int(v) for v in rng.integers(size // 10, size // 2, size=2))
+        w, h = (int(v) for v in rng.integers(size // 10, max(size // 10 + 1, int(largest * size)), size=2))
         kind = int(rng.integers(3))
         if kind == 0:
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=_color(rng))
@@ -135,15 +136,15 @@ def make_shape(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int]
     """Shape image ``index`` of ``seed`` and its class (an index into :data:`SHAPES`)."""
     rng = np.random.default_rng([seed, index, 1])
     big = size * _SUPERSAMPLE
-    image = _clutter(rng, big)
+    image = _clutter(rng, big, items=(3, 7), largest=0.2)  # small clutter: the shape is the big object
     draw = ImageDraw.Draw(image)
     label = int(rng.integers(len(SHAPES)))
-    r = float(rng.uniform(0.15, 0.32)) * big
+    r = float(rng.uniform(0.22, 0.4)) * big
     cx, cy = (float(v) for v in rng.uniform(r, big - r, size=2))
     colour, turn = _color(rng), float(rng.uniform(0, 2 * np.pi))
     name = SHAPES[label]
     if name in ("circle", "ring"):
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=None if name == "ring" else colour, outline=colour,
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=None if name == "ring" else colour, outline=(0, 0, 0),
                      width=max(3, int(0.3 * r)))
     else:
         corners = {"square": 4, "triangle": 3, "star": 10, "cross": 12}[name]
@@ -154,5 +155,6 @@ def make_shape(seed: int, index: int, size: int = 64) -> tuple[Image.Image, int]
         else:
             angles = turn + np.arange(corners) * 2 * np.pi / corners
             rad = [radii[k % len(radii)] for k in range(corners)]
-        draw.polygon([(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in zip(rad, angles, strict=True)], fill=colour)
+        draw.polygon([(cx + q * np.cos(t), cy + q * np.sin(t)) for q, t in zip(rad, angles, strict=True)], fill=colour,
+                     outline=(0, 0, 0), width=max(2, int(0.06 * r)))  # a dark outline sets it off the clutter
     return image.resize((size, size), Image.Resampling.LANCZOS), label

@@ -72,14 +72,17 @@ class ResidualBlock(nn.Module):
         self.shortcut = None if not residual else (
             nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if projection
             else nn.Identity())
+        self.activation = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H', W')
         out = self.branch(x)
-        return F.relu(out + self.shortcut(x) if self.shortcut is not None else out)
+        return self.activation(out + self.shortcut(x) if self.shortcut is not None else out)
 
 
 class VisionNet(nn.Module):
     """``stem -> blocks -> pool -> head``: logits ``(B, num_outputs)`` from pixels ``(B, C, H, W)``."""
+
+    main_input_name = "pixel_values"  # what marks an image model (as in transformers)
 
     def __init__(self, config: VisionNetConfig):
         super().__init__()
