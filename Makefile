@@ -56,6 +56,8 @@ reports: install
 	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/deep_layers_smollm2.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
+	$(ANALYSIS_ENV) $(PY) analyses/face_attributes.py
+	$(ANALYSIS_ENV) $(PY) analyses/residual_lesion.py
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
 
 # The same scripts on tiny settings into a temporary folder (SMOKE_DIR=... to keep it); in `make test`.
@@ -65,6 +67,8 @@ reports-smoke:
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py --campaign $$d/campaign --out $$d/$$c >/dev/null; done; \
 	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py --smoke --runs $$d/probe_runs --out $$d/dyt_alpha0_probe >/dev/null 2>&1; \
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/face_attributes.py --smoke --runs $$d/face_runs --out $$d/face_attributes >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/residual_lesion.py --smoke --runs $$d/lesion_runs --out $$d/residual_lesion >/dev/null; \
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py --reports $$d >/dev/null
 
 # A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.

@@ -20,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,13 @@ from depthprobe.images import ImageSet
 from depthprobe.model.vision import VISION_TYPES, VisionStack
 from depthprobe.probes.linear_probe import probe_layers
 from depthprobe.probes.response_maps import baseline_scores, localization_scores, response_maps
-from depthprobe.probes.vision_pass import ImageObjective, drop_columns, lens_column, run_vision_pass
+from depthprobe.probes.vision_pass import (
+    ImageObjective,
+    VisionPass,
+    drop_columns,
+    lens_column,
+    run_vision_pass,
+)
 from depthprobe.results import AnalysisResult, parse_list
 
 __all__ = ["DEFAULT_VISION_METRICS", "VISION_METRICS", "analyze_images", "is_vision_source", "load_vision_model"]
@@ -97,6 +104,22 @@ def check_images(stack: VisionStack, images: ImageSet) -> None:
         raise DepthprobeError(f"the model has {outputs} outputs but the images have {len(images.names)} classes")
 
 
+@dataclass
+class _Run:
+    """One image analysis in progress: what the steps read and the columns, notes and tables they add."""
+
+    stack: VisionStack
+    images: ImageSet
+    metrics: tuple[str, ...]
+    batch_size: int
+    progress: bool
+    main: VisionPass | None = None
+    columns: dict[str, list] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def analyze_images(model: torch.nn.Module, images: ImageSet, *, metrics: str | Sequence[str] = DEFAULT_VISION_METRICS,
                    batch_size: int = 64, layers_path: str | None = None, model_name: str | None = None,
                    progress: bool = True) -> AnalysisResult:
@@ -104,27 +127,25 @@ def analyze_images(model: torch.nn.Module, images: ImageSet, *, metrics: str | S
 
     Returns the same :class:`~depthprobe.results.AnalysisResult` as text models: ``layers``
     (one row per block: ``stage``, ``downsample`` and the metric columns), ``summary`` and,
-    with ``probe``, the per-target table ``probe``.
+    with ``probe``, the per-target table ``probe`` (with ``response``, ``response_baselines``).
     """
-    metrics = parse_vision_metrics(metrics)
     model.eval()
     stack = VisionStack.from_model(model, layers_path)
     stack.trace(images.pixels[:1].to(stack.device))
     check_images(stack, images)
-    timings, notes, tables = {}, [], {}
+    run = _Run(stack, images, parse_vision_metrics(metrics), batch_size, progress)
     t0 = time.perf_counter()
-    main = run_vision_pass(stack, images, metrics, batch_size, progress, keep_features="probe" in metrics)
-    timings["main_pass"] = time.perf_counter() - t0
-    columns = {"stage": [b.stage for b in stack.blocks], "downsample": [int(b.downsample) for b in stack.blocks],
-               **{k: v for k, v in main.columns.items() if _asked(k, metrics)}}
+    run.main = run_vision_pass(stack, images, run.metrics, batch_size, progress, keep_features="probe" in run.metrics)
+    run.timings["main_pass"] = time.perf_counter() - t0
+    run.columns = {"stage": [b.stage for b in stack.blocks], "downsample": [int(b.downsample) for b in stack.blocks],
+                   **{k: v for k, v in run.main.columns.items() if _asked(k, run.metrics)}}
     for name, step in (("drop", _drop), ("lens", _lens), ("probe", _probe), ("response", _response)):
-        if name in metrics:
+        if name in run.metrics:
             t0 = time.perf_counter()
-            step(stack, images, main, batch_size, progress, columns, notes, tables)
-            timings[name] = time.perf_counter() - t0
-    layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in columns.items()}})
-    summary = _summary(model, stack, images, metrics, main, layers, notes, timings, model_name, batch_size)
-    return AnalysisResult(layers=layers, summary=summary, tables=tables)
+            step(run)
+            run.timings[name] = time.perf_counter() - t0
+    layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in run.columns.items()}})
+    return AnalysisResult(layers=layers, summary=_summary(model, run, layers, model_name), tables=run.tables)
 
 
 def _asked(column: str, metrics: Sequence[str]) -> bool:
@@ -132,70 +153,71 @@ def _asked(column: str, metrics: Sequence[str]) -> bool:
     return group in metrics
 
 
-def _drop(stack, images, main, batch_size, progress, columns, notes, tables) -> None:
-    columns.update(drop_columns(stack, images, main, batch_size, progress))
-    none = [i for i, b in enumerate(stack.blocks) if b.shortcut is None]
+def _drop(run: _Run) -> None:
+    run.columns.update(drop_columns(run.stack, run.images, run.main, run.batch_size, run.progress))
+    none = [i for i, b in enumerate(run.stack.blocks) if b.shortcut is None]
     if none:
-        notes.append(f"drop_delta_loss: not applicable to block(s) {', '.join(map(str, none))}: they change the "
-                     "feature shape and have no shortcut to replace them by")
+        run.notes.append(f"drop_delta_loss: not applicable to block(s) {', '.join(map(str, none))}: they change the "
+                         "feature shape and have no shortcut to replace them by")
 
 
-def _lens(stack, images, main, batch_size, progress, columns, notes, tables) -> None:
-    columns["logit_lens_loss"] = lens_column(stack, images, batch_size, progress)
-    missing = [i for i, v in enumerate(columns["logit_lens_loss"]) if not math.isfinite(v)]
+def _lens(run: _Run) -> None:
+    lens = run.columns["logit_lens_loss"] = lens_column(run.stack, run.images, run.batch_size, run.progress)
+    missing = [i for i, v in enumerate(lens) if not math.isfinite(v)]
     if missing:
-        notes.append(f"logit_lens_loss: not applicable to block(s) {', '.join(map(str, missing))}: a later block "
-                     "changes the feature shape, so the pooling and head cannot read their output")
+        run.notes.append(f"logit_lens_loss: not applicable to block(s) {', '.join(map(str, missing))}: a later "
+                         "block changes the feature shape, so the pooling and head cannot read their output")
 
 
-def _probe(stack, images, main, batch_size, progress, columns, notes, tables) -> None:
-    probe_columns, table = probe_layers(main.features, images.targets.numpy(), images.names, images.multilabel)
-    columns.update(probe_columns)
-    tables["probe"] = table
+def _probe(run: _Run) -> None:
+    images = run.images
+    columns, run.tables["probe"] = probe_layers(run.main.features, images.targets.numpy(), images.names,
+                                                images.multilabel)
+    run.columns.update(columns)
 
 
-def _response(stack, images, main, batch_size, progress, columns, notes, tables) -> None:
+def _response(run: _Run) -> None:
+    stack, images = run.stack, run.images
     if stack.layout != "maps":
-        notes.append("response maps: not applicable: the blocks output tokens, not spatial feature maps")
+        run.notes.append("response maps: not applicable: the blocks output tokens, not spatial feature maps")
         return
     if images.boxes is None:
-        notes.append(f"response maps: not scored: no {'list_bbox_celeba.txt'} beside --attributes")
+        run.notes.append("response maps: not scored: no list_bbox_celeba.txt beside --attributes")
         return
     size = images.pixels.shape[-1]
-    maps = response_maps(stack, images, list(range(len(stack))), batch_size)
+    maps = response_maps(stack, images, list(range(len(stack))), run.batch_size)
     scores = [localization_scores(maps[i], images.boxes, size) for i in range(len(stack))]
     for key in ("pointing_accuracy", "response_iou"):
-        columns[key] = [s[key] for s in scores]
+        run.columns[key] = [s[key] for s in scores]
     base = baseline_scores(images.boxes, size)
-    tables["response_baselines"] = pd.DataFrame([{"baseline": k, **v} for k, v in base.items()])
+    run.tables["response_baselines"] = pd.DataFrame([{"baseline": k, **v} for k, v in base.items()])
 
 
-def _summary(model, stack: VisionStack, images: ImageSet, metrics, main, layers: pd.DataFrame, notes: list[str],
-             timings: dict, model_name: str | None, batch_size: int) -> dict:
+def _summary(model, run: _Run, layers: pd.DataFrame, model_name: str | None) -> dict:
     from depthprobe.analysis import nonfinite_layers, nonfinite_note, versions
 
+    stack, images, main, notes = run.stack, run.images, run.main, run.notes
     skip = {c: "not applicable" for c in ("drop_delta_loss", "drop_delta_error", "logit_lens_loss")}
     nonfinite = nonfinite_layers(layers, skip=skip)
     if nonfinite:
         notes.append(nonfinite_note(nonfinite))
     positions = int(np.prod(images.pixels.shape[2:]))
-    objective = ImageObjective(images.multilabel)
     config = getattr(model, "config", None)
+    size = int(images.pixels.shape[-1])
     return {
         "model": model_name or getattr(config, "_name_or_path", None) or type(model).__name__,
         "architecture": type(model).__name__, "family": stack.family, "blocks_path": stack.blocks_path,
         "norm_placement": "unknown", "num_layers": len(stack),
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
         "num_sequences": len(images), "seq_len": positions, "num_tokens": len(images) * positions,
-        "text_source": images.source, "objective": objective.name, "base_loss": main.base_loss,
-        "base_perplexity": None, "base_error": main.base_error,
+        "text_source": images.source, "objective": ImageObjective(images.multilabel).name,
+        "base_loss": main.base_loss, "base_perplexity": None, "base_error": main.base_error,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(stack.device),
-        "metrics": list(metrics), "timings_s": timings, "versions": versions(), "notes": notes,
+        "metrics": list(run.metrics), "timings_s": run.timings, "versions": versions(), "notes": notes,
         "nonfinite": nonfinite, "interrupted": None,
-        "config": {"metrics": list(metrics), "num_images": len(images), "image_size": int(images.pixels.shape[-1]),
-                   "batch_size": batch_size, "layout": stack.layout},
-        "modality": "image", "num_images": len(images), "image_size": int(images.pixels.shape[-1]),
-        "targets": list(images.names),
+        "config": {"metrics": list(run.metrics), "num_images": len(images), "image_size": size,
+                   "batch_size": run.batch_size, "layout": stack.layout},
+        "modality": "image", "num_images": len(images), "image_size": size, "targets": list(images.names),
         "blocks": [{"name": b.name, "stage": b.stage, "shortcut": b.shortcut_kind, "downsample": b.downsample}
                    for b in stack.blocks],
     }
