@@ -9,10 +9,8 @@ the committed ``reports/campaign/`` without the (uncommitted) checkpoints.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import html
-import io
 import json
 import math
 import sys
@@ -26,9 +24,11 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from depthprobe.report import write_report  # noqa: E402
+from depthprobe.report.html import figure_html, page, table_html  # noqa: E402
+from depthprobe.safeio import atomic_write_text  # noqa: E402
+from depthprobe.stats import holm, paired_difference  # noqa: E402
 from depthprobe.train.compare import summarize  # noqa: E402
 from depthprobe.train.model import ModelConfig  # noqa: E402
 from depthprobe.train.trainer import TrainConfig  # noqa: E402
@@ -172,40 +172,7 @@ def _write_comparison(folder: Path, out: Path, main: pd.DataFrame, setting: dict
 
 
 # ----------------------------------------------------------------------------- statistics
-def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
-    """Paired a - b over seeds: mean, t interval, paired t-test p, Cohen's d_z = mean/sd.
-
-    With n pairs: mean d̄, sd s (ddof=1), interval d̄ ± t_{(1+level)/2, n-1} · s/√n.
-    """
-    d = np.asarray(a, float) - np.asarray(b, float)
-    d = d[np.isfinite(d)]
-    n = len(d)
-    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
-           "p": math.nan, "cohen_dz": math.nan}  # fmt: skip
-    if n >= 2:
-        sd = float(d.std(ddof=1))
-        half = float(stats.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
-        out.update(ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
-        if sd > 0:
-            out.update(p=float(stats.ttest_rel(np.asarray(a, float), np.asarray(b, float), nan_policy="omit").pvalue),
-                       cohen_dz=out["mean_diff"] / sd)  # fmt: skip
-    return out
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm–Bonferroni adjusted p-values: sort p ascending, p_(i) · (m - i), running max, cap 1
-    (NaNs stay NaN and do not count in m)."""
-    p = np.asarray(pvalues, float)
-    ok = np.flatnonzero(np.isfinite(p))
-    adjusted = np.full(len(p), np.nan)
-    order = ok[np.argsort(p[ok])]
-    running = 0.0
-    for i, idx in enumerate(order):
-        running = max(running, min(1.0, p[idx] * (len(order) - i)))
-        adjusted[idx] = running
-    return adjusted.tolist()
-
-
+# paired differences and Holm's adjustment are depthprobe.stats.paired_difference / holm
 def paired_table(values: pd.DataFrame, value: str, baseline: str, level: float = 0.95) -> pd.DataFrame:
     """Every variant against ``baseline`` on ``value`` (one row per variant and seed in
     ``values``), paired by seed, with Holm-adjusted p over the comparisons made."""
@@ -339,37 +306,23 @@ def measures(tables: dict[str, pd.DataFrame], group: str = "main") -> pd.DataFra
 
 
 # ----------------------------------------------------------------------------- report pages
-PAGE_CSS = (
-    "body{font:14px/1.5 Helvetica,Arial,sans-serif;color:#222;max-width:1100px;margin:24px auto;padding:0 20px}"
-    "h2{font-size:18px;border-bottom:1px solid #ddd}table{border-collapse:collapse;font-size:12.5px}"
-    "td,th{border-bottom:1px solid #e5e5e5;padding:3px 8px;text-align:right}.verdict{background:#f4f7fb;"
-    "border-left:4px solid #1f5fa8;padding:8px 14px}img{max-width:100%}"
-)
+# pages are depthprobe.report's: one self-contained file, its CSS, figures and tables
 
 
 def figure_tag(fig, alt: str) -> str:
-    """A matplotlib figure as an inline PNG ``<img>`` (the page stays one offline file)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    """A matplotlib figure as an inline PNG ``<figure>`` (the page stays one offline file)."""
+    return figure_html(fig, alt, alt)
 
 
 def write_page(out: Path, title: str, sections: list[tuple[str, str]]) -> None:
     """``out/report.html``: a title and (heading, html) sections; headings are escaped, the
-    bodies are built from escaped text, ``DataFrame.to_html`` and :func:`figure_tag`."""
-    body = "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
-    csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-    (out / "report.html").write_text(
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
-        f'content="{csp}"><title>{html.escape(title)}</title><style>{PAGE_CSS}</style></head><body>'
-        f"<h1>{html.escape(title)}</h1>{body}</body></html>",
-        encoding="utf-8",
-    )
+    bodies are built from escaped text, :func:`table_tag` and :func:`figure_tag`."""
+    body = f"<h1>{html.escape(title)}</h1>" + "".join(f"<h2>{html.escape(h)}</h2>{b}" for h, b in sections)
+    atomic_write_text(out / "report.html", page(title, body))
 
 
 def table_tag(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", escape=True)
+    return table_html(frame, digits=4)
 
 
 def text_tag(text: str) -> str:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     fig = C.plot_profiles(layers, ["angular_distance", "drop_delta_loss", "activation_variance"], list(C.VARIANTS),
                           log=("activation_variance",))  # fmt: skip
     C.write_page(out, "Claim 1: Curse of Depth (Pre-LN vs LayerNorm Scaling, others beside)", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Tests (paired by seed, Holm over the parts)", C.table_tag(table)),
         ("Per-layer profiles of the final models (mean over seeds, band = min..max)", C.figure_tag(fig, "profiles")),
         ("Per run", C.table_tag(per_run)),

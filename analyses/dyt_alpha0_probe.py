@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{pre.shared_direction_share:.3g}, DyT {dyt.shared_direction_share.min():.3g}-"
                f"{dyt.shared_direction_share.max():.3g}\n")  # fmt: skip
     C.write_page(out, "DyT recipe probe: why DyT stalls at this scale", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Probes", C.table_tag(table)),
         ("How", C.text_tag(__doc__)),
     ])  # fmt: skip

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     fig = C.plot_profiles(layers, ["angular_distance", "activation_variance", "grad_norm", "drop_delta_loss"],
                           list(C.VARIANTS), log=("activation_variance", "grad_norm"))  # fmt: skip
     C.write_page(out, "Claim 5: DyT beside the normalized placements", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Every placement on every measure (mean, sd over seeds)", C.table_tag(beside)),
         ("Final validation loss against Pre-LN (paired by seed, Holm over five)", C.table_tag(vs_pre)),
         ("Per-layer profiles of the final models (mean over seeds, band = min..max)", C.figure_tag(fig, "profiles")),

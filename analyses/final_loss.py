@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                f"paper (perplexity): lns < mix < pre < post\n- Plateau check: {int(conv.converged.sum())}/{len(conv)} "
                f"runs changed < 2% over the last 20% of steps (largest change {conv.rel_change.max():.2%})\n")  # fmt: skip
     C.write_page(out, "Claim 4: final validation loss at equal tokens", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Per variant (paired differences against Pre-LN, Holm over the five)", C.table_tag(summary)),
         ("Tests of the paper's ordering (paired by seed, Holm over the parts)", C.table_tag(table)),
         ("Training length check: validation loss change over the last 20% of steps", C.table_tag(conv)),

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                f"{', leaving out the stalled ' + ', '.join(sorted(stalled)) if stalled else ''}): {most_uniform}\n")
     train_layers = tables["train_layers"][tables["train_layers"].group == "main"]
     C.write_page(out, "Claim 2: Mix-LN — gradient norms across depth", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Tests (paired by seed, Holm over the parts)", C.table_tag(table)),
         ("Per variant (mean, sd over seeds), most uniform first", C.table_tag(per_variant)),
         ("Per-block gradient norm during training (first seed; dark = early, yellow = late)",

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     fig = C.plot_profiles(layers, ["activation_variance", "max_abs_activation"], list(C.VARIANTS),
                           log=("activation_variance", "max_abs_activation"))  # fmt: skip
     C.write_page(out, "Claim 3: Peri-LN — bounded activations and learning-rate stability", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Tests (paired by seed, Holm over the parts)", C.table_tag(table)),
         ("Activation scale per layer (mean over seeds, band = min..max)", C.figure_tag(fig, "activation profiles")),
         ("Learning-rate sweep: spikes and failures", C.table_tag(sweep)),

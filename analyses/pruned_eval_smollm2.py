@@ -34,6 +34,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 import depthprobe  # noqa: E402
+from depthprobe.cli.parsing import parse_list  # noqa: E402
 from depthprobe.data import heldout_windows  # noqa: E402
 from depthprobe.evaluate.bench import BenchConfig, bench, speedups  # noqa: E402
 from depthprobe.evaluate.cloze import TASK_NAME  # noqa: E402
@@ -48,7 +49,6 @@ from depthprobe.evaluate.harness import (  # noqa: E402
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss  # noqa: E402
 from depthprobe.prune import remove_blocks  # noqa: E402
 from depthprobe.prune.select import Evaluator, greedy  # noqa: E402
-from depthprobe.results import parse_list  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "reports" / "pruned_eval_smollm2"
 KS = (0, 6, 8, 4, 2)  # measured in this order: the ends of the curve and the bench model first

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         curve = pd.read_csv(args.prune_curve)
     curve = curve if curve is not None else pd.DataFrame()
     C.write_page(out, "Claim 6: real models — SmolLM2 (Pre-LN) beside MiniLM (Post-LN)", [
-        ("Verdict", f'<div class="verdict">{C.text_tag(verdict)}</div>'),
+        ("Verdict", f'<div class="findings">{C.text_tag(verdict)}</div>'),
         ("Depth measures per model", C.table_tag(table)),
         ("SmolLM2 pruning curves, every strategy (loss after removing K blocks)", C.table_tag(curve)),
         ("How", C.text_tag(__doc__ + "\n\nThe full side-by-side diagnostics are in models.html.")),

@@ -7,8 +7,10 @@ The flow, module by module::
     data.py         calibration text -> N windows of T tokens
     probes/         hooks, pure metric functions, the objective, the streaming main pass,
                     the sweep seam and the sweeps (drop damage, attribution)
+    config.py       ProbeConfig and the sweeps' options: the one home of every default
     analysis.py     analyze(): config -> main pass -> sweeps -> summary -> AnalysisResult
-    results.py      the per-layer table, summary, save/load, run-folder layout
+    results.py      the per-layer table, summary, save/load
+    runs.py         the run-folder layout: file names, where a run's analysis and model are
     report/ prune/ stats.py testing/ train/ convert/   consumers of that table
     cli/            thin click commands over this API
 
@@ -23,15 +25,15 @@ from __future__ import annotations
 
 import importlib
 
+from depthprobe._version import __version__  # noqa: F401  (the package version)
 from depthprobe.errors import DepthprobeError
-
-__version__ = "0.1.0"
+from depthprobe.views import register_html_view
 
 # Public names, imported on first use: `import depthprobe` (and so the pytest plugin, which
 # pytest loads in every session) stays cheap until torch is actually needed.
 _EXPORTS = {
     "analyze": "depthprobe.analysis",
-    "ProbeConfig": "depthprobe.analysis",
+    "ProbeConfig": "depthprobe.config",
     "AnalysisResult": "depthprobe.results",
     "LayerStack": "depthprobe.model.stack",
     "load_model": "depthprobe.model.load",
@@ -49,6 +51,18 @@ def load_plugins() -> None:
     """Import every package in :data:`PLUGINS` (each registers itself; cheap after the first call)."""
     for module in PLUGINS:
         importlib.import_module(module)
+
+
+def _notebook_view(result) -> str:
+    """A result in a notebook: :func:`depthprobe.report.notebook.result_html` (matplotlib is
+    imported on first display, so importing depthprobe stays cheap)."""
+    from depthprobe.report.notebook import result_html
+
+    return result_html(result)
+
+
+# the package front wires the notebook view to the data type: results imports nothing of report
+register_html_view("AnalysisResult", _notebook_view)
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ import logging
 import math
 import platform
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,19 @@ import pandas as pd
 import torch
 import transformers
 
-from depthprobe import __version__, distributed
+from depthprobe import distributed
+from depthprobe._version import __version__
 from depthprobe.caveats import caveats
+from depthprobe.config import (
+    ALL_METRICS,
+    DEFAULT_METRICS,
+    PASS_METRICS,
+    PROBE_FIELDS,
+    RUN_FIELDS,
+    ProbeConfig,
+    RunOptions,
+    parse_metrics,
+)
 from depthprobe.data import Windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import nonfinite_weight_blocks
@@ -44,99 +56,53 @@ from depthprobe.probes.layer_major import (
     supports_block_backward,
     use_layer_major,
 )
-from depthprobe.probes.main_pass import DEFAULT_METRICS, PASS_METRICS, PassResult, needs_loss, run_main_pass
+from depthprobe.probes.main_pass import PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
-from depthprobe.results import DROP_PROGRESS, AnalysisResult, angular_matrix_frame, parse_list
+from depthprobe.results import AnalysisResult, angular_matrix_frame
+from depthprobe.runs import DROP_PROGRESS
 from depthprobe.stats import with_proxy_statistics
 
 log = logging.getLogger(__name__)
 
 #: extra sweeps: metric name -> function(SweepContext) -> SweepOutput, run in the order asked
+#: (the names are :data:`depthprobe.config.SWEEP_METRICS`)
 SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep}
 
-#: every name ``--metrics`` accepts
-ALL_METRICS = (*PASS_METRICS, *SWEEPS)
-
 __all__ = [
-    "ALL_METRICS", "DEFAULT_METRICS", "PASS_METRICS", "SWEEPS", "ProbeConfig", "RunSummary", "SweepContext",
+    "ALL_METRICS", "DEFAULT_METRICS", "PASS_METRICS", "SWEEPS", "ProbeConfig", "RunOptions", "RunSummary", "SweepContext",
     "SweepOutput", "analyze", "max_positions", "measure", "parse_metrics",
 ]
-
-
-@dataclass(frozen=True)
-class ProbeConfig:
-    """What to measure and on which tokens; saved in ``summary.json`` with every result."""
-
-    metrics: tuple[str, ...] = DEFAULT_METRICS
-    num_sequences: int = 8  # windows of calibration text
-    seq_len: int = 256  # tokens per window
-    batch_size: int = 4  # windows per forward pass: the memory knob
-    text_file: str | None = None
-    dataset: str | None = None  # NAME[:CONFIG[:SPLIT]]
-    layers_path: str | None = None  # override where the blocks live
-    options: SweepOptions = field(default_factory=SweepOptions)  # typed per-sweep options (a flat dict is parsed)
-
-    def __post_init__(self):
-        known = set(PASS_METRICS) | set(SWEEPS)
-        unknown = [m for m in self.metrics if m not in known]
-        if unknown:
-            raise DepthprobeError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
-        if self.batch_size < 1:
-            raise DepthprobeError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        object.__setattr__(self, "options", SweepOptions.parse(self.options))
-
-    def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "metrics": list(self.metrics), "options": self.options.flat()}
-
-
-def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
-    """``"angular,grad"`` or a list -> a tuple without repeats (order kept)."""
-    names = parse_list(metrics, "--metrics") if isinstance(metrics, str) else list(metrics)
-    if not names:
-        raise DepthprobeError("--metrics is empty; e.g. --metrics angular,variance,grad")
-    return tuple(dict.fromkeys(names))
 
 
 def analyze(
     model: torch.nn.Module,
     tokenizer=None,
+    config: ProbeConfig | None = None,
     *,
-    metrics: str | Sequence[str] = DEFAULT_METRICS,
-    num_sequences: int = 8,
-    seq_len: int = 256,
-    batch_size: int = 4,
-    text_file: str | None = None,
-    dataset: str | None = None,
     windows: Windows | None = None,
-    layers_path: str | None = None,
     stack: LayerStack | None = None,
-    model_name: str | None = None,
-    progress: bool = True,
-    options: SweepOptions | Mapping | None = None,
-    loss: bool | None = None,
-    progress_dir: str | Path | None = None,
-    resume: bool = False,
+    run: RunOptions | None = None,
+    **keywords,
 ) -> AnalysisResult:
     """Measure every block of ``model`` on calibration windows.
 
     Args:
         model: a causal LM (with head) or an encoder, as returned by :func:`load_model`.
         tokenizer: used to make the windows (not needed when ``windows`` is given).
-        metrics: any of ``angular,variance,grad,lens,drop,attribution`` (string or list).
-        num_sequences, seq_len: ``N`` windows of ``T`` tokens of the calibration text.
-        batch_size: windows per forward pass.
-        text_file, dataset: calibration text (default: the built-in corpus).
-        windows: ready-made windows (overrides the text options).
-        layers_path: where the blocks are, for models depthprobe does not know.
-        options: :class:`~depthprobe.probes.sweep.SweepOptions`, or a flat dict of its names
-            (``block_sizes``, ``sublayers``, ``attribution_steps``, ``bootstrap_samples``...);
-            an unknown name is an error.
-        loss: compute the base loss (default: when a metric other than angular / variance
-            is asked; those two alone never run the LM head).
-        progress_dir: folder where the drop sweep appends its finished batches
-            (``drop_progress.jsonl``, removed when the run completes), so Ctrl-C loses nothing.
-        resume: continue from the progress file in ``progress_dir`` instead of restarting.
+        config: :class:`~depthprobe.config.ProbeConfig`: metrics (any of
+            ``angular,variance,grad,lens,drop,attribution``), ``num_sequences`` windows of
+            ``seq_len`` tokens of the calibration text (``text_file`` / ``dataset``, default the
+            built-in corpus), ``batch_size``, ``layers_path`` and the typed sweep ``options``
+            (:class:`~depthprobe.config.SweepOptions`, or a flat dict of its names).
+        windows: ready-made windows (override the text options of ``config``).
+        stack: a ready :class:`LayerStack` of ``model``.
+        run: :class:`~depthprobe.config.RunOptions`: progress bars, ``progress_dir`` where the
+            drop sweep appends its finished batches (``drop_progress.jsonl``, removed when the
+            run completes, so Ctrl-C loses nothing), ``resume`` from it, ``loss`` (compute the base
+            loss; default: when a metric other than angular / variance is asked) and ``model_name``.
+        **keywords: deprecated, for one release: the fields of ``ProbeConfig`` and ``RunOptions``
+            by name (``metrics="angular,grad", num_sequences=4, progress=False``), as before.
 
     Returns:
         :class:`AnalysisResult` with ``.layers`` (one row per block), ``.angular_distance``,
@@ -144,41 +110,52 @@ def analyze(
         the verdict (:func:`depthprobe.stats.with_proxy_statistics`).
 
     Example:
-        >>> model, tok = depthprobe.load_model("smollm2")                     # doctest: +SKIP
-        >>> r = depthprobe.analyze(model, tok, metrics="angular,grad", num_sequences=4)  # doctest: +SKIP
-        >>> r.layers.sort_values("angular_distance").head()                 # doctest: +SKIP
+        >>> model, tok = depthprobe.load_model("smollm2")                                      # doctest: +SKIP
+        >>> r = depthprobe.analyze(model, tok, ProbeConfig(metrics="angular,grad", num_sequences=4))  # doctest: +SKIP
+        >>> r.layers.sort_values("angular_distance").head()                                  # doctest: +SKIP
     """
+    config, run = from_keywords(config, run, keywords)
+    if windows is not None:  # the config records the windows measured
+        config = dataclasses.replace(config, num_sequences=windows.num_sequences, seq_len=windows.seq_len)
     if not distributed.is_main():  # under torchrun rank 0 keeps the progress file and shows the bar
-        progress_dir, progress = None, False
-    config = ProbeConfig(
-        metrics=parse_metrics(metrics),
-        num_sequences=windows.num_sequences if windows is not None else num_sequences,
-        seq_len=windows.seq_len if windows is not None else seq_len,
-        batch_size=batch_size,
-        text_file=str(text_file) if text_file else None,
-        dataset=dataset,
-        layers_path=layers_path,
-        options=_with_progress_file(SweepOptions.parse(options), parse_metrics(metrics), progress_dir, resume),
-    )
-    result = measure(model, tokenizer, config, windows=windows, stack=stack, model_name=model_name,
-                     progress=progress, loss=loss)
-    if progress_dir is not None and not result.summary["interrupted"]:
-        (Path(progress_dir) / DROP_PROGRESS).unlink(missing_ok=True)
+        run = dataclasses.replace(run, progress_dir=None, progress=False)
+    config = dataclasses.replace(config, options=_with_progress_file(config.options, config.metrics, run))
+    result = measure(model, tokenizer, config, windows=windows, stack=stack, model_name=run.model_name,
+                     progress=run.progress, loss=run.loss)
+    if run.progress_dir is not None and not result.summary["interrupted"]:
+        (Path(run.progress_dir) / DROP_PROGRESS).unlink(missing_ok=True)
     result = with_proxy_statistics(result, config.options.bootstrap)
     # statistics from too little data say so (summary notes: printed by the CLI, in the report)
     result.summary["notes"] = [*result.summary.get("notes", []), *caveats(result.summary)]
     return result
 
 
-def _with_progress_file(options: SweepOptions, metrics: Sequence[str], progress_dir, resume: bool) -> SweepOptions:
+def from_keywords(config: ProbeConfig | None, run: RunOptions | None,
+                  keywords: Mapping) -> tuple[ProbeConfig, RunOptions]:
+    """The deprecated keyword form of :func:`analyze` (``metrics=..., progress=...``) as
+    ``(ProbeConfig, RunOptions)``; a keyword overrides that field of ``config`` / ``run``."""
+    unknown = [k for k in keywords if k not in PROBE_FIELDS and k not in RUN_FIELDS]
+    if unknown:
+        raise TypeError(f"analyze() got an unexpected keyword argument {unknown[0]!r}")
+    if keywords:
+        warnings.warn("analyze(model, tokenizer, metrics=..., progress=...) is deprecated; pass "
+                      "config=ProbeConfig(...) and run=RunOptions(...) (the keywords go in the next release)",
+                      DeprecationWarning, stacklevel=3)
+    probe = {k: v for k, v in keywords.items() if k in PROBE_FIELDS and v is not None}
+    config = dataclasses.replace(config or ProbeConfig(), **probe)
+    run = dataclasses.replace(run or RunOptions(), **{k: v for k, v in keywords.items() if k in RUN_FIELDS})
+    return config, run
+
+
+def _with_progress_file(options: SweepOptions, metrics: Sequence[str], run: RunOptions) -> SweepOptions:
     """Point the drop sweep at ``progress_dir/drop_progress.jsonl``; a stale file is removed
     unless resuming."""
-    if resume and progress_dir is None:
+    if run.resume and run.progress_dir is None:
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
-    if progress_dir is None or "drop" not in metrics:
+    if run.progress_dir is None or "drop" not in metrics:
         return options
-    path = Path(progress_dir) / DROP_PROGRESS
-    if path.exists() and not resume:
+    path = Path(run.progress_dir) / DROP_PROGRESS
+    if path.exists() and not run.resume:
         path.unlink()
     return dataclasses.replace(options, drop=dataclasses.replace(options.drop, progress_file=str(path)))
 
@@ -210,7 +187,7 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     layers = pd.DataFrame({"layer": np.arange(len(stack)),
                            **{k: np.asarray(v, float) for k, v in main.columns.items()},
                            **{k: np.asarray(v, float) for out in sweeps.values() for k, v in out.columns.items()}})
-    summary = RunSummary.build(model, stack, windows, config, objective, main, sweeps, layers, interrupted,
+    summary = RunSummary.build(model, stack, windows, config, objective, Measured(main, sweeps, interrupted, layers),
                                model_name)
     return AnalysisResult(
         layers=layers,
@@ -263,6 +240,17 @@ def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, Swe
 
 
 @dataclass
+class Measured:
+    """What :func:`measure` got: the main pass, the finished sweeps (and the one a Ctrl-C cut)
+    and the per-layer table built from them."""
+
+    main: PassResult
+    sweeps: dict[str, SweepOutput]
+    interrupted: str | None
+    layers: pd.DataFrame
+
+
+@dataclass
 class RunSummary:
     """``summary.json``: what was measured, on what, how long it took and what to know.
 
@@ -303,8 +291,8 @@ class RunSummary:
 
     @classmethod
     def build(cls, model, stack: LayerStack, windows: Windows, config: ProbeConfig, objective: Objective,
-              main: PassResult, sweeps: dict[str, SweepOutput], layers: pd.DataFrame, interrupted: str | None,
-              model_name: str | None) -> RunSummary:
+              measured: Measured, model_name: str | None) -> RunSummary:
+        main, sweeps, interrupted, layers = measured.main, measured.sweeps, measured.interrupted, measured.layers
         not_applicable = {**not_applicable_metrics(config.metrics, objective), **main.not_applicable,
                           **{k: v for out in sweeps.values() for k, v in out.not_applicable.items()}}
         timings = dict(main.timings) | {name: out.seconds for name, out in sweeps.items()}

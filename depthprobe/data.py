@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from depthprobe.config import DEFAULT_NUM_SEQUENCES, DEFAULT_SEQ_LEN
 from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import decode_text
 
@@ -96,8 +97,8 @@ class Windows:
 def make_windows(
     tokenizer,
     *,
-    num_sequences: int = 8,
-    seq_len: int = 256,
+    num_sequences: int = DEFAULT_NUM_SEQUENCES,
+    seq_len: int = DEFAULT_SEQ_LEN,
     text: str | None = None,
     text_file: str | Path | None = None,
     dataset: str | None = None,

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 
-__all__ = ["Split", "active", "gather", "init_from_env", "rank_and_world", "reduce_grads", "reduce_max",
+__all__ = ["DistInfo", "Split", "active", "dist_info", "gather", "init_from_env", "rank_and_world", "reduce_grads", "reduce_max",
            "reduce_sum", "split_windows"]
 
 
@@ -60,6 +60,28 @@ def rank_and_world() -> tuple[int, int]:
 
 def is_main() -> bool:
     return rank_and_world()[0] == 0
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place under torchrun (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0  # the GPU index on this machine
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank, world size and local rank from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init_from_env(device: str = "auto") -> bool:

@@ -34,12 +34,17 @@ recomputes the proxy as the sum over the drawn windows; proxies measured only po
 all windows (angular distance, block influence, gradient norm, lens) are held fixed. The
 same resamples serve every proxy, so intervals are paired. Resamples where a vector is
 constant (rho undefined) are left out of the percentiles.
+
+**Across seeds** (the analyses of trained variants): :func:`paired_difference` (mean of
+``a - b`` over seeds, t interval, paired t-test, Cohen's d_z) and :func:`holm` (Holm–Bonferroni
+adjusted p-values over the comparisons made).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -47,8 +52,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from depthprobe.config import DEFAULT_BOOTSTRAP_SAMPLES, BootstrapOptions
 from depthprobe.errors import DepthprobeError
-from depthprobe.probes.sweep import DEFAULT_BOOTSTRAP_SAMPLES, BootstrapOptions
 from depthprobe.results import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -226,40 +231,45 @@ def proxy_table(
     deltas = window_matrix(drop_windows, "delta_loss")  # (L, N)
     if deltas.shape[0] != len(layers):
         raise DepthprobeError(f"drop_windows has {deltas.shape[0]} layers but the table has {len(layers)}")
-    truth = deltas.mean(1)
     idx = bootstrap_indices(deltas.shape[1], n_boot, seed)
-    truth_boot = deltas[:, idx].mean(-1).T  # (B, L)
-    rows = []
-    for name, proxy in values.items():
-        per_window = proxy_windows is not None and name in proxy_windows.columns
-        if per_window:
-            pw = window_matrix(proxy_windows, name)
-            if pw.shape != deltas.shape:
-                raise DepthprobeError(f"{name} per-window table is {pw.shape}, drop_windows is {deltas.shape}")
-            proxy_boot = pw[:, idx].sum(-1).T
-        else:
-            proxy_boot = np.broadcast_to(proxy, truth_boot.shape)
-        keep = np.isfinite(proxy) & np.isfinite(truth)
-        rho, tau = spearman(proxy[keep], truth[keep]), kendall(proxy[keep], truth[keep])
-        rho_lo, rho_hi = percentile_interval(spearman_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
-        tau_lo, tau_hi = percentile_interval(kendall_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
-        row = {
-            "proxy": name,
-            "name": PROXIES[name],
-            "spearman": rho,
-            "spearman_lo": float(rho_lo),
-            "spearman_hi": float(rho_hi),
-            "kendall": tau,
-            "kendall_lo": float(tau_lo),
-            "kendall_hi": float(tau_hi),
-            "n_layers": int(keep.sum()),
-            "n_windows": deltas.shape[1],
-            "resampled": "windows" if per_window else "fixed",
-        }
-        row["text"] = agreement_text(row)
-        rows.append(row)
+    rows = [_agreement_row(name, proxy, deltas, idx, proxy_windows, level) for name, proxy in values.items()]
     table = pd.DataFrame(rows, columns=PROXY_COLUMNS)
     return table.sort_values("spearman", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def _agreement_row(name: str, proxy: np.ndarray, deltas: np.ndarray, idx: np.ndarray,
+                   proxy_windows: pd.DataFrame | None, level: float) -> dict:
+    """One row of :func:`proxy_table`: the proxy's rank agreement with the mean drop damage
+    and its bootstrap intervals over the resampled windows ``idx`` (B, N)."""
+    truth = deltas.mean(1)
+    truth_boot = deltas[:, idx].mean(-1).T  # (B, L)
+    per_window = proxy_windows is not None and name in proxy_windows.columns
+    if per_window:
+        pw = window_matrix(proxy_windows, name)
+        if pw.shape != deltas.shape:
+            raise DepthprobeError(f"{name} per-window table is {pw.shape}, drop_windows is {deltas.shape}")
+        proxy_boot = pw[:, idx].sum(-1).T
+    else:
+        proxy_boot = np.broadcast_to(proxy, truth_boot.shape)
+    keep = np.isfinite(proxy) & np.isfinite(truth)
+    rho, tau = spearman(proxy[keep], truth[keep]), kendall(proxy[keep], truth[keep])
+    rho_lo, rho_hi = percentile_interval(spearman_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+    tau_lo, tau_hi = percentile_interval(kendall_rows(proxy_boot[:, keep], truth_boot[:, keep]), level)
+    row = {
+        "proxy": name,
+        "name": PROXIES[name],
+        "spearman": rho,
+        "spearman_lo": float(rho_lo),
+        "spearman_hi": float(rho_hi),
+        "kendall": tau,
+        "kendall_lo": float(tau_lo),
+        "kendall_hi": float(tau_hi),
+        "n_layers": int(keep.sum()),
+        "n_windows": deltas.shape[1],
+        "resampled": "windows" if per_window else "fixed",
+    }
+    row["text"] = agreement_text(row)
+    return row
 
 
 def agreement_text(row: dict | pd.Series) -> str:
@@ -335,6 +345,40 @@ def prune_excess(curve: pd.DataFrame, reference: str = "greedy") -> pd.DataFrame
 
 
 # ---------------------------------------------------------------------------- wiring
+def paired_difference(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> dict:
+    """Paired a - b over seeds: mean, t interval, paired t-test p, Cohen's d_z = mean/sd.
+
+    With n pairs: mean d̄, sd s (ddof=1), interval d̄ ± t_{(1+level)/2, n-1} · s/√n.
+    """
+    d = np.asarray(a, float) - np.asarray(b, float)
+    d = d[np.isfinite(d)]
+    n = len(d)
+    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "p": math.nan, "cohen_dz": math.nan}  # fmt: skip
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        half = float(sps.t.ppf((1 + level) / 2, n - 1)) * sd / math.sqrt(n)
+        out.update(ci_low=out["mean_diff"] - half, ci_high=out["mean_diff"] + half)
+        if sd > 0:
+            out.update(p=float(sps.ttest_rel(np.asarray(a, float), np.asarray(b, float), nan_policy="omit").pvalue),
+                       cohen_dz=out["mean_diff"] / sd)  # fmt: skip
+    return out
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values: sort p ascending, p_(i) · (m - i), running max, cap 1
+    (NaNs stay NaN and do not count in m)."""
+    p = np.asarray(pvalues, float)
+    ok = np.flatnonzero(np.isfinite(p))
+    adjusted = np.full(len(p), np.nan)
+    order = ok[np.argsort(p[ok])]
+    running = 0.0
+    for i, idx in enumerate(order):
+        running = max(running, min(1.0, p[idx] * (len(order) - i)))
+        adjusted[idx] = running
+    return adjusted.tolist()
+
+
 def with_proxy_statistics(result: AnalysisResult, bootstrap: BootstrapOptions | None = None) -> AnalysisResult:
     """A new result with drop intervals, ``tables["proxies"]`` and the verdict (``result`` is
     not changed).

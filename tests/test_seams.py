@@ -9,6 +9,7 @@ import torch
 
 import depthprobe
 from depthprobe.analysis import SWEEPS, ProbeConfig, analyze, measure
+from depthprobe.cli.parsing import parse_list
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes import drop
@@ -16,7 +17,7 @@ from depthprobe.probes.hooks import watch_blocks
 from depthprobe.probes.main_pass import PassAccumulator
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import DropOptions, SweepOptions, SweepOutput
-from depthprobe.results import DROP_PROGRESS, parse_list
+from depthprobe.runs import DROP_PROGRESS
 from depthprobe.stats import with_proxy_statistics
 from tests.tiny_models import FAMILY_NAMES, build_tiny, random_ids
 

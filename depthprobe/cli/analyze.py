@@ -18,6 +18,7 @@ from depthprobe.cli.options import (
     model_options,
     setup_logging,
 )
+from depthprobe.cli.parsing import parse_list
 from depthprobe.cli.vision_options import run_image_analysis, vision_options
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes.sweep import (
@@ -26,7 +27,7 @@ from depthprobe.probes.sweep import (
     EXECUTION_ORDERS,
     AttributionOptions,
 )
-from depthprobe.results import DROP_PROGRESS, REPORT_HTML, parse_list
+from depthprobe.runs import DROP_PROGRESS, REPORT_HTML
 from depthprobe.safeio import locks_out
 
 

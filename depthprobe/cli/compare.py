@@ -7,8 +7,9 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import common_options, setup_logging
+from depthprobe.cli.parsing import parse_list
 from depthprobe.cli.train import configs_from_options, train_options
-from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.runs import REPORT_HTML
 from depthprobe.safeio import locks_out
 from depthprobe.train.model import PLACEMENT_NAMES
 
@@ -58,8 +59,7 @@ def command(**opts) -> None:
         data_cfg,
         opts["out_dir"],
         metrics=parse_metrics(opts["metrics"]),
-        progress=not opts["quiet"],
-        report=False,  # the library writes tables only; HTML is written here, at the edge
+        progress=not opts["quiet"],  # the library writes tables only; HTML is written here, at the edge
     )
     if not opts["no_report"] and result.analyses:  # the folder expands to one run per variant
         write_report([opts["out_dir"]], Path(opts["out_dir"]) / REPORT_HTML, title="depthprobe compare")

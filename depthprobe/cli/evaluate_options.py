@@ -10,6 +10,7 @@ import click
 import pandas as pd
 
 from depthprobe.cli.options import _stack
+from depthprobe.cli.parsing import parse_list
 from depthprobe.evaluate.bench import BenchConfig, bench, fit_config, speedups
 from depthprobe.evaluate.harness import (
     EvalOutput,
@@ -21,7 +22,6 @@ from depthprobe.evaluate.harness import (
     task_manager,
     write_eval,
 )
-from depthprobe.results import parse_list
 
 heldout_options = _stack(
     click.option("--eval-text-file", type=click.Path(dir_okay=False), default=None,

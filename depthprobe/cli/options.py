@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from depthprobe.config import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SEQUENCES, DEFAULT_SEQ_LEN
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.load import DTYPES
 from depthprobe.safeio import LOCK_NAME
@@ -54,9 +55,11 @@ plain_model_options = _stack(
 data_options = _stack(
     click.option("--text-file", type=click.Path(dir_okay=False), default=None, help="Calibration text file."),
     click.option("--dataset", default=None, help="datasets name NAME[:CONFIG[:SPLIT]] or a local folder."),
-    click.option("--num-sequences", type=int, default=8, show_default=True, help="Number of windows N."),
-    click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per window T."),
-    click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per forward pass."),
+    click.option("--num-sequences", type=int, default=DEFAULT_NUM_SEQUENCES, show_default=True,
+                 help="Number of windows N."),
+    click.option("--seq-len", type=int, default=DEFAULT_SEQ_LEN, show_default=True, help="Tokens per window T."),
+    click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True,
+                 help="Windows per forward pass."),
 )
 
 common_options = _stack(

@@ -20,9 +20,10 @@ from depthprobe.cli.options import (
     refuse_existing_out,
     setup_logging,
 )
+from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
 from depthprobe.prune.select import STRATEGIES
-from depthprobe.results import REPORT_HTML, parse_list
+from depthprobe.runs import REPORT_HTML
 from depthprobe.safeio import locks_out
 
 

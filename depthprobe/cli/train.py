@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import _stack, common_options, refuse_existing_out, setup_logging
-from depthprobe.results import ANALYSIS_DIR, REPORT_HTML
+from depthprobe.runs import ANALYSIS_DIR, REPORT_HTML
 from depthprobe.safeio import locks_out
 from depthprobe.train.model import NORM_TYPES, PLACEMENT_NAMES, PRESETS
 

@@ -31,7 +31,7 @@ from depthprobe.errors import DepthprobeError
 from depthprobe.inputs import check_loaded, check_model_files, loader_errors
 from depthprobe.model.memory import MemoryPlan, Workload, make_plan, parse_max_memory
 from depthprobe.model.stack import ENCODER_TYPES, FAMILIES
-from depthprobe.results import model_source
+from depthprobe.runs import model_source
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +31,19 @@ from depthprobe.model.discover import (
     router_of,
 )
 from depthprobe.model.families import ENCODER_TYPES, FAMILIES, Family, StreamSpec
+from depthprobe.model.locate import (  # noqa: F401  (num_experts, experts_per_token re-exported)
+    experts_per_token,
+    find_final_norm,
+    generic_blocks_path,
+    input_embeddings,
+    module_lists,
+    num_experts,
+)
+from depthprobe.model.slicing import (  # noqa: F401  (slice_layer_config re-exported)
+    remap_layer_maps,
+    renumber_layer_idx,
+    slice_layer_config,
+)
 
 __all__ = ["ENCODER_TYPES", "FAMILIES", "Family", "LayerStack", "StreamSpec", "Sublayer", "block_output"]
 
@@ -92,7 +102,7 @@ class LayerStack:
             if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
                 raise DepthprobeError(
                     f"--layers-path {layers_path!r} does not name a non-empty nn.ModuleList in "
-                    f"{type(model).__name__}; candidates: {', '.join(_module_lists(model)[:5]) or 'none'}"
+                    f"{type(model).__name__}; candidates: {', '.join(module_lists(model)[:5]) or 'none'}"
                 )
             if spec is not None and not _path_matches(model, layers_path, spec):
                 spec = None
@@ -105,7 +115,7 @@ class LayerStack:
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
                 return cls._assemble(model, model_type, spec, path, blocks)
 
-        path = _generic_blocks_path(model)
+        path = generic_blocks_path(model)
         if path is None:
             raise DepthprobeError(
                 f"cannot find the transformer blocks of {type(model).__name__} "
@@ -130,10 +140,10 @@ class LayerStack:
             return cls(model, model_type, path, blocks, embed, final_norm, head, spec)
         # Generic: the model's input and output embeddings, and a norm that sits beside the
         # blocks in the same parent (e.g. `model.norm` next to `model.layers`).
-        embed = _input_embeddings(model)
+        embed = input_embeddings(model)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         parent = _get(model, base_path) if base_path else model
-        return cls(model, model_type or "generic", path, blocks, embed, _final_norm(parent), head, None)
+        return cls(model, model_type or "generic", path, blocks, embed, find_final_norm(parent), head, None)
 
     # ------------------------------------------------------------------ plain facts
     def __len__(self) -> int:
@@ -390,98 +400,9 @@ class LayerStack:
         return self.model, self.blocks_path
 
 
-def renumber_layer_idx(blocks: nn.ModuleList) -> None:
-    """Set every ``layer_idx`` attribute inside block i to i (what a KV cache indexes by)."""
-    for i, block in enumerate(blocks):
-        for module in block.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = i
-
-
-def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
-    """Modules that look things up by block index in a dict built at init (Zamba 2's shared
-    blocks: ``layer_dic``) get the keys of kept blocks renumbered; returns the old dicts."""
-    new_index = {old: new for new, old in enumerate(keep)}
-    saved, seen = [], set()
-    for module in blocks.modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        for name, value in list(vars(module).items()):
-            if "layer" in name and _layer_keyed(value, len(blocks)):
-                saved.append((module, name, value))
-                setattr(module, name, {new_index[k]: v for k, v in value.items() if k in new_index})
-    return saved
-
-
 def block_output(output) -> torch.Tensor:
     """A block's hidden-state output, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _module_lists(model: nn.Module) -> list[str]:
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    found.sort(key=lambda nm: -len(nm[1]))
-    return [name for name, _ in found]
-
-
-def _generic_blocks_path(model: nn.Module) -> str | None:
-    """The block list: a ``ModuleList`` as long as the config's ``num_hidden_layers`` (the
-    shallowest; hybrid models mix block classes), else the longest list of one class."""
-    config = getattr(model, "config", None)
-    counts = {getattr(c, "num_hidden_layers", None) for c in _configs(config)} - {None}
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    sized = [name for name, m in lists if len(m) in counts and not _inside_list(name, lists)]
-    if sized:
-        # a multimodal wrapper has several stacks: the text one sits beside the input embeddings
-        embed = _input_embeddings(model)
-        embed_parent = next((n.rsplit(".", 1)[0] if "." in n else "" for n, m in model.named_modules() if m is embed),
-                            None)
-        beside = [n for n in sized if (n.rsplit(".", 1)[0] if "." in n else "") == embed_parent]
-        return min(beside or sized, key=lambda name: name.count("."))
-    best, best_len = None, 1
-    for name, m in lists:
-        if len(m) > best_len and len({type(b) for b in m}) == 1:
-            best, best_len = name, len(m)
-    return best
-
-
-def _inside_list(name: str, lists: list) -> bool:
-    return any(name.startswith(other + ".") for other, _ in lists)
-
-
-def _configs(config) -> list:
-    if config is None:
-        return []
-    found = [config]
-    if hasattr(config, "get_text_config"):
-        found.append(config.get_text_config())
-    return found
-
-
-def _input_embeddings(model: nn.Module) -> nn.Module | None:
-    if hasattr(model, "get_input_embeddings"):
-        try:
-            embed = model.get_input_embeddings()
-        except (NotImplementedError, AttributeError):
-            embed = None
-        if isinstance(embed, nn.Module):
-            return embed
-    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-
-
-_FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm", "norm_f", "layer_norm",
-                     "ln_out", "final_ln")
-
-
-def _final_norm(parent: nn.Module) -> nn.Module | None:
-    """The norm beside the blocks: a known name, else the last norm-typed child."""
-    for name in _FINAL_NORM_NAMES:
-        module = getattr(parent, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    norms = [m for _, m in parent.named_children() if "norm" in type(m).__name__.lower()]
-    return norms[-1] if norms else None
 
 
 def _ranges(layers: list[int]) -> str:
@@ -496,26 +417,6 @@ def _ranges(layers: list[int]) -> str:
     return ", ".join(parts)
 
 
-def num_experts(config) -> int | None:
-    """Routed experts per MoE layer, from whichever name the config uses."""
-    for c in _configs(config):
-        for name in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts"):
-            value = getattr(c, name, None)
-            if isinstance(value, int) and value > 1:
-                return value
-    return None
-
-
-def experts_per_token(config) -> int | None:
-    """Experts each token is routed to (top-k), or None."""
-    for c in _configs(config):
-        for name in ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token", "moe_k"):
-            value = getattr(c, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-    return None
-
-
 def lm_logits(output) -> torch.Tensor:
     """The next-token logits ``(B, T, V)`` of a causal-LM output.
 
@@ -526,95 +427,6 @@ def lm_logits(output) -> torch.Tensor:
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
     return logits
-
-
-_NOT_PER_LAYER = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
-
-
-def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
-    """Make ``config`` describe only blocks ``keep`` of ``num_blocks``; return the old values.
-
-    The one rule for temporary (:meth:`LayerStack.keep_blocks`) and permanent
-    (:meth:`LayerStack.remove_blocks`) edits: ``num_hidden_layers`` becomes ``len(keep)``;
-    every list as long as the block count (``layer_types``, ``layers_block_type``, ...) keeps
-    the kept entries; every list of layer indices (``mlp_only_layers``, names ending in
-    ``_layers``) keeps the kept ones, renumbered; dicts keyed by layer index likewise;
-    ``first_k_dense_replace`` (the first k blocks are dense) counts the kept dense blocks.
-    """
-    saved: dict = {}
-    new_index = {old: new for new, old in enumerate(keep)}
-
-    def update(name, value):
-        saved.setdefault(name, getattr(config, name))
-        setattr(config, name, value)
-
-    for name, value in list(vars(config).items()):
-        if name.startswith("_") or name in _NOT_PER_LAYER or name.endswith("token_id") or not _settable(config, name):
-            continue
-        if _is_index_list(name, value, num_blocks):  # before the length test: [0, 1, 2] may name all 3
-            update(name, type(value)(new_index[i] for i in value if i in new_index))
-        elif isinstance(value, (list, tuple)) and len(value) == num_blocks:
-            update(name, type(value)(value[i] for i in keep))
-        elif "layer" in name and isinstance(value, dict) and _layer_keyed(value, num_blocks):
-            update(name, {new_index[k]: v for k, v in value.items() if k in new_index})
-    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides {layer: {...}}
-    if spec is not None and _layer_keyed(getattr(spec, "per_layer_overrides", None), num_blocks):
-        overrides = {new_index[k]: v for k, v in spec.per_layer_overrides.items() if k in new_index}
-        update("_heterogeneity_spec", dataclasses.replace(spec, per_layer_overrides=overrides))
-    if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
-        # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
-        update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
-    k = getattr(config, "first_k_dense_replace", None)
-    if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
-        update("first_k_dense_replace", sum(1 for i in keep if i < k))
-    for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
-        if vars(config).get(name) == num_blocks and _settable(config, name):
-            update(name, len(keep))
-    _slice_segments(config, keep, num_blocks, update)
-    if isinstance(getattr(config, "num_hidden_layers", None), int):
-        update("num_hidden_layers", len(keep))
-    return saved
-
-
-_LAYER_COUNTS = ("num_blocks", "num_layers", "n_layers", "n_layer", "num_decoder_layers")
-_SEGMENT = re.compile(r"^(n|num)_(?!hidden_)\w+_layers$")
-
-
-def _slice_segments(config, keep: list[int], num_blocks: int, update) -> None:
-    """Counts of consecutive block segments (``n_input_layers``, ``n_recurrent_layers``,
-    ``n_output_layers`` summing to the block count, in config order): kept blocks per segment."""
-    names = [n for n, v in vars(config).items()
-             if _SEGMENT.match(n) and isinstance(v, int) and not isinstance(v, bool) and v >= 0]
-    counts = [vars(config)[n] for n in names]
-    if len(names) < 2 or sum(counts) != num_blocks or not all(_settable(config, n) for n in names):
-        return
-    start = 0
-    for name, count in zip(names, counts, strict=True):
-        update(name, sum(1 for i in keep if start <= i < start + count))
-        start += count
-
-
-def _is_index_list(name: str, value, num_blocks: int) -> bool:
-    """A list of block indices (``mlp_only_layers=[1, 3]``), not one entry per block: named
-    like one, strictly increasing, and (when as long as the block count) exactly all blocks."""
-    if not isinstance(value, (list, tuple)) or not name.endswith(
-        ("_layers", "_layer_ids", "_layers_idx", "layer_indices", "_layer_idx")
-    ):
-        return False
-    ints = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in value)
-    increasing = all(a < b for a, b in zip(value, value[1:], strict=False))
-    return ints and increasing and (len(value) != num_blocks or list(value) == list(range(num_blocks)))
-
-
-def _layer_keyed(value, num_blocks: int) -> bool:
-    return isinstance(value, dict) and bool(value) and all(
-        isinstance(k, int) and 0 <= k < num_blocks for k in value
-    )
-
-
-def _settable(config, name: str) -> bool:
-    prop = getattr(type(config), name, None)
-    return not isinstance(prop, property) or prop.fset is not None
 
 
 def _path_matches(model: nn.Module, path: str, spec: Family) -> bool:

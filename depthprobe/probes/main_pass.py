@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from depthprobe import distributed
+from depthprobe.config import DEFAULT_METRICS, PASS_METRICS  # noqa: F401  (re-exported; defined in config)
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack, lm_logits
 from depthprobe.probes import metrics as M
@@ -33,10 +34,6 @@ from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.router import watch_routers
 
-#: metrics of the main pass; names accepted by ``--metrics``
-PASS_METRICS = ("angular", "variance", "grad", "lens")
-#: what ``analyze`` measures unless told otherwise
-DEFAULT_METRICS = PASS_METRICS
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,13 @@ import pandas as pd
 import torch
 
 from depthprobe.analysis import analyze, max_positions
+from depthprobe.config import ProbeConfig, RunOptions
 from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import add_heldout_columns, heldout_summary, score_removals
 from depthprobe.journal import resume_files
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.sweep import SweepOptions
+from depthprobe.prune.config import HELDOUT_WINDOWS, PruneConfig, from_keywords
 from depthprobe.prune.export import remove_blocks, save_model
 from depthprobe.prune.heal import HealConfig, heal_lora
 from depthprobe.prune.repair import RepairConfig, repair_linear
@@ -50,27 +50,25 @@ from depthprobe.prune.select import (
     validate_k,
     validate_removal,
 )
-from depthprobe.results import (
+from depthprobe.results import AnalysisResult, write_json
+from depthprobe.runs import (
     ANALYSIS_DIR,
+    DROP_PROGRESS,
     ORIGINAL_DIR,
     PRUNE_CURVE_CSV,
     PRUNE_EXCESS_CSV,
     PRUNE_JSON,
-    AnalysisResult,
-    write_json,
 )
 from depthprobe.safeio import atomic_to_csv
 from depthprobe.stats import prune_excess
 
 #: journals of an unfinished prune in its --out folder (removed once the model is saved)
-DROP_JOURNAL = "drop_progress.jsonl"
+DROP_JOURNAL = DROP_PROGRESS
 GREEDY_JOURNAL = "greedy_progress.jsonl"
-#: held-out windows a pruned model is scored on (of the calibration length)
-HELDOUT_WINDOWS = 16
 
 __all__ = [
-    "STRATEGIES", "HealConfig", "PruneResult", "RepairConfig", "SeamOptions", "heal_lora", "prune", "remove_blocks",
-    "repair_linear", "save_model",
+    "HELDOUT_WINDOWS", "STRATEGIES", "HealConfig", "PruneConfig", "PruneResult", "RepairConfig", "RunOptions",
+    "SeamOptions", "heal_lora", "prune", "remove_blocks", "repair_linear", "save_model",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,98 +120,114 @@ class PruneResult:
 def prune(
     model: torch.nn.Module,
     tokenizer,
+    config: PruneConfig | None = None,
     *,
-    remove: Sequence[int] | None = None,
-    num_layers: int | None = None,
-    strategy: str = "greedy",
-    curve: bool = True,
-    curve_max: int | None = None,
+    windows: Windows | None = None,
     out_dir: str | Path | None = None,
-    progress: bool = True,
-    resume: bool = False,
-    heldout: bool = True,
-    eval_text_file: str | None = None,
-    eval_dataset: str | None = None,
-    heldout_windows: int = HELDOUT_WINDOWS,
-    seam: SeamOptions | None = None,
-    **analyze_kwargs,
+    run: RunOptions | None = None,
+    **keywords,
 ) -> PruneResult:
-    """Choose blocks (``remove`` explicitly, or ``num_layers`` by ``strategy``), measure the
-    pruning curve of every strategy, remove the blocks in place and (with ``out_dir``) save.
+    """Choose blocks (``config.remove`` explicitly, or ``config.num_layers`` by
+    ``config.strategy``), measure the pruning curve of every strategy, remove the blocks in
+    place and (with ``out_dir``) save.
 
-    With ``heldout`` (default; causal LMs), the curve and the summary also carry the loss on
-    ``heldout_windows`` held-out windows (``eval_text_file`` / ``eval_dataset``, default the
-    built-in text's tail, never the calibration or repair-fit windows), with bootstrap
-    intervals over windows; ``seam`` (repair / heal) is scored on the same windows. With
+    With ``config.heldout`` (default; causal LMs), the curve and the summary also carry the
+    loss on ``config.heldout_windows`` held-out windows (``eval_text_file`` / ``eval_dataset``,
+    default the built-in text's tail, never the calibration or repair-fit windows), with
+    bootstrap intervals over windows; ``config.seam`` (repair / heal) is scored on the same
+    windows. ``config.probe`` gives the calibration windows (or pass ready ``windows``). With
     ``out_dir``, finished drop-sweep batches and greedy steps are journaled there until the
-    model is saved; ``resume=True`` continues from them after a crash or a kill.
+    model is saved; ``run.resume`` continues from them after a crash or a kill. ``**keywords``:
+    deprecated, for one release: the fields of ``PruneConfig``, ``ProbeConfig`` and
+    ``RunOptions`` by name, as before.
 
     Example:
-        >>> model, tok = depthprobe.load_model("smollm2")                                   # doctest: +SKIP
-        >>> r = prune(model, tok, num_layers=6, strategy="greedy", out_dir="runs/smol-24")  # doctest: +SKIP
-        >>> r.removed, r.loss_before, r.loss_after                                        # doctest: +SKIP
+        >>> model, tok = depthprobe.load_model("smollm2")                                        # doctest: +SKIP
+        >>> r = prune(model, tok, PruneConfig(num_layers=6, strategy="greedy"), out_dir="runs/smol-24")  # doctest: +SKIP
+        >>> r.removed, r.loss_before, r.loss_after                                             # doctest: +SKIP
     """
-    stack, remove, k = _validated(model, remove, num_layers, strategy, analyze_kwargs.get("layers_path"))
-    windows = _windows(model, tokenizer, analyze_kwargs)
+    config, run = from_keywords(config, run, keywords)
+    stack, remove, k = _validated(model, config)
+    windows = windows if windows is not None else _windows(model, tokenizer, config.probe)
     # fit and held-out windows first: text too short for them fails before any sweep runs
-    fit, held_windows = _fit_and_heldout(model, tokenizer, windows, seam, heldout,
-                                         (eval_text_file, eval_dataset, heldout_windows))
-    needs_drop = curve or (remove is None and strategy == "drop")
-    # the curve needs single-block drops only: sublayer and contiguous sweeps are skipped
-    given = SweepOptions.parse(analyze_kwargs.pop("options", None))
-    journals = resume_files(out_dir, (DROP_JOURNAL, GREEDY_JOURNAL), resume)
-    drop_file = str(journals[DROP_JOURNAL]) if journals else given.drop.progress_file
-    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=(),
-                                                                  progress_file=drop_file))
-    analysis = analyze(model, windows=windows, metrics="angular,drop" if needs_drop else "angular", stack=stack,
-                       progress=progress, options=options, **analyze_kwargs)
+    fit, held_windows = _fit_and_heldout(model, tokenizer, windows, config)
+    journals = resume_files(out_dir, (DROP_JOURNAL, GREEDY_JOURNAL), run.resume)
+    analysis = analyze(model, config=_sweep_config(config, remove, journals), windows=windows, stack=stack,
+                       run=dataclasses.replace(run, resume=False))
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
-    remove, table = _choose(evaluator, analysis, remove, k, strategy, curve, curve_max, progress,
-                            journals.get(GREEDY_JOURNAL))
-    loss_before = evaluator.loss()
-    loss_after = evaluator.loss(remove)
-    log.info("removing blocks %s (%s): loss %.4f -> %.4f", sorted(remove), strategy, loss_before, loss_after)
-    held, table, scored = (_heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, progress)
-                           if heldout and held_windows is not None else (None, table, {}))
-    # repair / heal, scored on the same held-out windows (depthprobe.prune.seam)
-    report = (before_removal(model, remove, curve_steps(table, strategy, remove), fit, held_windows, seam,
-                             scored=scored, progress=progress) if seam is not None else None)
-    remove_blocks(stack, remove)
-    if report is not None:
-        after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
+    remove, table = _choose(evaluator, analysis, remove, k, config, run.progress, journals.get(GREEDY_JOURNAL))
+    loss_before, loss_after = evaluator.loss(), evaluator.loss(remove)
+    log.info("removing blocks %s (%s): loss %.4f -> %.4f", sorted(remove), config.strategy, loss_before, loss_after)
+    held, scored = None, {}
+    if config.heldout and held_windows is not None:
+        held, table, scored = _heldout(stack, windows, held_windows, remove, table, evaluator.batch_size, run.progress)
+    report = _close_seam(model, tokenizer, stack, remove, config, (table, fit, held_windows, scored), run.progress,
+                         out_dir)
     excess = prune_excess(table) if table is not None else None
-    table = merge_curve(table, report, strategy)
-    result = PruneResult(sorted(remove), strategy, loss_before, loss_after, analysis.summary["objective"], table,
-                         analysis, excess, held, report)
-    result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), progress)
+    table = merge_curve(table, report, config.strategy)
+    result = PruneResult(sorted(remove), config.strategy, loss_before, loss_after, analysis.summary["objective"],
+                         table, analysis, excess, held, report)
+    result.pruned_analysis = analyze_pruned(model, windows, analysis, sorted(remove), run.progress)
     if out_dir is not None:
         _save(result, model, tokenizer, out_dir, journals)
     return result
 
 
-def _fit_and_heldout(model: torch.nn.Module, tokenizer, windows: Windows, seam: SeamOptions | None, heldout: bool,
-                     held_args: tuple) -> tuple[Windows, Windows | None]:
+def _sweep_config(config: PruneConfig, remove, journals: dict) -> ProbeConfig:
+    """The analysis prune chooses from: angular, plus single-block drops when a curve or the
+    drop strategy needs them (sublayer and contiguous sweeps skipped), journaled in --out."""
+    needs_drop = config.curve or (remove is None and config.strategy == "drop")
+    given = config.probe.options
+    drop_file = str(journals[DROP_JOURNAL]) if journals else given.drop.progress_file
+    options = dataclasses.replace(given, drop=dataclasses.replace(given.drop, sublayers=False, block_sizes=(),
+                                                                  progress_file=drop_file))
+    # the windows are made here, so the analysis records no text source of its own
+    return dataclasses.replace(config.probe, metrics="angular,drop" if needs_drop else "angular", text_file=None,
+                               dataset=None, options=options)
+
+
+def _close_seam(model: torch.nn.Module, tokenizer, stack: LayerStack, remove: list[int], config: PruneConfig,
+                scoring: tuple, progress: bool, out_dir) -> SeamReport | None:
+    """Remove the blocks; with ``config.seam``, repair before and heal after, scored on the
+    held-out windows (:mod:`depthprobe.prune.seam`). ``scoring``: (curve, fit windows,
+    held-out windows, held-out losses already measured)."""
+    table, fit, held_windows, scored = scoring
+    seam = config.seam
+    if seam is None:
+        remove_blocks(stack, remove)
+        return None
+    report = before_removal(model, remove, curve_steps(table, config.strategy, remove), fit, held_windows, seam,
+                            scored=scored, progress=progress)
+    remove_blocks(stack, remove)
+    after_removal(model, tokenizer, remove, report, seam, checkpoint_dir=out_dir, progress=progress)
+    return report
+
+
+def _fit_and_heldout(model: torch.nn.Module, tokenizer, windows: Windows,
+                     config: PruneConfig) -> tuple[Windows, Windows | None]:
     """The repair-fit windows (the calibration ones without ``--repair``) and the held-out
     windows, disjoint from both (None for encoders, or with neither ``heldout`` nor ``seam``)."""
-    text_file, dataset, num = held_args
+    seam = config.seam
     if seam is not None:
         check_causal(model, seam)
     fit = fit_windows(tokenizer, windows, seam, max_positions(model)) if seam is not None else windows
-    if not ((heldout or seam is not None) and LayerStack.from_model(model).is_causal_lm):
+    if not ((config.heldout or seam is not None) and LayerStack.from_model(model).is_causal_lm):
         return fit, None
-    if num < 1:
-        raise DepthprobeError(f"--heldout-windows must be at least 1 (got {num})")
-    return fit, heldout_windows(tokenizer, num_sequences=num, seq_len=fit.seq_len, calibration=fit,
-                                text_file=text_file, dataset=dataset, max_positions=max_positions(model))
+    if config.heldout_windows < 1:
+        raise DepthprobeError(f"--heldout-windows must be at least 1 (got {config.heldout_windows})")
+    return fit, heldout_windows(tokenizer, num_sequences=config.heldout_windows, seq_len=fit.seq_len,
+                                calibration=fit, text_file=config.eval_text_file, dataset=config.eval_dataset,
+                                max_positions=max_positions(model))
 
 
-def _validated(model: torch.nn.Module, remove, num_layers, strategy: str, layers_path):
+def _validated(model: torch.nn.Module, config: PruneConfig):
     """``(stack, remove or None, K)`` after checking the request against the model."""
+    remove, num_layers, strategy = config.remove, config.num_layers, config.strategy
     if (remove is None) == (num_layers is None):
         raise DepthprobeError("give either --remove LAYERS or --num-layers K (not both)")
     if strategy not in (*STRATEGIES, "manual"):
         raise DepthprobeError(f"unknown --strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    stack = LayerStack.from_model(model, layers_path)
+    stack = LayerStack.from_model(model, config.probe.layers_path)
     if not isinstance(getattr(stack.layer_config, "num_hidden_layers", None), int):
         raise DepthprobeError(f"cannot remove blocks from {type(model).__name__}: its config has no num_hidden_layers")
     if remove is not None:
@@ -222,17 +236,18 @@ def _validated(model: torch.nn.Module, remove, num_layers, strategy: str, layers
     return stack, None, validate_k(stack, num_layers)
 
 
-def _choose(evaluator: Evaluator, analysis: AnalysisResult, remove, k: int, strategy: str, curve: bool,
-            curve_max: int | None, progress: bool, greedy_journal) -> tuple[list[int], pd.DataFrame | None]:
-    """The blocks to remove (given, or by ``strategy``) and, with ``curve``, every strategy's curve."""
-    steps = None
+def _choose(evaluator: Evaluator, analysis: AnalysisResult, remove, k: int, config: PruneConfig, progress: bool,
+            greedy_journal) -> tuple[list[int], pd.DataFrame | None]:
+    """The blocks to remove (given, or by ``config.strategy``) and, with ``config.curve``,
+    every strategy's curve."""
+    steps, curve, curve_max = None, config.curve, config.curve_max
     if remove is None:
-        if strategy == "greedy":
+        if config.strategy == "greedy":
             steps = greedy(evaluator, k if not curve else max(k, curve_max or k), progress,
                            progress_file=greedy_journal)
             remove = steps[k].removed
         else:
-            remove = choose(strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
+            remove = choose(config.strategy, k, analysis.layers, analysis.angular_distance, evaluator, progress)
     table = None
     if curve:
         table = prune_curve(evaluator, analysis.layers, analysis.angular_distance, curve_max or k,
@@ -246,27 +261,18 @@ def analyze_pruned(model: torch.nn.Module, windows: Windows, original: AnalysisR
     windows that chose the blocks: one forward pass (its ``base_loss`` is the calibration loss
     after pruning)."""
     config = original.summary["config"]
-    result = analyze(model, windows=windows, metrics="angular,variance", batch_size=config["batch_size"],
-                     layers_path=config["layers_path"], progress=progress, loss=True,
-                     model_name=f"{original.summary['model']} without blocks {', '.join(map(str, removed))}")
+    probe = ProbeConfig(metrics="angular,variance", batch_size=config["batch_size"], layers_path=config["layers_path"])
+    name = f"{original.summary['model']} without blocks {', '.join(map(str, removed))}"
+    result = analyze(model, config=probe, windows=windows, run=RunOptions(progress=progress, loss=True, model_name=name))
     result.summary["pruned_from"] = {"model": original.summary["model"], "removed": removed,
                                      "num_layers": original.num_layers}
     return result
 
 
-def _windows(model: torch.nn.Module, tokenizer, analyze_kwargs: dict) -> Windows:
-    """The calibration windows from ``analyze`` keyword arguments (those used are removed)."""
-    windows = analyze_kwargs.pop("windows", None)
-    if windows is not None:
-        return windows
-    return make_windows(
-        tokenizer,
-        num_sequences=analyze_kwargs.pop("num_sequences", 8),
-        seq_len=analyze_kwargs.pop("seq_len", 256),
-        text_file=analyze_kwargs.pop("text_file", None),
-        dataset=analyze_kwargs.pop("dataset", None),
-        max_positions=max_positions(model),
-    )
+def _windows(model: torch.nn.Module, tokenizer, probe: ProbeConfig) -> Windows:
+    """The calibration windows of ``probe``."""
+    return make_windows(tokenizer, num_sequences=probe.num_sequences, seq_len=probe.seq_len,
+                        text_file=probe.text_file, dataset=probe.dataset, max_positions=max_positions(model))
 
 
 def _save(result: PruneResult, model: torch.nn.Module, tokenizer, out_dir: str | Path, journals: dict) -> None:

@@ -133,9 +133,10 @@ def heal_lora(model: nn.Module, windows: Windows, seams: Sequence[int], config: 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    losses, start = _resume(path, peft_model, optimizer, config, names)
+    session = _Session(peft_model, optimizer, config, names, path)
+    losses, start = _resume(session)
     try:
-        losses = _train(peft_model, optimizer, windows, config, start, losses, path, names, progress)
+        losses = _train(session, windows, start, losses, progress)
     except BaseException:
         peft_model.unload()  # the model as it was; the checkpoint keeps the progress
         model.eval()
@@ -145,7 +146,19 @@ def heal_lora(model: nn.Module, windows: Windows, seams: Sequence[int], config: 
     return HealResult(pd.DataFrame({"step": range(1, len(losses) + 1), "loss": losses}), names, start)
 
 
-def _train(peft_model, optimizer, windows, config, start, losses, path, names, progress) -> list[float]:
+@dataclass
+class _Session:
+    """One healing run: the LoRA model, its optimizer, the settings and where it checkpoints."""
+
+    peft_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: HealConfig
+    names: list[str]  # the adapted modules
+    path: Path | None  # the checkpoint (None: none kept)
+
+
+def _train(session: _Session, windows: Windows, start: int, losses: list[float], progress: bool) -> list[float]:
+    peft_model, optimizer, config, path = session.peft_model, session.optimizer, session.config, session.path
     ids = windows.input_ids
     device = next(peft_model.parameters()).device
     peft_model.train()
@@ -156,7 +169,7 @@ def _train(peft_model, optimizer, windows, config, start, losses, path, names, p
         if config.max_cpu_seconds is not None and time.process_time() - began > config.max_cpu_seconds:
             log.info("healing stopped after %d steps: CPU budget of %.0f s spent", step, config.max_cpu_seconds)
             if path is not None:
-                _save(path, peft_model, optimizer, config, names, losses)
+                _save(session, losses)
             break
         rows = [(step * config.batch_size + i) % ids.shape[0] for i in range(config.batch_size)]
         batch = ids[rows].to(device)
@@ -169,7 +182,7 @@ def _train(peft_model, optimizer, windows, config, start, losses, path, names, p
         losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if path is not None and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
-            _save(path, peft_model, optimizer, config, names, losses)
+            _save(session, losses)
     return losses
 
 
@@ -177,22 +190,24 @@ def _fingerprint(config: HealConfig, names: list[str]) -> dict:
     return {**{k: v for k, v in asdict(config).items() if k != "save_every"}, "modules": ",".join(names)}
 
 
-def _save(path: Path, peft_model, optimizer, config, names, losses) -> None:
+def _save(session: _Session, losses: list[float]) -> None:
+    path = session.path
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": len(losses), "losses": list(losses), "config": _fingerprint(config, names),
-             "lora": get_peft_model_state_dict(peft_model), "optimizer": optimizer.state_dict()}
+    state = {"step": len(losses), "losses": list(losses), "config": _fingerprint(session.config, session.names),
+             "lora": get_peft_model_state_dict(session.peft_model), "optimizer": session.optimizer.state_dict()}
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # never a half-written checkpoint
 
 
-def _resume(path: Path | None, peft_model, optimizer, config, names) -> tuple[list[float], int]:
+def _resume(session: _Session) -> tuple[list[float], int]:
+    path = session.path
     if path is None or not path.is_file():
         return [], 0
     state = torch.load(path, weights_only=True)
-    if state["config"] != _fingerprint(config, names):
+    if state["config"] != _fingerprint(session.config, session.names):
         raise DepthprobeError(f"{path} was written with other healing settings; delete it or use the same ones")
-    set_peft_model_state_dict(peft_model, state["lora"])
-    optimizer.load_state_dict(state["optimizer"])
+    set_peft_model_state_dict(session.peft_model, state["lora"])
+    session.optimizer.load_state_dict(state["optimizer"])
     log.info("healing resumes at step %d from %s", state["step"], path)
     return list(state["losses"]), int(state["step"])

@@ -13,13 +13,13 @@ weights (``W' = T^T W``, ``b' = T^T b`` for ``y = W h + b``), so the repaired bl
 ``y`` is no linear output of any one weight. So ``T`` is fit to send ``y + m T`` to the full
 model's ``x_e``, i.e. ``m T ≈ r = x_e - y``:
 
-- ``linear``: ``T = argmin ||m T - r||² + λ ||T - I||²`` in float64, solved as one least-squares
-  problem on ``[m; √λ I] T = [r; √λ I]``. The ridge pulls toward ``T = I``, which is plain
-  removal; ``λ = ridge * trace(mᵀm) / d`` (``ridge = 0``: ordinary least squares). One map
-  per ridge of a small grid; the validation windows keep the best.
-- ``cosine``: start from the best ``linear`` map, then minimise the mean of ``1 - cos(y + m T, x_e)``
-  over tokens by Adam (the next block reads the stream through a norm, so the direction is
-  what it sees); kept only where it validates better than that linear map.
+- ``linear``: least squares of ``m T ≈ r`` with a ridge toward ``T = I`` (plain removal);
+  one map per ridge of a small grid; the validation windows keep the best.
+- ``cosine``: start from the best ``linear`` map, then minimise ``1 - cos(y + m T, x_e)`` by
+  Adam (the next block reads the stream through a norm, so the direction is what it sees);
+  kept only where it validates better than that linear map.
+
+The formulas are in :mod:`depthprobe.prune.repair_math`; this module is the procedure.
 
 Spans are repaired one after another from the shallowest, each fit on the model with the
 earlier spans already removed and repaired, each against the full model's stream captured
@@ -50,6 +50,14 @@ from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack, block_output
+from depthprobe.prune.repair_math import (  # noqa: F401  (re-exported: the maths of repair)
+    _is_conv1d,
+    fuse_map,
+    removed_spans,
+    seam_maps,
+    solve_cosine,
+    solve_linear,
+)
 from depthprobe.prune.select import Evaluator
 
 log = logging.getLogger(__name__)
@@ -59,21 +67,6 @@ METHODS = ("linear", "cosine")
 _ADDITIVE = ("pre", "parallel", "unknown")
 #: last resort when the family table names no writer (module paths inside one block)
 _WRITER_NAMES = ("mlp.down_proj", "mlp.fc2", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2", "mlp.fc_out")
-
-
-def removed_spans(removed: Sequence[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive indices as half-open ``(start, stop)``: [3,4,7] -> [(3,5),(7,8)]."""
-    spans: list[tuple[int, int]] = []
-    for i in sorted(set(removed)):
-        if spans and spans[-1][1] == i:
-            spans[-1] = (spans[-1][0], i + 1)
-        else:
-            spans.append((i, i + 1))
-    return spans
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")  # GPT-2: y = x W + b, W (in, out)
 
 
 def _out_features(module: nn.Module) -> int | None:
@@ -122,56 +115,6 @@ def _hidden_size(stack: LayerStack) -> int:
         if isinstance(getattr(config, name, None), int):
             return getattr(config, name)
     raise DepthprobeError(f"cannot tell the stream width of {type(stack.model).__name__}: no hidden_size in its config")
-
-
-def solve_linear(m: torch.Tensor, r: torch.Tensor, ridge: float = 0.0,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
-    """``T = argmin_T Σ_t w_t² ||m_t T - r_t||² + λ ||T - I||²``, ``λ = ridge · Σ_t w_t² ||m_t||² / d``,
-    in float64 (``w = 1`` without ``weights``).
-
-    ``m, r``: (N, d). Solved by least squares on the stacked system ``[w m; √λ I] T = [w r; √λ I]``
-    (no normal equations, so ``ridge = 0`` equals ``numpy.linalg.lstsq(m, r)``).
-    """
-    m64, r64 = m.double(), r.double()
-    if weights is not None:
-        m64, r64 = m64 * weights.double()[:, None], r64 * weights.double()[:, None]
-    d = m64.shape[1]
-    if ridge > 0:
-        lam = ridge * float((m64 * m64).sum()) / d
-        eye = torch.eye(d, dtype=torch.float64) * lam**0.5
-        m64, r64 = torch.cat([m64, eye]), torch.cat([r64, eye])
-    return torch.linalg.lstsq(m64, r64, driver="gelsd").solution
-
-
-def solve_cosine(m: torch.Tensor, y: torch.Tensor, target: torch.Tensor, start: torch.Tensor, *,
-                 steps: int = 300, lr: float = 1e-4, batch_tokens: int = 4096, seed: int = 0) -> torch.Tensor:
-    """Minimise ``mean_t 1 - cos(y_t + m_t T, target_t)`` over T by Adam from ``start``."""
-    T = start.float().clone().requires_grad_(True)
-    opt = torch.optim.Adam([T], lr=lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, m.shape[0], (min(batch_tokens, m.shape[0]),), generator=g)
-        out = y[idx] + m[idx] @ T
-        loss = (1 - torch.nn.functional.cosine_similarity(out, target[idx], dim=-1)).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return T.detach().double()
-
-
-@torch.no_grad()
-def fuse_map(writer: nn.Module, T: torch.Tensor) -> None:
-    """Make ``writer``'s output ``o`` become ``o T`` (row vectors), in place.
-
-    ``nn.Linear`` (``o = h Wᵀ + b``): ``W ← Tᵀ W``, ``b ← Tᵀ b``; GPT-2 ``Conv1D``
-    (``o = h W + b``): ``W ← W T``, ``b ← b T``. Computed in float64, stored in the weight's dtype.
-    """
-    T = T.double().to(writer.weight.device)
-    w = writer.weight.double()
-    new_w = w @ T if _is_conv1d(writer) else T.T @ w
-    writer.weight.copy_(new_w.to(writer.weight.dtype))
-    if getattr(writer, "bias", None) is not None:
-        writer.bias.copy_((writer.bias.double() @ T).to(writer.bias.dtype))
 
 
 class _Stop(Exception):
@@ -224,18 +167,6 @@ def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], fir
     cat = {name: torch.cat(v) for name, v in parts.items()}
     first = (cat["m"], cat["x"] - cat["m"]) if found is not None else None
     return {e: cat[str(e)] for e in ends}, first
-
-
-def seam_maps(spans: list[tuple[int, int]], num_blocks: int, after: bool) -> list[tuple[int, int, int, int]]:
-    """``(start, stop, p, e)`` for each map to fit: block ``p``'s writer sends the stream toward the
-    full model's ``x_e``. Before each span ``p = start - 1, e = stop``; with ``after`` also the first
-    kept block after it, ``p = stop, e = stop + 1`` (fit on the stream the first map repaired)."""
-    maps = []
-    for start, stop in spans:
-        maps.append((start, stop, start - 1, stop))
-        if after and stop < num_blocks:
-            maps.append((start, stop, stop, stop + 1))
-    return maps
 
 
 def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
@@ -334,20 +265,34 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     spans = removed_spans(removed)
     keep = [i for i in range(len(stack)) if i not in set(removed)]
     lm = stack.is_causal_lm
-    result = RepairResult(config.method, pd.DataFrame())
-    rows = []
     seams = seam_maps(spans, len(stack), config.after)
     targets, first = (_full_targets(stack, ids, [e for *_, e in seams], spans[0][0] - 1, config.batch_size, lm)
                       if _fusable(stack) else ({}, None))
-    val = Evaluator(stack, val_ids, config.batch_size) if n_val else None
-    val_loss = val.loss(removed) if val else float("nan")
+    run = _RepairRun(stack, config, ids, fit_ids.numel(), removed, keep, targets,
+                     Evaluator(stack, val_ids, config.batch_size) if n_val else None,
+                     RepairResult(config.method, pd.DataFrame()))
+    val_loss = run.val.loss(removed) if run.val else float("nan")
+    rows = []
     for seam in tqdm(seams, desc=f"repair ({config.method})", disable=not progress, leave=False):
-        states = first if seam == seams[0] else None
-        row, val_loss = _repair_span(stack, seam, keep, targets, fit_ids.numel(), val, removed, val_loss,
-                                     config, result, ids, states)
+        row, val_loss = _repair_span(run, seam, val_loss, first if seam == seams[0] else None)
         rows.append(row)
-    result.table = pd.DataFrame(rows)
-    return result
+    run.result.table = pd.DataFrame(rows)
+    return run.result
+
+
+@dataclass
+class _RepairRun:
+    """What the repair of every span shares (:func:`_repair_span`)."""
+
+    stack: LayerStack
+    config: RepairConfig
+    ids: torch.Tensor  # (N, T) every window: the fit ones first, then the validation ones
+    n_fit: int  # tokens of the fit windows
+    removed: list[int]
+    keep: list[int]
+    targets: dict[int, torch.Tensor]  # e -> the full model's x_e on every window ({} when not fusable)
+    val: Evaluator | None  # the validation windows (None: no check, always fuse)
+    result: RepairResult  # collects the fused maps and the saved weights
 
 
 def _fusable(stack: LayerStack) -> bool:
@@ -361,34 +306,37 @@ def _decline(start: int, stop: int, reason: str, **extra) -> dict:
             "applied": False, "map": extra.get("map", ""), "reason": reason}
 
 
-def _repair_span(stack, seam, keep, targets, n_fit, val, removed, val_loss, config, result, ids, states):
-    """Fit, fuse, check and validate one map (``seam_maps``); returns its table row and the validation loss now."""
+def _repair_span(run: _RepairRun, seam: tuple[int, int, int, int], val_loss: float,
+                 states: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[dict, float]:
+    """Fit, fuse, check and validate one map (``seam_maps``); ``states``: its ``(m, y)`` when
+    already captured. Returns its table row and the validation loss now."""
+    stack, config, ids, n_fit, val, removed = run.stack, run.config, run.ids, run.n_fit, run.val, run.removed
     start, stop, p, end = seam
     side = "before" if p < start else "after"
     if p < 0:
         return _decline(start, stop, "no kept block before it to fuse into", side=side), val_loss
-    if not targets:
+    if not run.targets:
         return _decline(start, stop, f"{stack.norm_placement}-norm blocks: a map cannot be fused exactly",
                         side=side), val_loss
     found = mlp_writer(stack, p)
     if found is None:
         return _decline(start, stop, f"no MLP output linear found in block {p}", side=side), val_loss
     name, writer = found
-    m, y = states or _seam_states(stack, ids, keep, p, writer, config.batch_size, stack.is_causal_lm)
+    m, y = states or _seam_states(stack, ids, run.keep, p, writer, config.batch_size, stack.is_causal_lm)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
     info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss, "side": side}
-    fit = (m[:n_fit], y[:n_fit], targets[end][:n_fit])
+    fit = (m[:n_fit], y[:n_fit], run.targets[end][:n_fit])
     label, T, repaired = _best_candidate(fit, config, lambda T: _validation_loss(val, removed, writer, T, saved))
     fuse_map(writer, T)
-    if not _fused_matches(stack, ids[:1], keep, p, writer, m, y, T):
+    if not _fused_matches(stack, ids[:1], run.keep, p, writer, m, y, T):
         _restore(saved)
         return _decline(start, stop, "the fused block does not reproduce y + mT (writer not additive)", **info), val_loss
     if val is not None and not repaired < val_loss:
         _restore(saved)
         return _decline(start, stop, f"validation loss {repaired:.4f} >= {val_loss:.4f} without it",
                         repaired=repaired, map=label, **info), val_loss
-    result._saved.append(saved)
-    result.maps[(start, stop) if side == "before" else (start, stop, side)] = T
+    run.result._saved.append(saved)
+    run.result.maps[(start, stop) if side == "before" else (start, stop, side)] = T
     log.info("span %d..%d: map (%s) fused into %s (validation loss %.4f -> %.4f)", start, stop - 1, label,
              info["writer"], val_loss, repaired)
     row = {

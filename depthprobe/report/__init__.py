@@ -3,6 +3,7 @@
     figures.py   plot_layers, plot_grad_norms, plot_lens, plot_angular_heatmap, plot_drop, ...
     findings.py  findings(result) -> plain-language sentences backed by the numbers
     html.py      render / write_report (run folders are read by depthprobe.results.load_runs)
+    notebook.py  result_html: what a notebook shows for a result
 """
 
 from depthprobe.report.figures import (

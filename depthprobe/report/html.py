@@ -200,11 +200,17 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
         config = {k: run.summary.get(k) for k in ("config", "timings_s", "notes", "prune")}
         parts.append(f"<details><summary>Settings of {html.escape(F.run_label(run))}</summary><pre>"
                      + html.escape(json.dumps(config, indent=2, default=str)) + "</pre></details>")
+    return page(title, "".join(parts), JS)
+
+
+def page(title: str, body: str, script: str = "") -> str:
+    """One self-contained HTML page (inline CSS, no external request): ``body`` is HTML built
+    from escaped text, :func:`table_html` and :func:`figure_html`; ``title`` is escaped here."""
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{''.join(parts)}"
-            f"<script>{JS}</script></body></html>")
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>{body}"
+            + (f"<script>{script}</script>" if script else "") + "</body></html>")
 
 
 def write_report(runs: Sequence[AnalysisResult | str | Path], path: str | Path, title: str | None = None) -> Path:

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from depthprobe.config import split_items
 from depthprobe.errors import DepthprobeError
-from depthprobe.results import SUMMARY_JSON, AnalysisResult, parse_list
+from depthprobe.results import AnalysisResult
+from depthprobe.runs import SUMMARY_JSON
 from depthprobe.testing.compare import DEFAULT_ATOL, DEFAULT_RTOL, compare_runs, format_comparison, summarize
 
 log = logging.getLogger(__name__)
@@ -174,7 +176,7 @@ def _column(result: AnalysisResult, metric: str) -> pd.Series:
 def _columns(result: AnalysisResult, metrics: str | Sequence[str] | None) -> list[str]:
     if metrics is None:
         return [c for c in result.layers.columns if c != "layer"]
-    metrics = parse_list(metrics, "metrics")
+    metrics = [str(m) for m in split_items(metrics)]
     for m in metrics:
         _column(result, m)
     return list(metrics)

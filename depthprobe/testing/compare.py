@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from depthprobe.config import split_items
 from depthprobe.errors import DepthprobeError
-from depthprobe.results import AnalysisResult, parse_list
+from depthprobe.results import AnalysisResult
 
 #: summary.json scalars compared with the per-layer metrics (rows with an empty ``layer``)
 SUMMARY_SCALARS = ("base_loss", "base_perplexity")
@@ -179,7 +180,7 @@ def _select(
     if metrics is None:
         wanted = base_cols + [s for s in SUMMARY_SCALARS if _present(base.summary, s) or _present(run.summary, s)]
     else:
-        wanted = list(dict.fromkeys(m for m in parse_list(metrics, "--metrics") if m))
+        wanted = list(dict.fromkeys(m for m in map(str, split_items(metrics)) if m))
         if not wanted:
             raise DepthprobeError("--metrics is empty; e.g. --metrics angular_distance,grad_norm")
     layer_metrics = [m for m in wanted if m not in SUMMARY_SCALARS]

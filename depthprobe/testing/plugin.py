@@ -80,6 +80,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"  {folder}")
 
 
+#: ``depthprobe_analyze`` options beside metrics, windows and tokens: those of ProbeConfig ...
+PROBE_OPTIONS = ("batch_size", "text_file", "dataset", "layers_path")
+#: ... and those of load_model, with the plugin's defaults
+LOAD_OPTIONS = {"dtype": "float32", "gguf_file": None}
+
+
 @pytest.fixture(scope="session")
 def depthprobe_analyze(pytestconfig: pytest.Config) -> Iterator[Callable[..., AnalysisResult]]:
     """``depthprobe_analyze(source, metrics=None, num_sequences=2, seq_len=64, **options)``.
@@ -92,43 +98,31 @@ def depthprobe_analyze(pytestconfig: pytest.Config) -> Iterator[Callable[..., An
     """
     state = pytestconfig.stash[STATE]
 
-    def analyze_cached(
-        source: str | Path,
-        metrics: str | Sequence[str] | None = None,
-        num_sequences: int = 2,
-        seq_len: int = 64,
-        batch_size: int = 4,
-        text_file: str | Path | None = None,
-        dataset: str | None = None,
-        dtype: str = "float32",
-        gguf_file: str | None = None,
-        layers_path: str | None = None,
-    ) -> AnalysisResult:
+    def analyze_cached(source: str | Path, metrics: str | Sequence[str] | None = None, num_sequences: int = 2,
+                       seq_len: int = 64, **options) -> AnalysisResult:
         # torch and transformers load on first use: pytest loads this plugin in every session
-        from depthprobe.analysis import DEFAULT_METRICS, analyze, parse_metrics
+        from depthprobe.analysis import analyze
+        from depthprobe.config import DEFAULT_METRICS, ProbeConfig, RunOptions
         from depthprobe.model.load import load_model
 
-        metrics = parse_metrics(metrics if metrics is not None else DEFAULT_METRICS)
-        model_key = (str(source), gguf_file, dtype, state.device)
-        text = str(Path(text_file).resolve()) if text_file else None
-        key = (*model_key, layers_path, tuple(sorted(metrics)), num_sequences, seq_len, batch_size, text, dataset)
+        unknown = set(options) - set(PROBE_OPTIONS) - set(LOAD_OPTIONS)
+        if unknown:
+            raise TypeError(f"depthprobe_analyze() got unknown option(s) {', '.join(sorted(unknown))}; "
+                            f"known: {', '.join((*PROBE_OPTIONS, *LOAD_OPTIONS))}")
+        load = {name: options.get(name, default) for name, default in LOAD_OPTIONS.items()}
+        probe = {k: v for k, v in options.items() if k in PROBE_OPTIONS}
+        if probe.get("text_file"):  # one cache entry per file, however it is spelled
+            probe["text_file"] = str(Path(probe["text_file"]).resolve())
+        config = ProbeConfig(metrics=metrics if metrics is not None else DEFAULT_METRICS, num_sequences=num_sequences,
+                             seq_len=seq_len, **probe)
+        model_key = (str(source), load["gguf_file"], load["dtype"], state.device)
+        key = (*model_key, config.layers_path, tuple(sorted(config.metrics)), num_sequences, seq_len,
+               config.batch_size, config.text_file, config.dataset)
         if key not in state.results:
             if model_key not in state.models:
-                state.models[model_key] = load_model(str(source), gguf_file=gguf_file, dtype=dtype, device=state.device)
+                state.models[model_key] = load_model(str(source), **load, device=state.device)
             model, tokenizer = state.models[model_key]
-            state.results[key] = analyze(
-                model,
-                tokenizer,
-                metrics=metrics,
-                num_sequences=num_sequences,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                text_file=text,
-                dataset=dataset,
-                layers_path=layers_path,
-                model_name=str(source),
-                progress=False,
-            )
+            state.results[key] = analyze(model, tokenizer, config, run=RunOptions(progress=False, model_name=str(source)))
         return _copy(state.results[key])
 
     yield analyze_cached

@@ -15,8 +15,11 @@ Outputs in ``out_dir``:
 - ``comparison_summary.csv``: per variant, mean and sd over seeds of the final validation
   loss and perplexity, and a paired test against ``pre`` across seeds (``scipy.stats``
   ``ttest_rel`` and ``wilcoxon`` on the per-seed losses; diverged seeds are left out).
-- ``summary.json``: the same summary plus configs and notes; ``report.html`` (first
-  analyzed seed of each variant side by side, with the summary table) unless ``report=False``.
+- ``summary.json``: the same summary plus configs and notes.
+
+The library writes tables only; ``depthprobe compare`` adds ``report.html`` (first analyzed
+seed of each variant side by side, with the summary table), and so does
+``depthprobe.report.write_report([out_dir], out_dir / "report.html")``.
 
 Example:
     >>> cmp = compare(["pre", "post", "mix"], num_seeds=3, model_config=ModelConfig(**PRESETS["tiny"]),
@@ -37,10 +40,11 @@ import numpy as np
 import pandas as pd
 
 from depthprobe.analysis import analyze
+from depthprobe.config import COMPARE_METRICS, ProbeConfig, RunOptions
 from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
-from depthprobe.report import write_report
 from depthprobe.results import AnalysisResult, write_json
+from depthprobe.runs import ANALYSIS_DIR, COMPARISON_CSV, COMPARISON_SUMMARY_CSV, SUMMARY_JSON, seed_dir
 from depthprobe.safeio import atomic_to_csv
 from depthprobe.train.data import DataConfig, TokenData, load_tokenizer, token_stream
 from depthprobe.train.model import PLACEMENT_NAMES, ModelConfig
@@ -48,7 +52,7 @@ from depthprobe.train.trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METRICS = ("angular", "variance", "grad", "lens", "drop")
+DEFAULT_METRICS = COMPARE_METRICS
 BASELINE = "pre"
 
 
@@ -68,7 +72,8 @@ def analyze_run(
 ) -> AnalysisResult:
     """:func:`depthprobe.analyze` of a trained model on its held-out windows."""
     windows = Windows(data.val, f"{data.source} (held out)")
-    return analyze(model, None, metrics=metrics, windows=windows, batch_size=8, progress=progress, model_name=name)
+    return analyze(model, None, ProbeConfig(metrics=metrics, batch_size=8), windows=windows,
+                   run=RunOptions(progress=progress, model_name=name))
 
 
 def compare(
@@ -81,7 +86,6 @@ def compare(
     *,
     metrics: Sequence[str] = DEFAULT_METRICS,
     progress: bool = True,
-    report: bool = True,
 ) -> Comparison:
     """Train every variant for seeds ``train_config.seed + 0 .. num_seeds-1``, analyze, summarize.
 
@@ -99,32 +103,25 @@ def compare(
     tokenizer = load_tokenizer(data_config.tokenizer)
     ids, source = token_stream(data_config, tokenizer)
 
-    rows, analyses, layer_frames = [], {}, []
+    rows, analyses = [], {}
     for i in range(num_seeds):
         seed = train_config.seed + i
         data = TokenData(ids, train_config.seq_len, seed, data_config.val_windows, source)
         for variant in variants:
-            run_dir = out / variant / f"seed{seed}" if out is not None else None
+            run_dir = seed_dir(out, variant, seed) if out is not None else None
             log.info("training %s seed %d", variant, seed)
-            trainer = Trainer(
-                dataclasses.replace(model_config, norm_placement=variant),
-                dataclasses.replace(train_config, seed=seed),
-                data_config,
-                run_dir,
-                progress=progress,
-                data=(data, tokenizer),
-            )
+            trainer = Trainer(dataclasses.replace(model_config, norm_placement=variant),
+                              dataclasses.replace(train_config, seed=seed), data_config, run_dir, progress=progress,
+                              data=(data, tokenizer))
             result = trainer.fit()
             rows.append(_run_row(variant, seed, result))
             if result.diverged:
                 notes.append(f"{variant} seed {seed}: diverged at step {result.steps_done + 1}; not analyzed")
                 continue
-            analysis = analyze_run(trainer.model, data, metrics, progress, name=f"{variant}-seed{seed}")
-            analyses[(variant, seed)] = analysis
-            layer_frames.append(analysis.layers.assign(variant=variant, seed=seed))
+            analyses[(variant, seed)] = analyze_run(trainer.model, data, metrics, progress, name=f"{variant}-seed{seed}")
             if run_dir is not None:
-                analysis.save(run_dir / "analysis")
-
+                analyses[(variant, seed)].save(run_dir / ANALYSIS_DIR)
+    layer_frames = [a.layers.assign(variant=variant, seed=seed) for (variant, seed), a in analyses.items()]
     runs = pd.DataFrame(rows)
     summary = summarize(runs)
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
@@ -132,7 +129,7 @@ def compare(
         layers = layers[["variant", "seed", *[c for c in layers.columns if c not in ("variant", "seed")]]]
     comparison = Comparison(runs, summary, layers, analyses, notes)
     if out is not None:
-        _write(comparison, out, model_config, train_config, data_config, report)
+        _write(comparison, out, (model_config, train_config, data_config))
     return comparison
 
 
@@ -186,14 +183,15 @@ def summarize(runs: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _write(cmp: Comparison, out: Path, model_config, train_config, data_config, report: bool) -> None:
+def _write(cmp: Comparison, out: Path, configs: tuple[ModelConfig, TrainConfig, DataConfig]) -> None:
+    model_config, train_config, data_config = configs
     out.mkdir(parents=True, exist_ok=True)
-    atomic_to_csv(cmp.runs, out / "comparison.csv", index=False, float_format="%.8g")
-    atomic_to_csv(cmp.summary, out / "comparison_summary.csv", index=False, float_format="%.6g")
+    atomic_to_csv(cmp.runs, out / COMPARISON_CSV, index=False, float_format="%.8g")
+    atomic_to_csv(cmp.summary, out / COMPARISON_SUMMARY_CSV, index=False, float_format="%.6g")
     if not cmp.layers.empty:
         atomic_to_csv(cmp.layers, out / "comparison_layers.csv", index=False, float_format="%.8g")
     write_json(
-        out / "summary.json",
+        out / SUMMARY_JSON,
         {
             "variants": cmp.summary.to_dict(orient="records"),
             "runs": cmp.runs.to_dict(orient="records"),
@@ -206,5 +204,3 @@ def _write(cmp: Comparison, out: Path, model_config, train_config, data_config, 
             },
         },
     )
-    if report and cmp.analyses:
-        write_report([out], out / "report.html", title="depthprobe compare")  # expands to one run per variant

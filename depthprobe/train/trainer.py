@@ -41,131 +41,36 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
 from depthprobe import safeio
+from depthprobe.distributed import dist_info, init_from_env
 from depthprobe.errors import DepthprobeError
-from depthprobe.inputs import require_finite, require_positive_ints
 from depthprobe.model.load import resolve_device
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
 from depthprobe.probes.hooks import watch_blocks
 from depthprobe.results import write_json
+from depthprobe.runs import MODEL_DIR
+from depthprobe.train.config import (  # noqa: F401  (re-exported: the run's config and result)
+    CHECKPOINT,
+    LAYER_COLUMNS,
+    METRIC_COLUMNS,
+    TrainConfig,
+    TrainResult,
+    lr_factor,
+)
 from depthprobe.train.data import DataConfig, TokenData, load_data
 from depthprobe.train.model import DepthprobeLMForCausalLM, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-METRIC_COLUMNS = ["step", "train_loss", "val_loss", "lr", "grad_norm", "tokens_per_s"]
-LAYER_COLUMNS = [
-    "step", "layer", "grad_norm", "grad_norm_attn", "grad_norm_mlp", "activation_variance", "angular_distance",
-]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train; saved in ``config.json`` and in every checkpoint."""
-
-    steps: int = 200  # optimizer steps
-    batch_size: int = 16  # sequences per optimizer step, over all processes and accumulation
-    grad_accum: int = 1  # micro-batches per optimizer step in each process
-    seq_len: int = 128  # tokens per sequence
-    lr: float = 1e-3  # peak learning rate (papers: 1e-3, 5e-4 from 350M up)
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
-    warmup_steps: int = 20  # linear warmup from lr/warmup_steps to lr
-    weight_decay: float = 0.1  # AdamW, on matrices only (not norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
-    seed: int = 0  # fixes the initial weights and the order of training windows
-    eval_every: int = 50  # validation loss every k steps (and at the end); 0: only at the end
-    diag_every: int = 50  # per-layer diagnostics every k steps (and at step 1 and the end); 0: never
-    ckpt_every: int = 100  # checkpoint every k steps (and at the end); 0: only at the end
-    device: str = "auto"  # cpu, cuda, cuda:N, mps, auto
-    precision: str = "auto"  # auto (bf16 autocast on GPUs that support it), bf16 or fp32
-
-    def __post_init__(self):
-        require_positive_ints(self, ("steps", "batch_size", "grad_accum", "seq_len"), flags=True)
-        require_finite(self, ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"), flags=True)
-        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
-            if getattr(self, name) < 1:
-                raise DepthprobeError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.seq_len < 2:
-            raise DepthprobeError("--seq-len must be at least 2")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise DepthprobeError("--lr must be positive and --min-lr-ratio between 0 and 1")
-        for name in ("warmup_steps", "eval_every", "diag_every", "ckpt_every"):
-            if getattr(self, name) < 0:
-                raise DepthprobeError(f"--{name.replace('_', '-')} must be 0 or more")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise DepthprobeError(f"--precision must be auto, bf16 or fp32 (got {self.precision!r})")
-
-
-@dataclass
-class TrainResult:
-    """What a run produced (also in ``out_dir`` when one was given)."""
-
-    steps_done: int
-    diverged: bool
-    final_val_loss: float
-    metrics: pd.DataFrame  # one row per step, METRIC_COLUMNS
-    layers: pd.DataFrame  # one row per (diagnostic step, layer), LAYER_COLUMNS
-    seconds: float
-    out_dir: Path | None = None
-
-    @property
-    def final_val_ppl(self) -> float:
-        return math.exp(self.final_val_loss) if math.isfinite(self.final_val_loss) else math.nan
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """Multiplier of the peak lr at 0-based ``step``: linear warmup, cosine to min_lr_ratio."""
-    if step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> tuple[DistInfo, bool]:
-    """DDP from the torchrun environment; ``(info, started_here)``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), False
-    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if dist.is_initialized():
-        return info, False
-    gpu = device != "cpu" and torch.cuda.is_available()
-    if gpu:
-        torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if gpu else "gloo")
-    return info, True
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` then ``os.replace(tmp, path)``: readers see the old or the new file
-    (``depthprobe.safeio``: fsynced, a full disk is a one-line error)."""
-    safeio.atomic_write(path, write)
-
 
 class Trainer:
     """One training run; :meth:`fit` trains (or resumes) to ``config.steps``.
@@ -192,22 +97,10 @@ class Trainer:
     ):
         self.config, self.data_config = config, data_config or DataConfig()
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.dist, self._own_pg = init_distributed(config.device)
-        if self.dist.world > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
-            self.device = torch.device(f"cuda:{self.dist.local_rank}")
-        else:
-            self.device = resolve_device(config.device)
-        per_step = config.batch_size // (self.dist.world * config.grad_accum)
-        if per_step * self.dist.world * config.grad_accum != config.batch_size:
-            raise DepthprobeError(
-                f"--batch-size {config.batch_size} must divide into {self.dist.world} process(es) x "
-                f"{config.grad_accum} accumulation step(s)"
-            )
-        self.micro_batch = per_step
+        self._own_pg = init_from_env(config.device)
+        self.dist = dist_info()
+        self._place(config)
         self.progress = progress and self.dist.main
-        self.bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
 
         if data is None:
             data = load_data(self.data_config, config.seq_len, config.seed)
@@ -220,13 +113,7 @@ class Trainer:
         )
         self.model: DepthprobeLMForCausalLM = build_model(self.model_config, config.seed).to(self.device)
         self.stack = LayerStack.from_model(self.model)
-        matrices = [p for p in self.model.parameters() if p.dim() >= 2]
-        vectors = [p for p in self.model.parameters() if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-            lr=config.lr,
-            betas=(config.beta1, config.beta2),
-        )
+        self.optimizer = _optimizer(self.model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.step = 0
         self.metric_rows: list[dict] = []
@@ -240,6 +127,23 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DistributedDataParallel(self.model, device_ids=ids)
+
+    def _place(self, config: TrainConfig) -> None:
+        """This process's device, micro-batch and autocast."""
+        if self.dist.world > 1 and config.device in ("auto", "cuda") and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{self.dist.local_rank}")
+        else:
+            self.device = resolve_device(config.device)
+        per_step = config.batch_size // (self.dist.world * config.grad_accum)
+        if per_step * self.dist.world * config.grad_accum != config.batch_size:
+            raise DepthprobeError(
+                f"--batch-size {config.batch_size} must divide into {self.dist.world} process(es) x "
+                f"{config.grad_accum} accumulation step(s)"
+            )
+        self.micro_batch = per_step
+        self.bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> TrainResult:
@@ -380,7 +284,7 @@ class Trainer:
             "layer_rows": self.layer_rows,
             "config": self._config_dict(),
         }
-        atomic_write(self.out_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        safeio.atomic_write(self.out_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
         self._write_tables()
 
     def _load_checkpoint(self) -> None:
@@ -418,19 +322,19 @@ class Trainer:
         }
 
     def _write_config(self) -> None:
-        atomic_write(self.out_dir / "config.json", lambda tmp: write_json(tmp, self._config_dict()))
+        safeio.atomic_write(self.out_dir / "config.json", lambda tmp: write_json(tmp, self._config_dict()))
 
     def _write_tables(self) -> None:
         metrics = pd.DataFrame(self.metric_rows, columns=METRIC_COLUMNS)
         layers = pd.DataFrame(self.layer_rows, columns=LAYER_COLUMNS)
-        atomic_write(self.out_dir / "metrics.csv", lambda tmp: metrics.to_csv(tmp, index=False, float_format="%.8g"))
-        atomic_write(self.out_dir / "train_layers.csv", lambda tmp: layers.to_csv(tmp, index=False, float_format="%.8g"))
+        safeio.atomic_write(self.out_dir / "metrics.csv", lambda tmp: metrics.to_csv(tmp, index=False, float_format="%.8g"))
+        safeio.atomic_write(self.out_dir / "train_layers.csv", lambda tmp: layers.to_csv(tmp, index=False, float_format="%.8g"))
 
     def _write_outputs(self, result: TrainResult, finished: bool) -> None:
         self._write_tables()
         finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
         if finite:
-            model_dir = self.out_dir / "model"
+            model_dir = self.out_dir / MODEL_DIR
             tmp = safeio.temp_path(model_dir)  # a later run recognises and removes it if we are killed
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
@@ -453,7 +357,7 @@ class Trainer:
             "bf16_autocast": self.bf16,
             "corpus": self.data.source,
         }
-        atomic_write(self.out_dir / "run.json", lambda tmp: write_json(tmp, status))
+        safeio.atomic_write(self.out_dir / "run.json", lambda tmp: write_json(tmp, status))
 
     def _result(self, seconds: float) -> TrainResult:
         vals = [r["val_loss"] for r in self.metric_rows if math.isfinite(r["val_loss"])]
@@ -480,6 +384,17 @@ def train(
 ) -> TrainResult:
     """Train one model; see :class:`Trainer` and the module docs for the outputs."""
     return Trainer(model_config, config, data_config, out_dir, resume=resume, progress=progress).fit()
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms or biases)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": config.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+    )
 
 
 def _due(step: int, every: int, last: bool) -> bool:

@@ -1,0 +1,130 @@
+"""Slicing a model's config to the blocks kept: the one rule for temporary
+(:meth:`LayerStack.keep_blocks <depthprobe.model.stack.LayerStack.keep_blocks>`) and permanent
+(:meth:`~depthprobe.model.stack.LayerStack.remove_blocks`) block edits.
+
+``num_hidden_layers``, every per-layer config entry, every ``layer_idx`` and every dict keyed
+by block index follow the kept blocks, so sliding-window / full attention, dense / MoE and
+per-segment counts stay with their blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+from torch import nn
+
+
+def renumber_layer_idx(blocks: nn.ModuleList) -> None:
+    """Set every ``layer_idx`` attribute inside block i to i (what a KV cache indexes by)."""
+    for i, block in enumerate(blocks):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = i
+
+
+def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
+    """Modules that look things up by block index in a dict built at init (Zamba 2's shared
+    blocks: ``layer_dic``) get the keys of kept blocks renumbered; returns the old dicts."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    saved, seen = [], set()
+    for module in blocks.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        for name, value in list(vars(module).items()):
+            if "layer" in name and layer_keyed(value, len(blocks)):
+                saved.append((module, name, value))
+                setattr(module, name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    return saved
+
+
+_NOT_PER_LAYER = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
+
+
+def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
+    """Make ``config`` describe only blocks ``keep`` of ``num_blocks``; return the old values.
+
+    The one rule for temporary (:meth:`LayerStack.keep_blocks`) and permanent
+    (:meth:`LayerStack.remove_blocks`) edits: ``num_hidden_layers`` becomes ``len(keep)``;
+    every list as long as the block count (``layer_types``, ``layers_block_type``, ...) keeps
+    the kept entries; every list of layer indices (``mlp_only_layers``, names ending in
+    ``_layers``) keeps the kept ones, renumbered; dicts keyed by layer index likewise;
+    ``first_k_dense_replace`` (the first k blocks are dense) counts the kept dense blocks.
+    """
+    saved: dict = {}
+    new_index = {old: new for new, old in enumerate(keep)}
+
+    def update(name, value):
+        saved.setdefault(name, getattr(config, name))
+        setattr(config, name, value)
+
+    for name, value in list(vars(config).items()):
+        if name.startswith("_") or name in _NOT_PER_LAYER or name.endswith("token_id") or not _settable(config, name):
+            continue
+        if _is_index_list(name, value, num_blocks):  # before the length test: [0, 1, 2] may name all 3
+            update(name, type(value)(new_index[i] for i in value if i in new_index))
+        elif isinstance(value, (list, tuple)) and len(value) == num_blocks:
+            update(name, type(value)(value[i] for i in keep))
+        elif "layer" in name and isinstance(value, dict) and layer_keyed(value, num_blocks):
+            update(name, {new_index[k]: v for k, v in value.items() if k in new_index})
+    spec = vars(config).get("_heterogeneity_spec")  # transformers' per-layer overrides {layer: {...}}
+    if spec is not None and layer_keyed(getattr(spec, "per_layer_overrides", None), num_blocks):
+        overrides = {new_index[k]: v for k, v in spec.per_layer_overrides.items() if k in new_index}
+        update("_heterogeneity_spec", dataclasses.replace(spec, per_layer_overrides=overrides))
+    if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
+        # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
+        update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
+    k = getattr(config, "first_k_dense_replace", None)
+    if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
+        update("first_k_dense_replace", sum(1 for i in keep if i < k))
+    for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
+        if vars(config).get(name) == num_blocks and _settable(config, name):
+            update(name, len(keep))
+    _slice_segments(config, keep, num_blocks, update)
+    if isinstance(getattr(config, "num_hidden_layers", None), int):
+        update("num_hidden_layers", len(keep))
+    return saved
+
+
+_LAYER_COUNTS = ("num_blocks", "num_layers", "n_layers", "n_layer", "num_decoder_layers")
+_SEGMENT = re.compile(r"^(n|num)_(?!hidden_)\w+_layers$")
+
+
+def _slice_segments(config, keep: list[int], num_blocks: int, update) -> None:
+    """Counts of consecutive block segments (``n_input_layers``, ``n_recurrent_layers``,
+    ``n_output_layers`` summing to the block count, in config order): kept blocks per segment."""
+    names = [n for n, v in vars(config).items()
+             if _SEGMENT.match(n) and isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    counts = [vars(config)[n] for n in names]
+    if len(names) < 2 or sum(counts) != num_blocks or not all(_settable(config, n) for n in names):
+        return
+    start = 0
+    for name, count in zip(names, counts, strict=True):
+        update(name, sum(1 for i in keep if start <= i < start + count))
+        start += count
+
+
+def _is_index_list(name: str, value, num_blocks: int) -> bool:
+    """A list of block indices (``mlp_only_layers=[1, 3]``), not one entry per block: named
+    like one, strictly increasing, and (when as long as the block count) exactly all blocks."""
+    if not isinstance(value, (list, tuple)) or not name.endswith(
+        ("_layers", "_layer_ids", "_layers_idx", "layer_indices", "_layer_idx")
+    ):
+        return False
+    ints = all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_blocks for i in value)
+    increasing = all(a < b for a, b in zip(value, value[1:], strict=False))
+    return ints and increasing and (len(value) != num_blocks or list(value) == list(range(num_blocks)))
+
+
+def layer_keyed(value, num_blocks: int) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, int) and 0 <= k < num_blocks for k in value
+    )
+
+
+def _settable(config, name: str) -> bool:
+    prop = getattr(type(config), name, None)
+    return not isinstance(prop, property) or prop.fset is not None
