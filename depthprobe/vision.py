@@ -67,7 +67,7 @@ def load_vision_model(source: str | Path, trust_remote_code: bool = False) -> to
     """A depthprobe vision net (``.pt``) or a transformers image classifier (folder or hub id)."""
     path = Path(source)
     if path.suffix == ".pt":
-        from depthprobe.train.vision import load_vision_net
+        from depthprobe.model.vision_net import load_vision_net
 
         if not path.is_file():
             raise DepthprobeError(f"{source}: no such checkpoint")

@@ -54,7 +54,6 @@ def run_image_analysis(opts: dict) -> bool:
                               "use --images digits|FOLDER, --image-size, --num-images")
     if opts.get("images") is None:
         raise DepthprobeError(f"{opts['model']} is an image model: pass --images digits or --images FOLDER")
-    from depthprobe.cli.analyze import _save
     from depthprobe.images import load_images
     from depthprobe.model.vision import VisionStack
     from depthprobe.vision import analyze_images, load_vision_model
@@ -72,10 +71,22 @@ def run_image_analysis(opts: dict) -> bool:
                             progress=not opts["quiet"])
     if not opts["quiet"]:
         click.echo(format_image_table(result))
-    _save(result, opts, [c for c in result.layers.columns if c != "layer"])
+    _save(result, opts)
     if result.summary["nonfinite"]:
         raise DepthprobeError(next(n for n in result.summary["notes"] if n.startswith("non-finite")))
     return True
+
+
+def _save(result, opts: dict) -> None:
+    from depthprobe.report import write_report
+
+    if not opts["out_dir"]:
+        click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
+        return
+    out = result.save(opts["out_dir"])
+    if not opts["no_report"]:
+        write_report([result], out / "report.html")
+    click.echo(f"Results written to {out}/", err=True)
 
 
 def format_image_table(result) -> str:
