@@ -7,6 +7,7 @@ it stopped. Nothing here is committed: the analyses write their tables under ``r
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from depthprobe.train.vision import (
     transfer_weights,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
 FACE_SEED, SHAPE_SEED = 1000, 2000  # the data sets' seeds (apart from the training seeds 0, 1, 2...)
 
 
@@ -58,3 +60,16 @@ def trained(run: Path, net_config: VisionNetConfig, data: ImageSet, train_config
         transfer_weights(load_vision_net(init_from / MODEL_FILE), net)
     train_vision(net, data, train_config, out_dir=run, resume=True)
     return net
+
+
+def script_args(name: str, doc: str, argv: list[str] | None, full: dict, smoke: dict):
+    """``--runs``, ``--out``, ``--smoke``, ``--train-only``; the setting they pick. One thread:
+    the runs are sized for one core, and two scripts may run side by side."""
+    ap = argparse.ArgumentParser(description=doc)
+    ap.add_argument("--runs", default=str(ROOT / "out" / name), help="run folders (checkpoints; not committed)")
+    ap.add_argument("--out", default=str(ROOT / "reports" / name))
+    ap.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
+    ap.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    return args, (smoke if args.smoke else full)

@@ -17,7 +17,6 @@ The paper's three claims, tested over seeds:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -30,7 +29,6 @@ import torch  # noqa: E402
 
 from analyses import _common as C  # noqa: E402
 from analyses import _vision as V  # noqa: E402
-from analyses._common import ROOT  # noqa: E402
 from depthprobe.facegen import ATTRIBUTES, SHAPES  # noqa: E402
 from depthprobe.model.vision import VisionStack  # noqa: E402
 from depthprobe.probes.response_maps import baseline_scores, response_maps  # noqa: E402
@@ -161,14 +159,7 @@ def analyze_runs(nets: dict, runs_dir: Path, out: Path, s: dict, argv: list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--runs", default=str(ROOT / "out" / NAME), help="run folders (checkpoints; not committed)")
-    ap.add_argument("--out", default=str(ROOT / "reports" / NAME))
-    ap.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
-    ap.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    setting = SMOKE if args.smoke else FULL
+    args, setting = V.script_args(NAME, __doc__, argv, FULL, SMOKE)
     nets = train_runs(Path(args.runs), setting)
     if args.train_only:
         return

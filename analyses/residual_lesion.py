@@ -13,7 +13,6 @@ projection of a downsampling block; a plain block by identity where the shapes a
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,11 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
 from analyses import _common as C  # noqa: E402
 from analyses import _vision as V  # noqa: E402
-from analyses._common import ROOT  # noqa: E402
 from depthprobe.facegen import SHAPES  # noqa: E402
 from depthprobe.train.vision import VisionNetConfig, VisionTrainConfig  # noqa: E402
 from depthprobe.vision import analyze_images  # noqa: E402
@@ -120,14 +117,7 @@ def analyze_runs(nets: dict, shapes: dict, out: Path, s: dict, argv: list[str] |
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--runs", default=str(ROOT / "out" / NAME), help="run folders (checkpoints; not committed)")
-    ap.add_argument("--out", default=str(ROOT / "reports" / NAME))
-    ap.add_argument("--smoke", action="store_true", help="tiny settings, seconds")
-    ap.add_argument("--train-only", action="store_true", help="train (or resume) the runs and stop")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    setting = SMOKE if args.smoke else FULL
+    args, setting = V.script_args(NAME, __doc__, argv, FULL, SMOKE)
     nets, shapes = train_runs(Path(args.runs), setting)
     if args.train_only:
         return

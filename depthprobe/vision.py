@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from depthprobe.config import parse_metrics
 from depthprobe.errors import DepthprobeError
 from depthprobe.images import ImageSet
 from depthprobe.model.vision import VISION_TYPES, VisionStack
@@ -39,7 +40,7 @@ from depthprobe.probes.vision_pass import (
     lens_column,
     run_vision_pass,
 )
-from depthprobe.results import AnalysisResult, parse_list
+from depthprobe.results import AnalysisResult
 
 __all__ = ["DEFAULT_VISION_METRICS", "VISION_METRICS", "analyze_images", "is_vision_source", "load_vision_model"]
 
@@ -83,14 +84,12 @@ def load_vision_model(source: str | Path, trust_remote_code: bool = False) -> to
 
 
 def parse_vision_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:
-    names = parse_list(metrics, "--metrics") if isinstance(metrics, str) else list(metrics)
+    names = parse_metrics(metrics)
     unknown = [m for m in names if m not in VISION_METRICS]
     if unknown:
         raise DepthprobeError(f"unknown metric(s) for an image model: {', '.join(unknown)}; choose from "
                               f"{', '.join(VISION_METRICS)}")
-    if not names:
-        raise DepthprobeError("--metrics is empty; e.g. --metrics angular,variance,grad,drop")
-    return tuple(dict.fromkeys(names))
+    return names
 
 
 def check_images(stack: VisionStack, images: ImageSet) -> None:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.locate import generic_blocks_path
 
 __all__ = ["VISION_TYPES", "VisionBlock", "VisionStack", "is_vision_model"]
 
@@ -128,9 +129,7 @@ class VisionStack:
                 stages = model.get_submodule(stages_path)
                 blocks = [b for s, stage in enumerate(stages) for b in _blocks_of(model, f"{stages_path}.{s}.layers", s)]
                 return cls(model, family, f"{stages_path}.*.layers", blocks)
-        from depthprobe.model.stack import _generic_blocks_path
-
-        path = "blocks" if isinstance(getattr(model, "blocks", None), nn.ModuleList) else _generic_blocks_path(model)
+        path = "blocks" if isinstance(getattr(model, "blocks", None), nn.ModuleList) else generic_blocks_path(model)
         if path is None:
             raise DepthprobeError(f"cannot find the residual blocks of {type(model).__name__}; pass --layers-path "
                                   "with the dotted path of its block list, e.g. --layers-path blocks")
