@@ -7,7 +7,7 @@ OUT    ?= out/demo
 TEST_WORKERS ?= 2
 
 .PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke reliability \
-	gpu-check bench-7b
+	gpu-check bench-7b screenshot-vision
 
 install: $(STAMP) chromium
 
@@ -82,6 +82,16 @@ screenshot: install
 	# 256 colours: plots and text need no more, and the committed PNG stays small
 	$(PY) -c "from PIL import Image; im = Image.open('docs/report-smollm2.png').convert('RGB'); \
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
+
+# The face CNN's report (written by analyses/face_attributes.py) as the README's vision screenshot.
+screenshot-vision:
+	rm -rf /tmp/depthprobe-chromium
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	  --disable-sync --no-first-run --hide-scrollbars --user-data-dir=/tmp/depthprobe-chromium \
+	  --window-size=1200,2600 --screenshot=docs/report-vision.png \
+	  "file://$(CURDIR)/reports/face_attributes/analyze_seed0/report.html"
+	$(PY) -c "from PIL import Image; im = Image.open('docs/report-vision.png').convert('RGB'); \
+	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-vision.png', optimize=True)"
 
 # Faults and hostile inputs (kills, full disk, locks, corrupt files, hypothesis): runs tests/test_faults_*.py
 # and writes their table to reports/RELIABILITY.md (about 10 minutes on 2 CPU cores).

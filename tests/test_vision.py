@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -130,6 +131,15 @@ def test_cli_resnet_and_vit_folders(tmp_path, capsys):
         assert summary["objective"] == "cross_entropy" and summary["num_images"] == 60
         assert (out / "report.html").is_file() == (kind == "resnet")
         assert np.isfinite(layers.drop_delta_loss).all() and np.isfinite(layers.grad_norm).all()
+    # `depthprobe check` compares vision runs like any other: itself passes, a moved drop value fails
+    base = tmp_path / "run-resnet"
+    assert run_cli(["check", str(base), "--baseline", str(base)], capsys)[0] in (0, None)
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)
+    layers = pd.read_csv(moved / "layers.csv")
+    layers.loc[1, "drop_delta_loss"] += 1.0
+    layers.to_csv(moved / "layers.csv", index=False)
+    assert run_cli(["check", str(moved), "--baseline", str(base)], capsys)[0] == 1
 
 
 @pytest.mark.slow
