@@ -50,14 +50,11 @@ from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
 from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
-from depthprobe.probes.layer_major import (
-    is_offloaded,
-    run_main_pass_layer_major,
-    supports_block_backward,
-    use_layer_major,
-)
+from depthprobe.probes.hooks import evaluating
+from depthprobe.probes.layer_major import supports_block_backward
 from depthprobe.probes.main_pass import PassResult, needs_loss, run_main_pass
-from depthprobe.probes.objective import Objective
+from depthprobe.probes.objective import Objective, objective_for
+from depthprobe.probes.offload import is_offloaded, use_layer_major
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
 from depthprobe.results import AnalysisResult, angular_matrix_frame
 from depthprobe.runs import DROP_PROGRESS
@@ -167,19 +164,15 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     stack = stack or LayerStack.from_model(model, config.layers_path)
     progress = progress and distributed.is_main()
     windows = windows if windows is not None else _windows(model, tokenizer, config)
-    objective = Objective(stack)
+    objective = objective_for(stack)
     log.info("analyze %s: %d blocks, metrics %s, %d windows x %d tokens of %s", type(model).__name__, len(stack),
              ",".join(config.metrics), windows.num_sequences, windows.seq_len, windows.source)
-    was_training = model.training
-    model.eval()
     if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
         torch.cuda.reset_peak_memory_stats(stack.device)
     # under torchrun each process measures its share of the windows; results are reduced
     with distributed.split_windows(windows) as local:
-        try:
+        with evaluating(model):
             main = _main_pass(stack, local, config, needs_loss(config.metrics) if loss is None else loss, progress)
-        finally:
-            model.train(was_training)
         ctx = SweepContext(stack, local, objective, config.batch_size, config.options, main.base_loss,
                            main.window_nll, progress)
         log.info("main pass done (base loss %s)", None if main.base_loss is None else round(main.base_loss, 4))
@@ -209,11 +202,9 @@ def _main_pass(stack: LayerStack, windows: Windows, config: ProbeConfig, loss: b
                                   "each parameter in one block, and this model shares parameters between blocks; "
                                   "drop grad or raise --max-memory")
         layer_major = False  # in memory: the model's own backward
-    if layer_major:
-        return run_main_pass_layer_major(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss,
-                                         progress=progress, budget=execution.state_budget,
-                                         spill_dir=execution.spill_dir)
-    return run_main_pass(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss, progress=progress)
+    execution = dataclasses.replace(execution, order="layer" if layer_major else "batch")
+    return run_main_pass(stack, windows, config.metrics, batch_size=config.batch_size, loss=loss, progress=progress,
+                         execution=execution)
 
 
 def _windows(model: torch.nn.Module, tokenizer, config: ProbeConfig) -> Windows:

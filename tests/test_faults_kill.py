@@ -69,6 +69,24 @@ def test_drop_sweep_survives_sigkill(workdir, tmp_path):
     _check_points(tmp_path / "drop", run_harness(spec))
 
 
+@pytest.mark.reliability("SIGKILL at 10 seeded random moments of a layer-major drop sweep (`analyze --metrics "
+                         "drop --execution layer`), then `--resume`", "every resumed run's files equal the "
+                         "uninterrupted run's; kills during the sweep resume from its block checkpoints")
+def test_layer_major_drop_sweep_survives_sigkill(workdir, tmp_path):
+    model = workdir / "model8"
+    if not model.exists():
+        save_tiny("llama", model, num_hidden_layers=8)
+    args = ["analyze", str(model), "--metrics", "angular,drop", "--block-sizes", "2", "--execution", "layer",
+            "--num-sequences", "6", "--seq-len", "32", "--batch-size", "1", "--text-file",
+            str(workdir / "text.txt"), "--device", "cpu", "--out", "{out}", "-q", "--no-report"]
+    spec = {"root": str(tmp_path / "drop"), "argv": args, "resume_argv": [*args, "--resume"], "seed": 15,
+            "points": POINTS}
+    _check_points(tmp_path / "drop", run_harness(spec))
+    # some kills came in the middle of the sweep, after a block's streams were checkpointed
+    killed = [tmp_path / "drop" / f"kill{i}.killed" for i in range(POINTS)]
+    assert sum(bool(list(k.glob("drop_progress.layer*.bin"))) for k in killed if k.exists()) >= 2
+
+
 @pytest.mark.reliability("SIGKILL at 10 seeded random moments of a greedy prune (`prune --strategy greedy`), "
                          "then `--resume`", "pruned model, prune.json, curves and analysis equal the "
                          "uninterrupted run's; no half-written file")

@@ -18,6 +18,9 @@ from depthprobe.model.stack import LayerStack
 from depthprobe.probes.drop import run_drop_sweep, run_drop_sweep_layer_major
 from depthprobe.probes.layer_major import StateStore, is_offloaded, run_main_pass_layer_major
 from depthprobe.probes.main_pass import run_main_pass
+from depthprobe.probes.runner import BlockRunner
+from depthprobe.probes.store import StreamCheckpoints
+from depthprobe.probes.sweep import ExecutionOptions
 from tests.tiny_models import build_tiny, random_ids, save_tiny
 
 METRICS = "angular,variance,lens,drop"
@@ -217,3 +220,78 @@ def test_offloaded_gradients_equal_in_memory_reading_each_block_once_more(offloa
                              options=options)
     assert_same(got, ref, tol=1e-6)
     assert got.summary["timings_s"]["grad"] > 0
+
+
+# ---------------------------------------------------------------------------- resume
+def test_layer_major_drop_sweep_resumes_after_the_last_finished_block(tmp_path, monkeypatch):
+    """Stopped after block 1, the sweep resumes at block 2 from the checkpointed streams and
+    ends with exactly the numbers of an uninterrupted run."""
+    stack, ids = LayerStack.from_model(build_tiny("llama").eval()), random_ids(3, 10)
+    kwargs = {"batch_size": 2, "sublayers": True, "block_sizes": [2], "progress": False,
+              "execution": ExecutionOptions(order="layer")}
+    want = run_drop_sweep(stack, ids, **kwargs)
+    journal = tmp_path / "drop_progress.jsonl"
+    save = StreamCheckpoints.save
+
+    def stop_after_block_1(self, layer, *args):
+        save(self, layer, *args)
+        if layer == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamCheckpoints, "save", stop_after_block_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_drop_sweep(stack, ids, progress_file=journal, **kwargs)
+    assert sorted(p.name for p in tmp_path.glob("*.bin")) == ["drop_progress.layer0.bin", "drop_progress.layer1.bin"]
+    monkeypatch.undo()
+    ran, at = [], BlockRunner.at
+
+    def counting(self, layer):
+        ran.append(layer)
+        return at(self, layer)
+
+    monkeypatch.setattr(BlockRunner, "at", counting)
+    got = run_drop_sweep(stack, ids, progress_file=journal, **kwargs)
+    assert ran == [2, 3]  # blocks 0 and 1 were not run again
+    for name in ("base", "block", "attn", "mlp"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    np.testing.assert_array_equal(got.runs[2], want.runs[2])
+    np.testing.assert_array_equal(got.run_angles[2], want.run_angles[2])
+    assert not list(tmp_path.glob("*.bin"))  # a finished sweep leaves no checkpoint
+
+
+# ---------------------------------------------------------------------------- device_map
+@pytest.fixture(scope="module")
+def first_block_on_disk(tmp_path_factory):
+    """The tiny Llama with its embedding, norm and head on the cpu and blocks 0-1 on disk."""
+    folder = save_tiny("llama", tmp_path_factory.mktemp("llama-split"), hidden_size=64, intermediate_size=128)
+    names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head", "model.layers.2", "model.layers.3"]
+    device_map = {**dict.fromkeys(names, "cpu"), "model.layers.0": "disk", "model.layers.1": "disk"}
+    model, _ = depthprobe.load_model(folder, dtype="float32", device_map=device_map, offload_folder=folder / "off")
+    return depthprobe.load_model(folder, device="cpu", dtype="float32")[0], model
+
+
+@pytest.mark.parametrize("split", ["max_memory", "device_map"])
+def test_inputs_go_where_the_embedding_runs_under_a_device_map(split, offload_pair, first_block_on_disk):
+    """Split over cpu and disk (by ``max_memory``, or with the first blocks on disk, whose
+    weights then sit on ``meta``): the held-out scorer and repair's captures place inputs on
+    the embedding's execution device and give the in-memory model's numbers."""
+    from depthprobe.evaluate.heldout import per_window_loss
+    from depthprobe.probes.metrics import per_sequence_nll
+    from depthprobe.prune.repair import _run_capturing
+
+    in_memory, split_model = offload_pair if split == "max_memory" else first_block_on_disk
+    stack, ids = LayerStack.from_model(split_model), random_ids(3, 12)
+    assert is_offloaded(split_model) and {p.device.type for p in split_model.parameters()} == {"cpu", "meta"}
+    if split == "device_map":
+        assert stack.device.type == "meta"  # where the blocks' first weight is: no place for inputs
+    with torch.no_grad():
+        want = per_sequence_nll(in_memory(input_ids=ids).logits, ids).numpy()
+    np.testing.assert_allclose(per_window_loss(stack, ids, batch_size=2), want, rtol=1e-5)
+    np.testing.assert_allclose(per_window_loss(stack, ids, removed=[1], batch_size=2),
+                               per_window_loss(LayerStack.from_model(in_memory), ids, removed=[1], batch_size=2),
+                               rtol=1e-5)
+    block = stack.blocks[2]
+    with torch.no_grad():
+        got = _run_capturing(stack, ids, {block: "x"}, block)["x"]
+        ref = in_memory(input_ids=ids, output_hidden_states=True).hidden_states[3]
+    np.testing.assert_allclose(got.numpy(), ref.reshape(-1, ref.shape[-1]).numpy(), rtol=1e-5, atol=1e-6)

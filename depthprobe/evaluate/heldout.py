@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
 from depthprobe.model.stack import LayerStack
+from depthprobe.probes.metrics import per_sequence_nll
+from depthprobe.probes.scoring import WindowScorer
 from depthprobe.stats import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
@@ -30,32 +31,15 @@ log = logging.getLogger(__name__)
 
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> np.ndarray:
     """Mean next-token NLL of each window: ``-1/(T-1) Σ_t log p(x_{t+1} | x_≤t)``,
-    ``(B, T, V), (B, T) -> (B,)`` float64 (cross-entropy on flattened float32 rows)."""
-    batch, length = input_ids.shape
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    target = input_ids[:, 1:].reshape(-1).to(pred.device)
-    nll = F.cross_entropy(pred, target, reduction="none").view(batch, length - 1)
-    return nll.double().mean(1).cpu().numpy()
+    ``(B, T, V), (B, T) -> (B,)`` float64 (:func:`depthprobe.probes.metrics.per_sequence_nll`)."""
+    return per_sequence_nll(logits, input_ids).cpu().numpy()
 
 
-@torch.no_grad()
 def per_window_loss(stack: LayerStack, windows: Windows | torch.Tensor, removed: Sequence[int] = (),
                     batch_size: int = 4) -> np.ndarray:
-    """Each window's mean next-token NLL of the model without blocks ``removed`` ``-> (N,)``."""
-    ids_all = windows.input_ids if isinstance(windows, Windows) else windows
-    keep = [i for i in range(len(stack)) if i not in set(removed)]
-    device = stack.device
-    values = []
-    was_training = stack.model.training
-    stack.model.eval()
-    try:
-        with stack.keep_blocks(keep):
-            for start in range(0, ids_all.shape[0], batch_size):
-                ids = ids_all[start : start + batch_size].to(device)
-                values.append(window_nll(stack.model(input_ids=ids, use_cache=False).logits, ids))
-    finally:
-        stack.model.train(was_training)
-    return np.concatenate(values)
+    """Each window's mean next-token NLL of the model without blocks ``removed`` ``-> (N,)``
+    (:class:`~depthprobe.probes.scoring.WindowScorer`, the scorer pruning uses too)."""
+    return WindowScorer(stack, windows, batch_size).scores(removed)
 
 
 def heldout_loss(model: nn.Module | LayerStack, windows: Windows | torch.Tensor, removed: Sequence[int] = (),

@@ -58,6 +58,8 @@ from tqdm.auto import tqdm
 from depthprobe import distributed
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
+from depthprobe.probes.batch import Batch, token_batches
+from depthprobe.probes.hooks import evaluating
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.sweep import DEFAULT_ATTRIBUTION_STEPS, AttributionOptions, SweepContext, SweepOutput
 
@@ -100,16 +102,14 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
     """No parameter gradients (attribution needs gradients w.r.t. activations only);
     eval mode (no dropout). Both restored afterwards."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
     try:
         for p, _ in flags:
             p.requires_grad_(False)
-        model.eval()
-        yield
+        with evaluating(model):
+            yield
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def block_conductance(
@@ -147,15 +147,15 @@ def block_conductance(
         total=len(batches) * len(alphas), desc="attribution", unit="pass", disable=not progress, leave=False, delay=0.5
     )
     with _frozen(stack.model):
-        for start in batches:
-            ids = input_ids[start : start + batch_size].to(objective.device)
-            for key, value in _batch_conductance(objective, ids, alphas, rule == "trapezoid", bar).items():
-                out[key][..., start : start + len(ids)] = value
+        for batch in token_batches(input_ids, batch_size):
+            for key, value in _batch_conductance(objective, objective.place(batch), alphas, rule == "trapezoid",
+                                                 bar).items():
+                out[key][..., batch.rows] = value
     bar.close()
     return BlockAttribution(out["conductance"], out["gxa"], out["signed"], out["target"], out["baseline_target"])
 
 
-def _batch_conductance(objective: Objective, ids: torch.Tensor, alphas: list[float], trapezoid: bool,
+def _batch_conductance(objective: Objective, batch: Batch, alphas: list[float], trapezoid: bool,
                        bar) -> dict[str, np.ndarray]:
     """One batch along the whole path: L1 / signed conductance and gxa ``(L, B)``, targets ``(B,)``."""
     # captum is slow to import and only this sweep needs it
@@ -170,8 +170,8 @@ def _batch_conductance(objective: Objective, ids: torch.Tensor, alphas: list[flo
         return value
 
     with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids).detach()
-    extra = objective.target_extra(ids)
+        embeds = model.get_input_embeddings()(batch.input_ids).detach()
+    extra = objective.target_extra(batch)
     baseline = mean_embedding(model).to(embeds.dtype).expand_as(embeds)
     attr: list[torch.Tensor] | None = None
     prev: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None

@@ -25,6 +25,7 @@ import torch
 from depthprobe import distributed
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
+from depthprobe.probes.hooks import grad_hooks
 
 COLUMNS = ("grad_norm", "grad_norm_attn", "grad_norm_mlp")
 
@@ -92,12 +93,10 @@ class BlockGradNorms:
     def hooked(self) -> Iterator[BlockGradNorms]:
         """Hooks on every block parameter; on exit, gradients not yet reduced (a parameter the
         last batch did not reach) are reduced and freed too."""
-        handles = [p.register_post_accumulate_grad_hook(self._reduce) for p in self.params.values() if p.requires_grad]
         try:
-            yield self
+            with grad_hooks([p for p in self.params.values() if p.requires_grad], self._reduce):
+                yield self
         finally:
-            for handle in handles:
-                handle.remove()
             self.final = True
             for p in self.params.values():
                 self._reduce(p)

@@ -1,337 +1,60 @@
-"""Layer-major execution: every window passes block l before block l+1 runs.
+"""Layer-major schedule: every window passes block l before block l+1 runs.
 
 Batch-major execution (the model's own forward, batch after batch) needs every block once
 per batch; when accelerate offloads weights to disk or CPU it reads a block's weights at
 each of those calls, so a drop sweep reads every block once per batch and per drop
 variant. Layer-major execution turns the loops around: block l is made resident once
-(:func:`resident`), runs on every window's stream, and is released before block l+1, so
-each block's weights are read **once per sweep**.
-
-A block still runs through the model's own forward (:class:`BlockRunner`: only block l kept,
-its input swapped in by a pre-hook, stopped right after it), so masks, rotary tables and
-per-layer types stay the model's own; results equal the batch-major run.
+(:func:`~depthprobe.probes.offload.resident`), runs on every window's stream
+(:class:`~depthprobe.probes.runner.BlockRunner`), and is released before block l+1, so each
+block's weights are read **once per sweep**; results equal the batch-major run.
 
 Streams of all windows (the full model's x_0..x_L for the main pass; for the drop sweep the
-full model's stream plus one per drop variant) live in a :class:`StateStore`, which spills
-to a memory-mapped temporary file when it would not fit its memory budget.
+full model's stream plus one per drop variant) live in a
+:class:`~depthprobe.probes.store.StateStore`, which spills to a memory-mapped temporary
+file when it would not fit its memory budget. The drop sweep checkpoints its live streams
+after every block (:class:`~depthprobe.probes.store.StreamCheckpoints`), so it resumes.
+
+The helpers this module used to hold live in :mod:`~depthprobe.probes.runner`,
+:mod:`~depthprobe.probes.store` and :mod:`~depthprobe.probes.offload`; their names stay
+importable from here for one release.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import logging
-import math
+import importlib
 import os
-import sys
-import tempfile
 import time
-from collections.abc import Collection, Iterable, Iterator
-from pathlib import Path
+import warnings
+from collections.abc import Iterator
 
-import numpy as np
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from depthprobe import distributed
-from depthprobe.data import Windows
-from depthprobe.model.memory import available_memory, state_budget
-from depthprobe.model.stack import LayerStack, block_output
+from depthprobe.journal import Journal
+from depthprobe.model.stack import LayerStack
 from depthprobe.probes import metrics as M
+from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
+from depthprobe.probes.batch import Batch
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, Variant
 from depthprobe.probes.grad_norms import BlockGradNorms
-from depthprobe.probes.hooks import block_input, only_blocks_require_grad
-from depthprobe.probes.main_pass import PassAccumulator, PassResult, ordered_columns
-from depthprobe.probes.objective import Objective, stream_model
-from depthprobe.probes.router import watch_routers
+from depthprobe.probes.hooks import zero_output
+from depthprobe.probes.objective import Objective
+from depthprobe.probes.offload import (  # noqa: F401 - re-exported for one release
+    is_offloaded,
+    offload_hooks,
+    outside_blocks,
+    resident,
+    return_freed_memory,
+    use_layer_major,
+)
+from depthprobe.probes.runner import BlockRunner
+from depthprobe.probes.scoring import BatchScorer
+from depthprobe.probes.store import StateStore, StreamCheckpoints, default_state_budget, open_store
+from depthprobe.probes.sweep import EXECUTION_ORDERS as ORDERS  # noqa: F401 - deprecated alias
 
-log = logging.getLogger(__name__)
-
-__all__ = ["BlockRunner", "StateStore", "default_state_budget", "offload_hooks", "resident", "run_main_pass_layer_major",
+__all__ = ["BlockRunner", "LayerMajor", "StateStore", "default_state_budget", "offload_hooks", "resident",
            "supports_block_backward", "use_layer_major"]
-
-ORDERS = ("auto", "batch", "layer")
-
-
-def return_freed_memory() -> None:
-    """Hand freed heap memory back to the kernel (glibc ``malloc_trim``; elsewhere a no-op).
-
-    A block's weights read from disk are a few tensors of 30-90 MB; glibc serves the ones
-    below its (self-raising) mmap threshold from the heap and keeps the heap after they are
-    freed, so without a trim anonymous memory creeps up block after block.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _glibc() if sys.platform.startswith("linux") else None
-
-
-def offload_hooks(module: nn.Module) -> list:
-    """accelerate hooks on ``module`` itself that read its weights in at every forward."""
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None:
-        return []
-    return [h for h in getattr(hook, "hooks", [hook]) if getattr(h, "offload", False)]
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    return any(offload_hooks(m) for m in model.modules())
-
-
-def use_layer_major(order: str, model: nn.Module) -> bool:
-    """``layer`` always, ``batch`` never, ``auto`` when accelerate offloads some weights."""
-    return order == "layer" or (order == "auto" and is_offloaded(model))
-
-
-@contextlib.contextmanager
-def resident(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Load the offloaded weights of ``modules`` (and their submodules) once, keep them on
-    the execution device for the ``with`` block, then give them back to accelerate.
-
-    Inside, accelerate's hooks only move inputs (their ``offload`` flag is off), so the many
-    forwards of layer-major execution do not read the weights again. A no-op for modules
-    whose weights are resident anyway.
-    """
-    seen, pinned = set(), []
-    for root in modules:
-        for module in root.modules():
-            if id(module) not in seen:
-                seen.add(id(module))
-                pinned += [(module, h) for h in offload_hooks(module)]
-    try:
-        for module, hook in pinned:
-            hook.pre_forward(module)  # reads the weights from the weights map onto the device
-            hook.offload = False
-        yield
-    finally:
-        for module, hook in pinned:
-            if not hook.offload:
-                hook.offload = True
-                hook.post_forward(module, None)  # back to the meta device: the memory is freed
-        if pinned:
-            return_freed_memory()
-
-
-def outside_blocks(stack: LayerStack, part: str) -> list[nn.Module]:
-    """Offloaded modules outside the blocks: ``"output"`` those of the final norm and head
-    (needed to score a stream), ``"prelude"`` the others (embeddings, rotary tables...)."""
-    inside = {id(m) for m in stack.blocks.modules()}
-    output = {id(m) for root in (stack.final_norm, stack.head) if root is not None for m in root.modules()}
-    return [m for m in stack.model.modules()
-            if id(m) not in inside and offload_hooks(m) and ((id(m) in output) == (part == "output"))]
-
-
-class _Stop(Exception):
-    """Raised after the one block a :class:`BlockRunner` call needs: the rest is not run."""
-
-
-class BlockRunner:
-    """Run single blocks of a model on given streams through the model's own forward.
-
-    ``with runner.at(l): y = runner.run(ids, x)`` gives block l's output for input ``x``
-    (the prelude, masks and rotary tables computed by the model from ``ids``).
-    """
-
-    def __init__(self, objective: Objective):
-        self.objective = objective
-        self.stack = objective.stack
-        self._hidden: torch.Tensor | None = None
-        self._output: torch.Tensor | None = None
-        self._keep_graph = False
-
-    def _forward(self, ids: torch.Tensor) -> None:
-        model = stream_model(self.stack)
-        try:
-            if self.objective.lm:
-                model(input_ids=ids, use_cache=False)
-            else:
-                model(input_ids=ids)
-        except _Stop:
-            return
-        raise RuntimeError("the block of a layer-major call never ran")
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """x_0 of a batch: the first block's input, as the model's own prelude makes it."""
-        def grab(module, args, kwargs):
-            self._output = block_input(args, kwargs).detach()
-            raise _Stop
-
-        handle = self.stack.blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            self._forward(ids)
-        finally:
-            handle.remove()
-        return self._output
-
-    @contextlib.contextmanager
-    def at(self, layer: int) -> Iterator[None]:
-        """Keep only block ``layer``, resident, for the :meth:`run` calls inside."""
-        block = self.stack.blocks[layer]
-
-        def swap(module, args, kwargs):
-            if args:
-                return (self._hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": self._hidden}
-
-        def stop(module, args, kwargs, output):
-            out = block_output(output)
-            self._output = out if self._keep_graph else out.detach()
-            raise _Stop
-
-        handles = [block.register_forward_pre_hook(swap, with_kwargs=True),
-                   block.register_forward_hook(stop, with_kwargs=True)]
-        try:
-            with self.stack.keep_blocks([layer]), resident([block]):
-                yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def run(self, ids: torch.Tensor, hidden: torch.Tensor, graph: bool = False) -> torch.Tensor:
-        """Output of the block chosen by :meth:`at` for input ``hidden`` (on the input's device);
-        with ``graph`` the output keeps its autograd graph (call under ``torch.enable_grad``)."""
-        self._hidden, self._keep_graph = hidden, graph
-        try:
-            self._forward(ids)
-        finally:
-            self._hidden, self._keep_graph = None, False
-        output, self._output = self._output, None
-        return output
-
-
-def default_state_budget() -> int:
-    """Bytes of cached streams kept in RAM before spilling to disk: a quarter of the memory
-    available now (``DEPTHPROBE_STATE_BUDGET`` overrides, in bytes)."""
-    env = os.environ.get("DEPTHPROBE_STATE_BUDGET")
-    if env:
-        return int(float(env))
-    return state_budget(available_memory()) or 1024**3  # 1 GiB when the available memory is unknown
-
-
-class StateStore:
-    """``count`` residual streams of all windows, ``(count, N, T, d)``, on the CPU.
-
-    In RAM when they fit ``budget`` bytes, otherwise in a memory-mapped temporary file under
-    ``folder`` (default: the system temp folder), removed by :meth:`close`: the page cache
-    holds what is in use and the kernel writes the rest back, so anonymous memory stays flat.
-    """
-
-    def __init__(self, count: int, shape: tuple[int, ...], dtype: torch.dtype, budget: int,
-                 folder: str | os.PathLike | None = None):
-        numel = count * math.prod(shape)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self.path: Path | None = None
-        if nbytes <= budget:
-            self.data = torch.empty((count, *shape), dtype=dtype)
-        else:
-            self._tmp = tempfile.TemporaryDirectory(prefix="depthprobe-states-", dir=folder)
-            self.path = Path(self._tmp.name) / "states.bin"
-            with open(self.path, "wb") as f:
-                f.truncate(nbytes)
-            self.data = torch.from_file(str(self.path), shared=True, size=numel, dtype=dtype).view(count, *shape)
-            log.info("layer-major states: %.2f GB spilled to %s (budget %.2f GB)", nbytes / 1e9, self.path, budget / 1e9)
-        self.nbytes = nbytes
-
-    @property
-    def spilled(self) -> bool:
-        return self.path is not None
-
-    def close(self) -> None:
-        self.data = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> StateStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def batch_slices(n_windows: int, batch_size: int) -> list[slice]:
-    return [slice(s, min(s + batch_size, n_windows)) for s in range(0, n_windows, batch_size)]
-
-
-def open_store(runner: BlockRunner, input_ids: torch.Tensor, batch_size: int, count: int, budget: int | None,
-               folder: str | os.PathLike | None) -> StateStore:
-    """A store of ``count`` streams with x_0 (the prelude's output) of every window in slot 0."""
-    device = runner.objective.device
-    slices = batch_slices(input_ids.shape[0], batch_size)
-    store = None
-    for win in slices:
-        x0 = runner.embed(input_ids[win].to(device))
-        if store is None:
-            budget = default_state_budget() if budget is None else budget
-            store = StateStore(count, (input_ids.shape[0], *x0.shape[1:]), x0.dtype, budget, folder)
-        store.data[0, win] = x0.cpu()
-    return store
-
-
-def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
-                              loss: bool, progress: bool = True, budget: int | None = None,
-                              spill_dir: str | os.PathLike | None = None) -> PassResult:
-    """The main pass (angular, variance, lens, grad, base loss, router load) with each
-    block's weights read once per direction: all windows pass block l, their outputs kept in
-    a :class:`StateStore`; then the same :class:`PassAccumulator` as the batch-major pass
-    reads the stored states batch by batch, so the numbers are the same.
-
-    ``grad`` (causal LMs) adds a backward run block by block from the last: block l is loaded
-    once more, re-run on its stored inputs with autograd and given dL/dx_{l+1} of each batch,
-    which yields its parameters' gradients (reduced to norms and freed before block l-1
-    loads) and dL/dx_l. Only one block's weights and gradients are in memory at a time.
-    """
-    objective = Objective(stack)
-    acc = PassAccumulator(objective, metrics)
-    grad = "grad" in metrics and objective.lm
-    full = objective.lm and (loss or grad)
-    runner, num_layers = BlockRunner(objective), len(stack)
-    slices = batch_slices(windows.num_sequences, batch_size)
-    bar = tqdm(total=num_layers * len(slices) * (2 if grad else 1), desc="analyze (layer-major)",
-               disable=not progress, leave=False, delay=0.5)
-    total = distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)
-    t0 = time.perf_counter()
-    # slots 0..L: x_0..x_L of every window; with grad one more for dL/dx of the block being run back
-    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), \
-            resident(outside_blocks(stack, "prelude")), watch_routers(stack) as routers, \
-            open_store(runner, windows.input_ids, batch_size, num_layers + (2 if grad else 1), budget,
-                       spill_dir) as store:
-        with torch.no_grad():
-            for layer in range(num_layers):
-                with runner.at(layer):
-                    for win in slices:
-                        ids = windows.input_ids[win].to(objective.device)
-                        store.data[layer + 1, win] = runner.run(ids, store.data[layer, win].to(objective.device)).cpu()
-                        bar.update()
-        with resident(outside_blocks(stack, "output")), torch.no_grad():  # final norm and head, read once
-            nll_sum, window_nll = _accumulate(acc, store.data, windows.input_ids, slices, full,
-                                              total if grad else None)
-        t_grad = time.perf_counter()
-        grad_columns, not_applicable = _backward_by_block(runner, store.data, windows.input_ids, slices, bar) \
-            if grad else ({}, {})
-        t_grad = time.perf_counter() - t_grad
-        bar.close()
-        acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
-        routers.reduce()
-        columns = ordered_columns({**acc.columns(), **grad_columns, **routers.columns()})
-    seconds = time.perf_counter() - t0
-    timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
-    if grad:
-        timings["grad"] = t_grad
-    if not full:
-        return PassResult(columns, timings, None, None, acc.angular_matrix())
-    return PassResult(columns, timings, distributed.reduce_sum(nll_sum) / total,
-                      np.asarray(distributed.gather(window_nll), float), acc.angular_matrix(), not_applicable)
 
 
 def supports_block_backward(stack: LayerStack) -> bool:
@@ -339,52 +62,169 @@ def supports_block_backward(stack: LayerStack) -> bool:
     return not BlockGradNorms(stack).shared_across_blocks
 
 
-def _backward_by_block(runner: BlockRunner, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
-                       bar) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Blocks L-1..0: re-run each on its stored inputs ``data[l]`` with autograd, backward from
-    the upstream gradient in the last slot (replaced in place by dL/dx_l), reduce its
-    parameters' gradients."""
-    norms = BlockGradNorms(runner.stack)
-    device = runner.objective.device
-    upstream = data[-1]
-    for layer in reversed(range(len(runner.stack))):
-        with runner.at(layer):
-            for win in slices:
-                ids = input_ids[win].to(device)
-                x = data[layer, win].to(device).requires_grad_(True)
-                with torch.enable_grad():
-                    y = runner.run(ids, x, graph=True)
-                    y.backward(upstream[win].to(device=y.device, dtype=y.dtype))
-                upstream[win] = x.grad.cpu()
-                bar.update()
-            norms.reduce_layer(layer)  # before accelerate takes the block's weights back
-    return norms.columns()
+class LayerMajor:
+    """Runs the main pass and the drop sweep over ``batches`` block by block."""
 
+    order = "layer"
 
-def _accumulate(acc: PassAccumulator, data: torch.Tensor, input_ids: torch.Tensor, slices: list[slice],
-                full: bool, total: int | None = None) -> tuple[float, list[float]]:
-    """Feed the stored states x_0..x_L to ``acc`` batch by batch, as the batch-major pass
-    does; the base loss (NLL sum, per-window mean NLL) when ``full``. With ``total`` (grad),
-    the same logits also give dL/dx_L, L the mean next-token loss over all ``total``
-    predictions (as the batch-major backward), written to the store's last slot."""
-    objective = acc.objective
-    stack, device, num_layers = objective.stack, objective.device, len(objective.stack)
-    nll_sum, window_nll = 0.0, []
-    for win in slices:
-        ids = input_ids[win].to(device)
-        states = [data[i, win].to(device) for i in range(num_layers + 1)]
-        acc.start_batch(ids)
-        for layer in range(num_layers):
-            acc.on_block(layer, states[layer], states[layer + 1])
-        if full:
-            last = states[-1].detach().requires_grad_(total is not None)
-            with torch.set_grad_enabled(total is not None):
-                logits = stack.logits(last)
-                nll, _ = M.next_token_nll_sum(logits, ids)
-                if total is not None:
-                    (nll / total).backward()
+    def __init__(self, objective: Objective, batches: list[Batch], progress: bool = True, *,
+                 budget: int | None = None, spill_dir: str | os.PathLike | None = None):
+        self.objective, self.batches, self.progress = objective, batches, progress
+        self.stack, self.budget, self.spill_dir = objective.stack, budget, spill_dir
+        self.runner = BlockRunner(objective)
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, delay=0.5)
+
+    def _store(self, count: int, fill: bool = True) -> StateStore:
+        embed = lambda batch: self.runner.embed(self.objective.place(batch))  # noqa: E731
+        return open_store(embed, self.batches, count, self.budget, self.spill_dir, fill)
+
+    # ------------------------------------------------------------------ main pass
+    def main_pass(self, acc: PassAccumulator, losses: BaseLoss | None, grad: bool) -> GradOutput:
+        """All windows through block l (outputs stored), then the stored states x_0..x_L fed
+        to ``acc`` batch by batch; with ``grad`` a backward block by block from the last."""
+        num_layers = len(self.stack)
+        bar = self._bar(num_layers * len(self.batches) * (2 if grad else 1), "analyze (layer-major)")
+        # slots 0..L: x_0..x_L of every window; with grad one more for dL/dx of the block being run back
+        with resident(outside_blocks(self.stack, "prelude")), self._store(num_layers + (2 if grad else 1)) as store:
+            with torch.no_grad():
+                for layer in range(num_layers):
+                    with self.runner.at(layer):
+                        for batch in self.batches:
+                            x = store.data[layer, batch.rows].to(self.objective.device)
+                            store.data[layer + 1, batch.rows] = self.runner.run(self.objective.place(batch), x).cpu()
+                            bar.update()
+            with resident(outside_blocks(self.stack, "output")), torch.no_grad():  # final norm and head, read once
+                self._feed(acc, losses, store.data, grad)
+            t_grad = time.perf_counter()
+            out = GradOutput(*self._backward_by_block(store.data, bar)) if grad else GradOutput()
+            out.seconds = time.perf_counter() - t_grad if grad else None
+            bar.close()
+        return out
+
+    def _feed(self, acc: PassAccumulator, losses: BaseLoss | None, data: torch.Tensor, grad: bool) -> None:
+        """Feed the stored states x_0..x_L to ``acc`` batch by batch, as the batch-major pass
+        does, and each batch's logits of x_L to ``losses``. With ``grad`` the same logits give
+        dL/dx_L (L the mean loss over all predictions), written to the store's last slot."""
+        objective, num_layers = self.objective, len(self.stack)
+        for batch in self.batches:
+            placed, win = objective.place(batch), batch.rows
+            states = [data[i, win].to(objective.device) for i in range(num_layers + 1)]
+            acc.start_batch(placed)
+            for layer in range(num_layers):
+                acc.on_block(layer, states[layer], states[layer + 1])
+            if losses is not None:
+                last = states[-1].detach().requires_grad_(grad)
+                with torch.set_grad_enabled(grad):
+                    losses.add(self.stack.logits(last), placed, backward=grad)
+                if grad:
                     data[-1, win] = last.grad.cpu()
-            nll_sum += float(nll.detach())
-            window_nll += M.per_sequence_nll(logits.detach(), ids).tolist()
-        acc.end_batch(None if objective.lm else stack.final_hidden(states[-1]))
-    return nll_sum, window_nll
+            acc.end_batch(objective.stream_reference(states[-1]))
+
+    def _backward_by_block(self, data: torch.Tensor, bar) -> tuple[dict[str, list[float]], dict[str, str]]:
+        """Blocks L-1..0: re-run each on its stored inputs ``data[l]`` with autograd, backward from
+        the upstream gradient in the last slot (replaced in place by dL/dx_l), reduce its
+        parameters' gradients."""
+        norms, device, upstream = BlockGradNorms(self.stack), self.objective.device, data[-1]
+        for layer in reversed(range(len(self.stack))):
+            with self.runner.at(layer):
+                for batch in self.batches:
+                    win = batch.rows
+                    x = data[layer, win].to(device).requires_grad_(True)
+                    with torch.enable_grad():
+                        y = self.runner.run(self.objective.place(batch), x, graph=True)
+                        y.backward(upstream[win].to(device=y.device, dtype=y.dtype))
+                    upstream[win] = x.grad.cpu()
+                    bar.update()
+                norms.reduce_layer(layer)  # before accelerate takes the block's weights back
+        return norms.columns()
+
+    # ------------------------------------------------------------------ drop sweep
+    def drop_sweep(self, plan: DropPlan, journal: Journal) -> Iterator[tuple[Batch, DropRecord]]:
+        """Blocks in order. Entering block l, every variant that removes something starting at
+        l takes a copy of the full model's stream x_l; then block l runs on the full stream and
+        on every variant stream that has reached it (with the sublayer zeroed for that block's
+        sublayer variants). After the last block every stream is scored, batch by batch. After
+        each block the live streams are checkpointed (``journal``), so a killed sweep resumes."""
+        variants, num_layers = plan.variants, plan.num_layers
+        per_layer = [len(self.batches) * (1 + sum(v.start <= k for v in variants)) for k in range(num_layers)]
+        bar = self._bar(sum(per_layer), "drop sweep (layer-major)")
+        checkpoints = StreamCheckpoints(journal)
+        try:
+            with resident(outside_blocks(self.stack, "prelude")), self._store(1 + len(variants), fill=False) as store:
+                first, angles = self._resume(checkpoints, store, bar, per_layer)
+                for layer in range(first, num_layers):
+                    self._advance(store.data, variants, layer, angles, bar)
+                    live = [0] + [slot for slot, v in enumerate(variants, 1) if v.layer <= layer]
+                    checkpoints.save(layer, store.data, live, {"angles": [[*k, v] for k, v in angles.items()]})
+                with resident(outside_blocks(self.stack, "output")):  # final norm and head, read once
+                    for index, batch in enumerate(self.batches):
+                        yield batch, self._score(store.data, plan, batch, {k: s[index] for k, s in angles.items()})
+        finally:
+            bar.close()
+        checkpoints.clear()
+
+    def _resume(self, checkpoints: StreamCheckpoints, store: StateStore, bar,
+                per_layer: list[int]) -> tuple[int, dict[tuple[int, int], list[float]]]:
+        """The first block to run and the angle sums so far: after the newest checkpoint, or
+        block 0 with x_0 of every window in slot 0."""
+        found = checkpoints.latest(len(per_layer), store.data[0].numel() * store.data.element_size())
+        if found is None:
+            for batch in self.batches:
+                store.data[0, batch.rows] = self.runner.embed(self.objective.place(batch)).cpu()
+            return 0, {}
+        layer, entry = found
+        checkpoints.restore(store.data, layer, entry["slots"])
+        bar.update(sum(per_layer[: layer + 1]))
+        return layer + 1, {(size, first): sums for size, first, sums in entry["angles"]}
+
+    def _advance(self, data: torch.Tensor, variants: list[Variant], layer: int, angles: dict, bar) -> None:
+        """Run block ``layer`` on the full stream (slot 0) and every variant stream that reached it."""
+        device = self.objective.device
+        for slot, v in enumerate(variants, 1):
+            if v.layer == layer:  # the variant starts from the full model's x_layer
+                data[slot].copy_(data[0])
+        live = [(slot, v) for slot, v in enumerate(variants, 1) if v.start <= layer]
+        with self.runner.at(layer):
+            for batch in self.batches:
+                placed, win = self.objective.place(batch), batch.rows
+                for slot, v in live:
+                    if v.kind == "run" and v.start == layer:  # x_first (unchanged so far) against x_{first+n}
+                        angles.setdefault((v.size, v.layer), []).append(M.angular_sum(data[slot, win], data[0, win]))
+                    zeroed = v.kind in ("attn", "mlp") and v.layer == layer
+                    module = self.stack.sublayer_output_module(layer, v.kind) if zeroed else None
+                    with zero_output(module) if zeroed else contextlib.nullcontext():
+                        data[slot, win] = self.runner.run(placed, data[slot, win].to(device)).cpu()
+                    bar.update()
+                data[0, win] = self.runner.run(placed, data[0, win].to(device)).cpu()
+                bar.update()
+
+    def _score(self, data: torch.Tensor, plan: DropPlan, batch: Batch, angles: dict) -> DropRecord:
+        """One batch's record from the final streams (``angles``: this batch's sums)."""
+        objective, device, win = self.objective, self.objective.device, batch.rows
+        placed = objective.place(batch)
+        final = data[0, win].to(device)
+        scorer = BatchScorer(objective, placed, objective.stream_reference(final))
+        record = plan.record(batch.size)
+        record.base = scorer.from_stream(final).tolist()
+        for slot, v in enumerate(plan.variants, 1):
+            record.set(v, scorer.from_stream(data[slot, win].to(device)).tolist())
+            if v.kind == "run":
+                record.set_angle(v, angles[(v.size, v.layer)] if v.start < plan.num_layers
+                                 else M.angular_sum(data[slot, win], data[0, win]))
+        return record
+
+
+#: names that moved: ``layer_major.<name>`` -> ``<module>.<name>`` (warns, for one release)
+_MOVED = {"run_main_pass_layer_major": "depthprobe.probes.main_pass",
+          "run_drop_sweep_layer_major": "depthprobe.probes.drop"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        warnings.warn(f"depthprobe.probes.layer_major.{name} moved to {_MOVED[name]}.{name} (deprecated: pass "
+                      "execution=ExecutionOptions(order='layer')); this alias goes in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'depthprobe.probes.layer_major' has no attribute {name!r}")

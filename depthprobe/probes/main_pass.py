@@ -1,11 +1,10 @@
 """The main pass: one forward (+ one backward for ``grad``) over all windows, streaming.
 
-Block hooks hand every block's input and output to a :class:`PassAccumulator`, which turns
-them into running sums and drops the activations, so memory does not grow with the number
-of windows. The accumulator does not know how the states were produced: this module drives
-it batch-major with the model's own forward, and a layer-major or offloaded pass can drive
-the same object (``start_batch``, ``on_block`` for each block in order, ``end_batch``) and
-read the same :meth:`~PassAccumulator.columns`.
+Written once against a schedule (:mod:`~depthprobe.probes.batch_major`: the model's own
+forward, batch after batch; :mod:`~depthprobe.probes.layer_major`: every window through
+block l before block l+1, each offloaded block's weights read once) that hands every
+block's input and output to a :class:`~depthprobe.probes.accumulator.PassAccumulator` and
+every batch's logits to one :class:`~depthprobe.probes.accumulator.BaseLoss`.
 
 The pass computes only what the requested metrics need: ``angular`` and ``variance`` read
 the stream through the model without its LM head; the full model (and the base loss) runs
@@ -15,182 +14,37 @@ when ``loss`` is asked, which :func:`needs_loss` decides from the metrics.
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from depthprobe import distributed
 from depthprobe.config import DEFAULT_METRICS, PASS_METRICS  # noqa: F401  (re-exported; defined in config)
 from depthprobe.data import Windows
-from depthprobe.model.stack import LayerStack, lm_logits
-from depthprobe.probes import metrics as M
-from depthprobe.probes.grad_norms import BlockGradNorms
-from depthprobe.probes.hooks import only_blocks_require_grad, watch_blocks
-from depthprobe.probes.objective import Objective
+from depthprobe.model.stack import LayerStack
+from depthprobe.probes.accumulator import COLUMN_ORDER, BaseLoss, PassAccumulator, ordered_columns
+from depthprobe.probes.batch import batches_of
+from depthprobe.probes.hooks import only_blocks_require_grad
+from depthprobe.probes.objective import objective_for
+from depthprobe.probes.offload import use_layer_major
 from depthprobe.probes.router import watch_routers
+from depthprobe.probes.schedules import make_schedule
+from depthprobe.probes.sweep import ExecutionOptions
 
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
+
+__all__ = ["COLUMN_ORDER", "DEFAULT_METRICS", "PASS_METRICS", "STREAM_METRICS", "PassAccumulator", "PassResult",
+           "needs_loss", "ordered_columns", "run_main_pass", "run_main_pass_layer_major"]
 
 
 def needs_loss(metrics: Collection[str]) -> bool:
     """Whether the base loss is worth computing: any metric other than the stream-only ones
     scores the model by its objective (and the report compares it with the base loss)."""
     return any(m not in STREAM_METRICS for m in metrics)
-
-
-class _Angular:
-    """Sums of arccos and cos between every pair of states x_0..x_L (float64)."""
-
-    def __init__(self, num_layers: int):
-        n_states = num_layers + 1
-        self.units: list[torch.Tensor | None] = [None] * n_states
-        self.ang = torch.zeros(n_states, n_states, dtype=torch.float64)
-        self.cos = torch.zeros(n_states, n_states, dtype=torch.float64)
-
-    def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        if layer == 0:
-            self.units[0] = M.unit(x_in)
-        self.units[layer + 1] = M.unit(x_out)
-
-    def end_batch(self) -> None:
-        a, c = M.angular_gram_sums(self.units)
-        self.ang += a
-        self.cos += c
-        self.units = [None] * len(self.units)
-
-    def matrix(self, tokens: int) -> list[list[float]]:
-        return (self.ang / tokens).tolist()
-
-    def columns(self, tokens: int) -> dict[str, list[float]]:
-        ang, cos = (self.ang / tokens).tolist(), (self.cos / tokens).tolist()
-        n = len(ang) - 1
-        return {"angular_distance": [ang[i][i + 1] for i in range(n)],
-                "block_influence": [1 - cos[i][i + 1] for i in range(n)]}
-
-
-class _Scale:
-    """Sums of per-token variance and RMS of every block output, and the running max |x|."""
-
-    def __init__(self, num_layers: int):
-        self.var, self.rms = np.zeros(num_layers), np.zeros(num_layers)
-        self.max_abs = np.full(num_layers, -np.inf)
-
-    def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        self.var[layer] += M.variance_sum(x_out)
-        self.rms[layer] += M.rms_sum(x_out)
-        self.max_abs[layer] = max(self.max_abs[layer], M.max_abs(x_out))
-
-    def columns(self, tokens: int) -> dict[str, list[float]]:
-        return {"activation_variance": list(self.var / tokens), "activation_rms": list(self.rms / tokens),
-                "max_abs_activation": list(self.max_abs)}
-
-
-class _Lens:
-    """Objective with each block output taken as the last: summed now (LM) or when the batch's
-    final state is known (encoders)."""
-
-    def __init__(self, objective: Objective, num_layers: int):
-        self.objective = objective
-        self.sums = np.zeros(num_layers)
-        self.pending: dict[int, torch.Tensor] = {}
-
-    def on_block(self, layer: int, x_out: torch.Tensor, input_ids: torch.Tensor) -> None:
-        if self.objective.lm:
-            self.sums[layer] += self.objective.stream_sum(x_out.detach(), input_ids, None)
-        else:
-            self.pending[layer] = x_out.detach()
-
-    def end_batch(self, input_ids: torch.Tensor, reference: torch.Tensor | None) -> None:
-        for layer, hidden in self.pending.items():
-            self.sums[layer] += self.objective.stream_sum(hidden, input_ids, reference)
-        self.pending = {}
-
-    def columns(self, count: int) -> dict[str, list[float]]:
-        return {"logit_lens_loss": list(self.sums / count)}
-
-
-class PassAccumulator:
-    """Running per-layer sums of the main-pass metrics, fed block by block.
-
-    Drive it with ``start_batch(ids)``, ``on_block(l, x_l, x_{l+1})`` for every block,
-    ``end_batch(reference)`` (encoders: the batch's final hidden state); then ``columns()``.
-    """
-
-    def __init__(self, objective: Objective, metrics: Collection[str]):
-        num_layers = len(objective.stack)
-        self.objective = objective
-        self.angular = _Angular(num_layers) if "angular" in metrics else None
-        self.scale = _Scale(num_layers) if "variance" in metrics else None
-        self.lens = _Lens(objective, num_layers) if "lens" in metrics else None
-        self.seconds = {name: 0.0 for name in ("angular", "variance", "lens")}
-        self.tokens = 0  # hidden-state tokens
-        self.predictions = 0  # next-token predictions
-        self.input_ids: torch.Tensor | None = None
-
-    def start_batch(self, input_ids: torch.Tensor) -> None:
-        self.input_ids = input_ids
-
-    def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        with torch.no_grad():
-            if self.angular is not None:
-                with self._timed("angular"):
-                    self.angular.on_block(layer, x_in, x_out)
-            if self.scale is not None:
-                with self._timed("variance"):
-                    self.scale.on_block(layer, x_in, x_out)
-            if self.lens is not None:
-                with self._timed("lens"):
-                    self.lens.on_block(layer, x_out, self.input_ids)
-
-    @contextlib.contextmanager
-    def _timed(self, name: str):
-        t0 = time.perf_counter()
-        yield
-        self.seconds[name] += time.perf_counter() - t0
-
-    def end_batch(self, reference: torch.Tensor | None = None) -> None:
-        with torch.no_grad():
-            if self.angular is not None:
-                with self._timed("angular"):
-                    self.angular.end_batch()
-            if self.lens is not None:
-                with self._timed("lens"):
-                    self.lens.end_batch(self.input_ids, reference)
-        self.tokens += self.input_ids.numel()
-        self.predictions += self.input_ids.shape[0] * (self.input_ids.shape[1] - 1)
-
-    def columns(self) -> dict[str, list[float]]:
-        columns: dict[str, list[float]] = {}
-        if self.angular is not None:
-            columns.update(self.angular.columns(self.tokens))
-        if self.scale is not None:
-            columns.update(self.scale.columns(self.tokens))
-        if self.lens is not None:
-            columns.update(self.lens.columns(self.predictions if self.objective.lm else self.tokens))
-        return columns
-
-    def reduce(self) -> None:
-        """Sum (and max) the running statistics over torchrun processes (:mod:`depthprobe.distributed`)."""
-        if self.angular is not None:
-            self.angular.ang, self.angular.cos = distributed.reduce_sum(self.angular.ang), \
-                distributed.reduce_sum(self.angular.cos)
-        if self.scale is not None:
-            self.scale.var, self.scale.rms = distributed.reduce_sum(self.scale.var), distributed.reduce_sum(self.scale.rms)
-            self.scale.max_abs = distributed.reduce_max(self.scale.max_abs)
-        if self.lens is not None:
-            self.lens.sums = distributed.reduce_sum(self.lens.sums)
-        self.tokens, self.predictions = (int(distributed.reduce_sum(self.tokens)),
-                                         int(distributed.reduce_sum(self.predictions)))
-
-    def angular_matrix(self) -> list[list[float]] | None:
-        """The square ``(L+1, L+1)`` mean angular distance matrix, when angular was measured."""
-        return self.angular.matrix(self.tokens) if self.angular is not None else None
 
 
 @dataclass
@@ -203,76 +57,47 @@ class PassResult:
     not_applicable: dict[str, str] = field(default_factory=dict)  # column -> why it is left empty
 
 
-#: the main pass's columns in ``layers.csv``, in this order whichever way the pass ran
-COLUMN_ORDER = ("angular_distance", "block_influence", "activation_variance", "activation_rms", "max_abs_activation",
-                "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss", "router_load_entropy")
-
-
-def ordered_columns(columns: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {k: columns[k] for k in COLUMN_ORDER if k in columns}
-
-
-class _Loss:
-    """Base loss over the pass; its backward (for ``grad``) uses the mean over all predictions."""
-
-    def __init__(self, objective: Objective, total_predictions: int):
-        self.objective, self.total = objective, total_predictions
-        self.nll_sum = 0.0
-        self.windows: list[float] = []
-
-    def add(self, out, input_ids: torch.Tensor, backward: bool) -> None:
-        nll, _ = self.objective.loss_sum(out, input_ids)
-        self.nll_sum += float(nll.detach())
-        with torch.no_grad():
-            self.windows.extend(M.per_sequence_nll(lm_logits(out).detach(), input_ids).tolist())
-        if backward:
-            (nll / self.total).backward()
-
-    def reduce(self) -> None:
-        """Sum over torchrun processes; window losses gathered in window order."""
-        self.nll_sum = distributed.reduce_sum(self.nll_sum)
-        self.windows = distributed.gather(self.windows).tolist() if distributed.active() else self.windows
-
-
 def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
-                  loss: bool, progress: bool = True) -> PassResult:
-    """Drive a :class:`PassAccumulator` over all windows with the model's own forward."""
-    objective = Objective(stack)
+                  loss: bool, progress: bool = True, execution: ExecutionOptions | None = None) -> PassResult:
+    """Angular, variance, lens, grad, base loss and router load over all windows.
+
+    ``execution``: batch-major by default; ``order="layer"`` (or ``"auto"`` on offloaded
+    weights) runs it layer-major, streams in a store of ``state_budget`` bytes spilled under
+    ``spill_dir``: the numbers are the same.
+    """
+    execution = execution or ExecutionOptions(order="batch")
+    order = "layer" if use_layer_major(execution.order, stack.model) else "batch"
+    objective = objective_for(stack)
+    batches = batches_of(windows, batch_size)
+    schedule = make_schedule(order, objective, batches, progress, execution.state_budget, execution.spill_dir)
     acc = PassAccumulator(objective, metrics)
     grad = "grad" in metrics and objective.lm
     full = objective.lm and (loss or grad)  # logits only when a loss is needed
     # the mean over all processes' predictions (torchrun): their gradients are summed
-    losses = _Loss(objective, distributed.total_windows(windows.num_sequences) * (windows.seq_len - 1)) if full else None
+    total = int(distributed.reduce_sum(sum(objective.predictions(b) for b in batches))) if full else 0
+    losses = BaseLoss(objective, total) if full else None
     t_pass = time.perf_counter()
-    bar = tqdm(total=windows.num_sequences, desc="analyze", unit="seq", disable=not progress, leave=False, delay=0.5)
-    routers = watch_routers(stack)
-    n_batches = math.ceil(windows.num_sequences / batch_size)
-    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), \
-            BlockGradNorms(stack).hooked() if grad else contextlib.nullcontext() as grad_norms, \
-            watch_blocks(stack, acc.on_block), routers:
-        for index, batch in enumerate(windows.batches(batch_size)):
-            ids = batch.to(objective.device)
-            acc.start_batch(ids)
-            if grad_norms is not None and index == n_batches - 1:
-                grad_norms.last_batch()  # each gradient is final once this backward produces it
-            with torch.set_grad_enabled(grad):
-                out = objective.forward(ids, head=full)
-                if losses is not None:
-                    losses.add(out, ids, backward=grad)
-            acc.end_batch(objective.reference(out))
-            del out
-            bar.update(batch.shape[0])
-        bar.close()
-    grad_columns, not_applicable = grad_norms.columns() if grad_norms is not None else ({}, {})
-    acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
-    routers.reduce()
-    if losses is not None:
-        losses.reduce()
+    with only_blocks_require_grad(stack) if grad else contextlib.nullcontext(), watch_routers(stack) as routers:
+        out = schedule.main_pass(acc, losses, grad)
+        acc.reduce()  # torchrun: sums over all processes' windows (gradients: in BlockGradNorms)
+        routers.reduce()
+        if losses is not None:
+            losses.reduce()
+        columns = ordered_columns({**acc.columns(), **out.columns, **routers.columns()})
     seconds = time.perf_counter() - t_pass
     timings = {"pass": seconds, **{k: v for k, v in acc.seconds.items() if k in metrics}}
     if grad:
-        timings["grad"] = seconds - sum(acc.seconds.values())
-    columns = ordered_columns({**acc.columns(), **grad_columns, **routers.columns()})
-    base_loss = losses.nll_sum / losses.total if losses is not None else None
-    window_nll = np.asarray(losses.windows) if losses is not None else None
-    return PassResult(columns, timings, base_loss, window_nll, acc.angular_matrix(), not_applicable)
+        timings["grad"] = out.seconds if out.seconds is not None else seconds - sum(acc.seconds.values())
+    if losses is None:
+        return PassResult(columns, timings, None, None, acc.angular_matrix(), out.not_applicable)
+    return PassResult(columns, timings, losses.mean, losses.window_array(), acc.angular_matrix(), out.not_applicable)
+
+
+def run_main_pass_layer_major(stack: LayerStack, windows: Windows, metrics: Collection[str], *, batch_size: int,
+                              loss: bool, progress: bool = True, budget: int | None = None,
+                              spill_dir: str | os.PathLike | None = None) -> PassResult:
+    """Deprecated (one release): ``run_main_pass(..., execution=ExecutionOptions("layer", budget, spill_dir))``."""
+    execution = ExecutionOptions(order="layer", state_budget=budget,
+                                 spill_dir=None if spill_dir is None else str(spill_dir))
+    return run_main_pass(stack, windows, metrics, batch_size=batch_size, loss=loss, progress=progress,
+                         execution=execution)

@@ -8,12 +8,15 @@ gets the same share, 0 when one expert takes every token.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
 from depthprobe import distributed
 from depthprobe.model.stack import LayerStack, experts_per_token, num_experts
 from depthprobe.probes import metrics as M
+from depthprobe.probes.hooks import hooked_all
 
 
 class watch_routers:  # noqa: N801 - used as a context manager, like the other watch_* helpers
@@ -25,18 +28,17 @@ class watch_routers:  # noqa: N801 - used as a context manager, like the other w
         self.top_k = experts_per_token(config) or 1
         self.routers = {i: r for i in range(len(stack)) if (r := stack.router(i)) is not None}
         self.counts = {i: np.zeros(self.num_experts or 0) for i in self.routers}
-        self.handles: list = []
+        self._hooks: contextlib.AbstractContextManager | None = None
         self.num_layers = len(stack)
 
     def __enter__(self) -> watch_routers:
-        for layer, router in self.routers.items():
-            self.handles.append(router.register_forward_hook(self._hook(layer)))
+        self._hooks = hooked_all((router, self._hook(layer)) for layer, router in self.routers.items())
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> bool:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+        self._hooks.__exit__(*exc)
+        self._hooks = None
         return False
 
     def _hook(self, layer: int):

@@ -50,6 +50,9 @@ from depthprobe.data import Windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import heldout_loss
 from depthprobe.model.stack import LayerStack, block_output
+from depthprobe.probes.batch import token_batches
+from depthprobe.probes.hooks import hooked_all
+from depthprobe.probes.objective import objective_for
 from depthprobe.prune.repair_math import (  # noqa: F401  (re-exported: the maths of repair)
     _is_conv1d,
     fuse_map,
@@ -121,33 +124,30 @@ class _Stop(Exception):
     """Raised by a hook once every needed state is captured: the rest of the forward is skipped."""
 
 
-def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, str], last: nn.Module,
-                   lm: bool) -> dict[str, torch.Tensor]:
-    """Forward ``ids`` and return each hooked module's output (by name), stopping after ``last``."""
+def _run_capturing(stack: LayerStack, ids: torch.Tensor, hooks: dict[nn.Module, str],
+                   last: nn.Module) -> dict[str, torch.Tensor]:
+    """Forward the windows ``ids`` (placed on the input device) and return each hooked
+    module's output (by name), stopping after ``last``."""
     got: dict[str, torch.Tensor] = {}
-    handles = []
 
-    def make(name: str, module: nn.Module):
+    def make(name: str):
         def hook(mod, args, output):
             got[name] = block_output(output).detach().float().reshape(-1, block_output(output).shape[-1])
             if mod is last:
                 raise _Stop
-        return module.register_forward_hook(hook)
+        return hook
 
-    try:
-        handles = [make(name, module) for module, name in hooks.items()]
+    objective = objective_for(stack)
+    with hooked_all((module, make(name)) for module, name in hooks.items()):
         try:
-            stack.model(input_ids=ids, use_cache=False) if lm else stack.model(input_ids=ids)
+            objective.forward(objective.place(token_batches(ids, len(ids))[0]))
         except _Stop:
             pass
-    finally:
-        for h in handles:
-            h.remove()
     return got
 
 
-def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], first_p: int, batch_size: int,
-                  lm: bool) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], first_p: int,
+                  batch_size: int) -> tuple[dict[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
     """The full model's stream ``x_e`` (output of block e-1) for each target index ``e``: (N·T, d).
 
     Also ``(m, y)`` of block ``first_p``, the first span's seam block: before any repair the
@@ -161,7 +161,7 @@ def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], fir
     last = stack.blocks[ends[-1] - 1]
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in hooks.values()}
     for start in range(0, windows.shape[0], batch_size):
-        got = _run_capturing(stack, windows[start : start + batch_size].to(stack.device), hooks, last, lm)
+        got = _run_capturing(stack, windows[start : start + batch_size], hooks, last)
         for name in parts:
             parts[name].append(got[name])
     cat = {name: torch.cat(v) for name, v in parts.items()}
@@ -170,14 +170,13 @@ def _full_targets(stack: LayerStack, windows: torch.Tensor, ends: list[int], fir
 
 
 def _seam_states(stack: LayerStack, windows: torch.Tensor, keep: list[int], p: int, writer: nn.Module,
-                 batch_size: int, lm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(m, y)`` at block ``p`` of the model that runs only ``keep``: writer output and the rest."""
     block = stack.blocks[p]
     ms, ys = [], []
     with stack.keep_blocks(keep):
         for start in range(0, windows.shape[0], batch_size):
-            got = _run_capturing(stack, windows[start : start + batch_size].to(stack.device),
-                                 {writer: "m", block: "x"}, block, lm)
+            got = _run_capturing(stack, windows[start : start + batch_size], {writer: "m", block: "x"}, block)
             ms.append(got["m"])
             ys.append(got["x"] - got["m"])
     return torch.cat(ms), torch.cat(ys)
@@ -264,9 +263,8 @@ def repair_linear(model: nn.Module, removed: Sequence[int], windows: Windows | t
     removed = sorted(stack.check_index(i) for i in removed)
     spans = removed_spans(removed)
     keep = [i for i in range(len(stack)) if i not in set(removed)]
-    lm = stack.is_causal_lm
     seams = seam_maps(spans, len(stack), config.after)
-    targets, first = (_full_targets(stack, ids, [e for *_, e in seams], spans[0][0] - 1, config.batch_size, lm)
+    targets, first = (_full_targets(stack, ids, [e for *_, e in seams], spans[0][0] - 1, config.batch_size)
                       if _fusable(stack) else ({}, None))
     run = _RepairRun(stack, config, ids, fit_ids.numel(), removed, keep, targets,
                      Evaluator(stack, val_ids, config.batch_size) if n_val else None,
@@ -322,7 +320,7 @@ def _repair_span(run: _RepairRun, seam: tuple[int, int, int, int], val_loss: flo
     if found is None:
         return _decline(start, stop, f"no MLP output linear found in block {p}", side=side), val_loss
     name, writer = found
-    m, y = states or _seam_states(stack, ids, run.keep, p, writer, config.batch_size, stack.is_causal_lm)
+    m, y = states or _seam_states(stack, ids, run.keep, p, writer, config.batch_size)
     saved = (writer, writer.weight.detach().clone(), None if writer.bias is None else writer.bias.detach().clone())
     info = {"writer": f"{stack.blocks_path}.{p}.{name}", "fit_tokens": n_fit, "plain": val_loss, "side": side}
     fit = (m[:n_fit], y[:n_fit], run.targets[end][:n_fit])
@@ -385,7 +383,7 @@ def _restore(saved) -> None:
 
 def _fused_matches(stack, one, keep, p, writer, m, y, T) -> bool:
     """Block p's new output on one window equals the explicit ``y + m T`` (relative 1e-4)."""
-    m_now, y_now = _seam_states(stack, one, keep, p, writer, 1, stack.is_causal_lm)
+    m_now, y_now = _seam_states(stack, one, keep, p, writer, 1)
     n = y_now.shape[0]
     explicit = (y[:n].double() + m[:n].double() @ T).float()
     fused = y_now + m_now  # block p's output with the fused writer

@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 from depthprobe.errors import DepthprobeError
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
-from depthprobe.probes.drop import BatchScorer, capture_states
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
-from depthprobe.probes.objective import Objective
+from depthprobe.probes.scoring import BatchScorer, WindowScorer, capture_states
 
 STRATEGIES = ("drop", "greedy", "angular", "block-influence", "block")
 #: ranked strategies: the per-layer column whose smallest values are removed first
@@ -52,15 +51,15 @@ def validate_k(stack: LayerStack, k: int) -> int:
     return k
 
 
-class Evaluator:
-    """Mean objective (LM loss or drift) of the model with some blocks removed, on fixed windows."""
+class Evaluator(WindowScorer):
+    """Mean objective (LM loss or drift) of the model with some blocks removed, on fixed
+    windows: the one per-window scorer (:class:`~depthprobe.probes.scoring.WindowScorer`), so
+    on held-out windows :meth:`loss` is ``evaluate.heldout.heldout_loss``."""
 
     def __init__(self, stack: LayerStack, input_ids: torch.Tensor, batch_size: int = 4):
-        self.stack = stack
+        super().__init__(stack, input_ids, batch_size)
         self.input_ids = input_ids
         self.batch_size = batch_size
-        self.objective = Objective(stack)
-        self._reference: list[torch.Tensor] = []  # encoders: the full model's final hidden states
 
     @property
     def lm(self) -> bool:
@@ -70,25 +69,9 @@ class Evaluator:
         """Identifies the search: model structure and weights sample, tokens, batch size."""
         return f"{sweep_fingerprint(self.stack, self.input_ids, False, [])}:{self.batch_size}:{self.lm}"
 
-    def _batches(self):
-        for start in range(0, self.input_ids.shape[0], self.batch_size):
-            yield start // self.batch_size, self.input_ids[start : start + self.batch_size].to(self.objective.device)
-
-    def _scorer(self, b: int, ids: torch.Tensor) -> BatchScorer:
-        if not self.lm and len(self._reference) <= b:
-            self._reference.append(self.objective.reference(self.objective.forward(ids)))
-        return BatchScorer(self.objective, ids, None if self.lm else self._reference[b])
-
-    @torch.no_grad()
     def loss(self, removed: Sequence[int] = ()) -> float:
-        """Objective of the model without blocks ``removed``."""
-        keep = [i for i in range(len(self.stack)) if i not in set(removed)]
-        values = []
-        for b, ids in self._batches():
-            scorer = self._scorer(b, ids)
-            with self.stack.keep_blocks(keep):
-                values.append(scorer.from_output(self.objective.forward(ids)))
-        return float(np.concatenate(values).mean())
+        """Objective of the model without blocks ``removed`` (mean over windows)."""
+        return float(self.scores(removed).mean())
 
     @torch.no_grad()
     def removal_losses(self, removed: Sequence[int], candidates: Sequence[int]) -> dict[int, float]:
@@ -97,9 +80,9 @@ class Evaluator:
         removed = set(removed)
         keep = [i for i in range(len(self.stack)) if i not in removed]
         sums = {c: [] for c in candidates}
-        for b, ids in self._batches():
-            scorer = self._scorer(b, ids)
-            states, _ = capture_states(self.objective, ids, keep=keep)
+        for b, batch in self.placed():
+            scorer = BatchScorer(self.objective, batch, self.reference(b, batch))
+            states, _ = capture_states(self.objective, batch, keep=keep)
             for c in candidates:
                 rest = [i for i in keep if i > c]
                 sums[c].append(scorer.run(c, states[c], keep=rest))
