@@ -63,6 +63,13 @@ class ImageSet:
         """What the objective compares the logits with: class indices or {0, 1} attributes."""
         return self.attributes if self.attributes is not None else self.labels
 
+    def engine_batches(self, batch_size: int) -> list:
+        """The engine's batches (:class:`depthprobe.probes.batch.Batch`): ``pixel_values`` in,
+        class labels or attributes as targets."""
+        from depthprobe.probes.batch import split_batches
+
+        return split_batches({"pixel_values": self.pixels}, self.targets, batch_size)
+
     def subset(self, index) -> ImageSet:
         index = torch.as_tensor(index)
         def pick(t):

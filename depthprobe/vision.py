@@ -34,9 +34,9 @@ from depthprobe.model.vision import VISION_TYPES, VisionStack
 from depthprobe.probes.linear_probe import probe_layers
 from depthprobe.probes.response_maps import baseline_scores, localization_scores, response_maps
 from depthprobe.probes.vision_pass import (
-    ImageObjective,
     VisionPass,
     drop_columns,
+    image_objective,
     lens_column,
     run_vision_pass,
 )
@@ -209,7 +209,7 @@ def _summary(model, run: _Run, layers: pd.DataFrame, model_name: str | None) -> 
         "norm_placement": "unknown", "num_layers": len(stack),
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
         "num_sequences": len(images), "seq_len": positions, "num_tokens": len(images) * positions,
-        "text_source": images.source, "objective": ImageObjective(images.multilabel).name,
+        "text_source": images.source, "objective": image_objective(stack, images).name,
         "base_loss": main.base_loss, "base_perplexity": None, "base_error": main.base_error,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "device": str(stack.device),
         "metrics": list(run.metrics), "timings_s": run.timings, "versions": versions(), "notes": notes,

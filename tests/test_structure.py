@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "depthprobe.model.discover": 0,
     "depthprobe.convert.norms": 0,
     "depthprobe.data": 1,
-    "depthprobe.images": 1,  # image inputs: the vision counterpart of data.py
+    "depthprobe.images": 3,  # image inputs, cut into the engine's batches (probes.batch)
     "depthprobe.facegen": 1,  # the generated face / shape data sets
     "depthprobe.distributed": 1,
     "depthprobe.results": 1,

@@ -173,6 +173,7 @@ def test_bad_inputs_one_line_exit_2(tmp_path, capsys):
     attr = tmp_path / "attr.txt"
     attr.write_text("2\nSmiling Eyeglasses\n0.png 1 -1 1\n1.png 1\n")
     same = _folder(tmp_path / "s", [16, 16])
+    capsys.readouterr()  # save_pretrained's progress bar
     cases = [
         (["--images", str(empty)], "no images"),
         (["--images", str(mixed)], "--image-size"),

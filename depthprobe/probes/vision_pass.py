@@ -36,31 +36,71 @@ from tqdm.auto import tqdm
 from depthprobe.images import ImageSet
 from depthprobe.model.vision import VisionStack
 from depthprobe.probes import metrics as M
+from depthprobe.probes.batch import Batch, batches_of
+from depthprobe.probes.objective import Objective, objective_for, register_objective
 
-__all__ = ["ImageObjective", "VisionPass", "drop_columns", "lens_column", "run_vision_pass", "stream_positions"]
+__all__ = ["ImageObjective", "image_objective", "VisionPass", "drop_columns", "lens_column", "run_vision_pass", "stream_positions"]
 
 
-@dataclass(frozen=True)
-class ImageObjective:
-    """Mean cross-entropy (classes) or mean per-attribute BCE (multi-label) per image."""
+@dataclass
+class ImageObjective(Objective):
+    """The engine's objective for image classifiers: mean cross-entropy of the class, or mean
+    per-attribute BCE (float {0, 1} targets), per image. Registered for every
+    :class:`~depthprobe.model.vision.VisionStack` (:func:`objective_for`)."""
 
-    multilabel: bool
+    multilabel: bool = False
+
+    @property
+    def lm(self) -> bool:
+        return False
 
     @property
     def name(self) -> str:
         return "attribute_bce" if self.multilabel else "cross_entropy"
 
-    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """sum over images of the per-image loss (BCE: the mean over the image's attributes)."""
-        if self.multilabel:
-            return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(1).sum()
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    @property
+    def device(self) -> torch.device:
+        return self.stack.device
+
+    def forward(self, batch: Batch, head: bool = True):
+        return self.stack.logits(batch.inputs["pixel_values"])
+
+    def logits(self, out) -> torch.Tensor:
+        return out
+
+    def tokens(self, batch: Batch) -> int:
+        return batch.size
+
+    def predictions(self, batch: Batch) -> int:
+        return batch.size
+
+    def image_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-image loss ``(B,)`` (graph kept): CE of the class, or BCE averaged over attributes."""
+        if targets.dtype.is_floating_point:
+            return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").mean(1)
+        return F.cross_entropy(logits.float(), targets, reduction="none")
+
+    def loss_sum(self, out, batch: Batch) -> tuple[torch.Tensor, int]:
+        return self.image_losses(out, batch.targets).sum(), batch.size
+
+    def window_scores(self, out, batch: Batch, reference=None) -> np.ndarray:
+        return self.image_losses(out, batch.targets).detach().double().cpu().numpy()
 
     def error_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> float:
         """sum over images of the error: argmax wrong (0/1), or the share of attributes wrong."""
-        if self.multilabel:
+        if targets.dtype.is_floating_point:
             return float(((logits > 0).float() != targets).float().mean(1).sum())
         return float((logits.argmax(-1) != targets).sum())
+
+
+register_objective(lambda stack: isinstance(stack, VisionStack), ImageObjective)
+
+
+def image_objective(stack: VisionStack, images: ImageSet) -> ImageObjective:
+    """The registered objective of ``stack``, told whether the targets are attributes."""
+    objective = objective_for(stack)
+    objective.multilabel = images.multilabel
+    return objective
 
 
 def stream_positions(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -84,9 +124,10 @@ class VisionPass:
     features: list[np.ndarray] = field(default_factory=list)  # per block (N, C), when kept
 
 
-def _batches(images: ImageSet, batch_size: int, device: torch.device, desc: str, progress: bool):
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        yield images.pixels[i:i + batch_size].to(device), images.targets[i:i + batch_size].to(device)
+def _batches(images: ImageSet, batch_size: int, objective: ImageObjective, desc: str, progress: bool):
+    """The engine's batches of the images (``pixel_values`` in, labels as targets), placed."""
+    for batch in tqdm(batches_of(images, batch_size), desc=desc, disable=not progress, leave=False):
+        yield objective.place(batch)
 
 
 class _Sums:
@@ -120,7 +161,7 @@ def run_vision_pass(stack: VisionStack, images: ImageSet, metrics: Sequence[str]
     """One forward (+ backward for ``grad``) over all images with every block hooked."""
     n, layout = len(stack), stack.layout
     sums, feats = _Sums(n), [[] for _ in range(n)]
-    objective = ImageObjective(images.multilabel)
+    objective = image_objective(stack, images)
 
     def hook(module, args, kwargs, output, i):
         x = (args[0] if args else kwargs["hidden_states"]).detach()
@@ -137,14 +178,14 @@ def run_vision_pass(stack: VisionStack, images: ImageSet, metrics: Sequence[str]
     loss_sum = err_sum = 0.0
     try:
         stack.model.zero_grad(set_to_none=True)
-        for pixels, targets in _batches(images, batch_size, stack.device, "vision pass", progress):
+        for batch in _batches(images, batch_size, objective, "vision pass", progress):
             with torch.set_grad_enabled(grad):
-                logits = stack.logits(pixels)
-                loss = objective.loss_sum(logits, targets)
+                logits = objective.forward(batch)
+                loss, _ = objective.loss_sum(logits, batch)
             if grad:
                 (loss / len(images)).backward()  # accumulates the gradient of the mean over all images
             loss_sum += float(loss.detach())
-            err_sum += objective.error_sum(logits.detach(), targets)
+            err_sum += objective.error_sum(logits.detach(), batch.targets)
     finally:
         for h in handles:
             h.remove()
@@ -163,13 +204,13 @@ def run_vision_pass(stack: VisionStack, images: ImageSet, metrics: Sequence[str]
 def _score(stack: VisionStack, images: ImageSet, batch_size: int, context, desc: str = "",
            progress: bool = False) -> tuple[float, float]:
     """Mean objective and error over ``images`` with ``context`` (a lesion) active."""
-    objective = ImageObjective(images.multilabel)
+    objective = image_objective(stack, images)
     loss = err = 0.0
     with context:
-        for pixels, targets in _batches(images, batch_size, stack.device, desc, progress):
-            logits = stack.logits(pixels)
-            loss += float(objective.loss_sum(logits, targets))
-            err += objective.error_sum(logits, targets)
+        for batch in _batches(images, batch_size, objective, desc, progress):
+            logits = objective.forward(batch)
+            loss += float(objective.loss_sum(logits, batch)[0])
+            err += objective.error_sum(logits, batch.targets)
     return loss / len(images), err / len(images)
 
 
