@@ -199,3 +199,21 @@ def test_attribute_file_rows_must_name_images(tmp_path):
     attr.write_text("1\nSmiling\nmissing.png 1\n")
     with pytest.raises(DepthprobeError, match="not in"):
         load_images(folder / "c0", attr)
+
+
+def test_image_objective_is_the_engines_objective_for_vision_stacks():
+    from depthprobe.probes.batch import batches_of
+    from depthprobe.probes.objective import objective_for
+    from depthprobe.probes.vision_pass import ImageObjective
+
+    model = tiny_vision("resnet")
+    images = load_images("digits", image_size=16, num_images=10)
+    stack = VisionStack.from_model(model)
+    objective = objective_for(stack)
+    assert isinstance(objective, ImageObjective) and objective.name == "cross_entropy"
+    batch = objective.place(batches_of(images, 4)[1])
+    assert batch.rows == slice(4, 8) and set(batch.inputs) == {"pixel_values"}
+    with torch.no_grad():
+        scores = objective.window_scores(objective.forward(batch), batch)
+        by_hand = F.cross_entropy(model(images.pixels[4:8]).logits, images.labels[4:8], reduction="none")
+    assert np.allclose(scores, by_hand.numpy(), atol=1e-6)
