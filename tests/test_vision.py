@@ -217,3 +217,34 @@ def test_image_objective_is_the_engines_objective_for_vision_stacks():
         scores = objective.window_scores(objective.forward(batch), batch)
         by_hand = F.cross_entropy(model(images.pixels[4:8]).logits, images.labels[4:8], reduction="none")
     assert np.allclose(scores, by_hand.numpy(), atol=1e-6)
+
+
+def test_a_users_module_through_layers_path():
+    """Any nn.Module: the children of --layers-path are the blocks; a block that keeps the shape
+    drops to the identity, one that changes it (no shortcut) is not applicable."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+            self.features = nn.Sequential(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()),
+                                          nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()),
+                                          nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()))
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, pixel_values):
+            return self.head(self.features(self.stem(pixel_values)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    images = load_images("digits", image_size=16, num_images=20)
+    result = analyze_images(net, images, metrics="angular,drop", layers_path="features", progress=False)
+    layers = result.layers
+    assert len(layers) == 3 and list(layers.downsample) == [0, 1, 0]
+    with torch.no_grad():
+        base = F.cross_entropy(net(images.pixels), images.labels).item()
+        lesioned = copy.deepcopy(net)
+        lesioned.features[2] = nn.Identity()
+        expected = F.cross_entropy(lesioned(images.pixels), images.labels).item() - base
+    assert abs(layers.drop_delta_loss[2] - expected) < 1e-5 and np.isnan(layers.drop_delta_loss[1])
+    assert any("not applicable to block(s) 1" in n for n in result.summary["notes"])
