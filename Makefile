@@ -88,7 +88,7 @@ screenshot-vision:
 	rm -rf /tmp/depthprobe-chromium
 	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
 	  --disable-sync --no-first-run --hide-scrollbars --user-data-dir=/tmp/depthprobe-chromium \
-	  --window-size=1200,2600 --screenshot=docs/report-vision.png \
+	  --window-size=1200,4400 --screenshot=docs/report-vision.png \
 	  "file://$(CURDIR)/reports/face_attributes/analyze_seed0/report.html"
 	$(PY) -c "from PIL import Image; im = Image.open('docs/report-vision.png').convert('RGB'); \
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-vision.png', optimize=True)"
