@@ -8,6 +8,8 @@ needs ``--images``; text options (``--text-file``, ``--dataset``, ``--seq-len``,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from depthprobe.errors import DepthprobeError
@@ -44,6 +46,9 @@ def run_image_analysis(opts: dict) -> bool:
     image_opts = [n for n in IMAGE_OPTIONS if opts.get(n) is not None]
     vision = is_vision_source(opts["model"])
     if not vision:
+        source = str(opts["model"])
+        if image_opts and source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+            raise DepthprobeError(f"{source}: no such folder or file (an image classifier folder or a .pt vision net)")
         if image_opts:
             raise DepthprobeError(f"--{image_opts[0].replace('_', '-')} is for image models, and {opts['model']} is "
                                   "not one (a transformers image classifier folder or a depthprobe .pt vision net)")
