@@ -7,7 +7,7 @@ OUT    ?= out/demo
 TEST_WORKERS ?= 2
 
 .PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke reliability \
-	gpu-check bench-7b
+	gpu-check bench-7b screenshot-vision
 
 install: $(STAMP) chromium
 
@@ -57,6 +57,8 @@ reports: install
 	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/deep_layers_smollm2.py >/dev/null
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py
+	$(ANALYSIS_ENV) $(PY) analyses/face_attributes.py
+	$(ANALYSIS_ENV) $(PY) analyses/residual_lesion.py
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py >/dev/null
 
 # The same scripts on tiny settings into a temporary folder (SMOKE_DIR=... to keep it); in `make test`.
@@ -66,6 +68,8 @@ reports-smoke:
 	for c in $(CLAIMS); do $(ANALYSIS_ENV) $(PY) analyses/$$c.py --campaign $$d/campaign --out $$d/$$c >/dev/null; done; \
 	$(ANALYSIS_ENV) $(PY) analyses/dyt_alpha0_probe.py --smoke --runs $$d/probe_runs --out $$d/dyt_alpha0_probe >/dev/null 2>&1; \
 	$(ANALYSIS_ENV) $(PY) analyses/real_models.py --num-sequences 2 --seq-len 16 --max-removed 1 --out $$d/real_models >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/face_attributes.py --smoke --runs $$d/face_runs --out $$d/face_attributes >/dev/null; \
+	$(ANALYSIS_ENV) $(PY) analyses/residual_lesion.py --smoke --runs $$d/lesion_runs --out $$d/residual_lesion >/dev/null; \
 	$(ANALYSIS_ENV) $(PY) analyses/readme.py --reports $$d >/dev/null
 
 # A real SmolLM2 report, committed: reports/smollm2/ and the README screenshot.
@@ -79,6 +83,16 @@ screenshot: install
 	# 256 colours: plots and text need no more, and the committed PNG stays small
 	$(PY) -c "from PIL import Image; im = Image.open('docs/report-smollm2.png').convert('RGB'); \
 	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-smollm2.png', optimize=True)"
+
+# The face CNN's report (written by analyses/face_attributes.py) as the README's vision screenshot.
+screenshot-vision:
+	rm -rf /tmp/depthprobe-chromium
+	chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
+	  --disable-sync --no-first-run --hide-scrollbars --user-data-dir=/tmp/depthprobe-chromium \
+	  --window-size=1200,4400 --screenshot=docs/report-vision.png \
+	  "file://$(CURDIR)/reports/face_attributes/analyze_seed0/report.html"
+	$(PY) -c "from PIL import Image; im = Image.open('docs/report-vision.png').convert('RGB'); \
+	  im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save('docs/report-vision.png', optimize=True)"
 
 # Faults and hostile inputs (kills, full disk, locks, corrupt files, hypothesis): runs tests/test_faults_*.py
 # and writes their table to reports/RELIABILITY.md (about 10 minutes on 2 CPU cores).

@@ -80,8 +80,18 @@ def test_reports_smoke_pipeline(tmp_path):
     tests = pd.read_csv(tmp_path / "curse_of_depth" / "tests.csv").set_index("claim")
     assert tests.loc["Pre-LN variance grows with depth", "mean_diff"] == pytest.approx(np.mean(slopes), rel=1e-4)
     for name in ("campaign", "curse_of_depth", "mixln_gradients", "periln_stability", "final_loss", "dyt_beside",
-                 "real_models", "dyt_alpha0_probe"):  # fmt: skip
+                 "real_models", "dyt_alpha0_probe", "face_attributes", "residual_lesion"):  # fmt: skip
         assert (tmp_path / name / "report.html").stat().st_size > 1000, name
         assert (tmp_path / name / "command.txt").is_file(), name
     readme = (tmp_path / "README.md").read_text()
-    assert readme.count("\n| ") == 1 + 6 and f"{table.loc['lns', 'mean_diff']:+.4g}" in readme
+    # the vision claims' differences, recomputed from their raw per-run tables
+    face = pd.read_csv(tmp_path / "face_attributes" / "runs.csv").pivot(index="seed", columns="arm", values="accuracy")
+    face_tests = pd.read_csv(tmp_path / "face_attributes" / "tests.csv").set_index("claim")
+    assert face_tests.loc["Pre-training raises attribute accuracy", "mean_diff"] == pytest.approx(
+        (face.pretrained - face.scratch).mean(), rel=1e-4, abs=1e-9)
+    lesions = pd.read_csv(tmp_path / "residual_lesion" / "lesions.csv")
+    kept = lesions[lesions.downsample == 0].groupby(["seed", "arm"]).drop_delta_error.mean().unstack()
+    lesion_tests = pd.read_csv(tmp_path / "residual_lesion" / "tests.csv").set_index("claim")
+    assert lesion_tests.loc["Plain nets break where ResNets do not", "mean_diff"] == pytest.approx(
+        (kept.plain - kept.resnet).mean(), rel=1e-4, abs=1e-9)
+    assert readme.count("\n| ") == 1 + 8 and f"{table.loc['lns', 'mean_diff']:+.4g}" in readme

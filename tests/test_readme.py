@@ -37,6 +37,9 @@ NEEDS_ELSEWHERE = {
     "report runs/gpt2 runs/gpt2-rms": "needs the gpt2 run above",
     "check runs/today": "runs/today and runs/last-week are the user's own runs",
     "my_task.yaml": "the user's own lm-eval task file",
+    "./my-resnet --images": "the user's own image classifier (tests/test_vision.py runs tiny ones)",
+    "./my-vit --images": "the user's own image classifier and photo folder",
+    "./facenet/model.pt": "the user's own face CNN and CelebA folder (analyses/face_attributes.py makes one)",
 }
 #: commands not run: they are what runs this test, or take tens of minutes by design
 NOT_RUN = {

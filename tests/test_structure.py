@@ -39,6 +39,8 @@ LAYERS: dict[str, int] = {
     "depthprobe.model.discover": 0,
     "depthprobe.convert.norms": 0,
     "depthprobe.data": 1,
+    "depthprobe.images": 3,  # image inputs, cut into the engine's batches (probes.batch)
+    "depthprobe.facegen": 1,  # the generated face / shape data sets
     "depthprobe.distributed": 1,
     "depthprobe.results": 1,
     "depthprobe.stats": 1,
@@ -47,6 +49,7 @@ LAYERS: dict[str, int] = {
     "depthprobe.evaluate": 3,
     "depthprobe.convert": 3,
     "depthprobe.analysis": 4,
+    "depthprobe.vision": 4,  # analyze_images: the vision counterpart of analysis.py
     "depthprobe.prune": 5,
     "depthprobe.train": 5,
     "depthprobe.report": 5,

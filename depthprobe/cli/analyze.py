@@ -28,6 +28,7 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.cli.parsing import parse_list
+from depthprobe.cli.vision_options import run_image_analysis, vision_options
 from depthprobe.errors import DepthprobeError
 from depthprobe.runs import DROP_PROGRESS, REPORT_HTML
 from depthprobe.safeio import locks_out
@@ -36,6 +37,7 @@ from depthprobe.safeio import locks_out
 @click.command("analyze")
 @model_options
 @data_options
+@vision_options
 @click.option(
     "--metrics",
     default=",".join(DEFAULT_METRICS),
@@ -84,8 +86,12 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
       depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
       torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
+      depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
+      depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
     """
-    options = _checked(opts)  # before torch is even imported
+    if run_image_analysis(opts):  # an image model, measured on --images (cli/vision_options.py)
+        return
+    options = _checked(opts)  # before the text model's config is read
     from depthprobe import distributed
 
     started = distributed.init_from_env(opts["device"])

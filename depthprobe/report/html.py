@@ -27,6 +27,7 @@ from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
 from depthprobe.report.prune_summary import prune_sentences
 from depthprobe.report.repair_figures import plot_repair_curve
+from depthprobe.report.vision_figures import vision_sections
 from depthprobe.results import AnalysisResult, load_runs
 from depthprobe.safeio import atomic_write_text
 
@@ -192,6 +193,7 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
         if fig is not None:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
     parts += eval_sections(runs, figure_html, table_html)
+    parts += vision_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
                           ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
         for run in runs:
