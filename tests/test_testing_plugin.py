@@ -89,7 +89,9 @@ def test_matches_baseline_update_then_compare(tmp_path):
         assert_matches_baseline(r, folder)
     assert assert_matches_baseline(r, folder, update=True) is None
     summary = json.loads((folder / "summary.json").read_text())
-    assert list(summary) == sorted(k for k in r.summary if k != "timings_s")  # sorted, no noisy timings
+    # sorted, no noisy timings; then the folder's own listing (what AnalysisResult.load reads)
+    assert list(summary) == [*sorted(k for k in r.summary if k != "timings_s"), "files"]
+    assert sorted(summary["files"]) == sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     table = assert_matches_baseline(r, folder)
     assert table["ok"].all() and len(table) == 3 * 2 + 1  # two metrics x three layers + base_loss
     r.layers.loc[2, "grad_norm"] = 3.3  # +10% > rtol 5%

@@ -24,6 +24,7 @@ from depthprobe.cli.options import (
     load_from_options,
     model_options,
     open_from_options,
+    owned_outputs,
     refuse_existing_out,
     setup_logging,
 )
@@ -131,8 +132,8 @@ def _analyze(opts: dict, options: dict) -> None:
     config, tokenizer = open_from_options(opts)
     preflight.check_config(opts, config)
     windows = preflight.calibration_windows(opts, tokenizer, config)
-    if opts["force"] and opts["out_dir"] and main_rank:
-        clear_owned_outputs(opts["out_dir"])
+    # --force: the old run's files, removed once the new run is saved (a failure keeps the old run)
+    opts["stale"] = owned_outputs(opts["out_dir"]) if opts["force"] and opts["out_dir"] and main_rank else set()
     model, tokenizer = load_from_options(opts, tokenizer)
     from depthprobe.analysis import analyze
 
@@ -171,6 +172,9 @@ def _save(result, opts: dict, measured: list[str]) -> None:
         out = result.save(opts["out_dir"])
         if not opts["no_report"]:
             write_report([result], out / REPORT_HTML)
+        written = set(result.summary["files"]) | ({REPORT_HTML} if not opts["no_report"] else set())
+        # the progress file is the drop sweep's own (a fresh sweep replaces an old one)
+        clear_owned_outputs(out, opts.get("stale", set()) - written - {DROP_PROGRESS})
         click.echo(f"Results written to {out}/", err=True)
 
 

@@ -85,10 +85,9 @@ def refuse_existing_out(out_dir: str, allowed: bool, how: str | None = "--force 
 ANALYZE_FILES = ("layers.csv", "angular_distance.csv", "summary.json", "report.html", "drop_progress.jsonl")
 
 
-def clear_owned_outputs(out_dir: str) -> list[str]:
-    """``analyze --force``: remove the run in ``out_dir`` (the files its ``summary.json`` lists,
-    its report and progress file; without a summary, the fixed analyze names), so the folder
-    then holds exactly one run. Anything else there is left alone. Returns what was removed."""
+def owned_outputs(out_dir: str) -> set[str]:
+    """The files of the run in ``out_dir``: those its ``summary.json`` lists, its report and
+    progress file (without a summary, the fixed analyze names)."""
     import json
 
     out = Path(out_dir)
@@ -99,10 +98,17 @@ def clear_owned_outputs(out_dir: str) -> list[str]:
         summary = None
     if isinstance(summary, dict):  # an older summary lists no files: every table there is the run's
         owned |= set(summary["files"]) if "files" in summary else {p.name for p in out.glob("*.csv")}
+    return {name for name in owned if Path(name).name == name}  # names in the folder itself, never a path
+
+
+def clear_owned_outputs(out_dir: str, names: set[str]) -> list[str]:
+    """``analyze --force``, once the new run is saved: remove the old run's files ``names``
+    that the new run did not write, so the folder holds exactly one run (and a failed run
+    leaves the old one whole). Anything else there is left alone. Returns what was removed."""
     removed = []
-    for name in sorted(owned):
-        path = out / name
-        if Path(name).name == name and path.is_file():  # names listed in the folder itself, never a path
+    for name in sorted(names):
+        path = Path(out_dir) / name
+        if path.is_file():
             path.unlink()
             removed.append(name)
     return removed

@@ -137,7 +137,8 @@ def check_prune_config(opts: dict, config, remove: list[int] | None) -> None:
         if remove is not None:
             bad = sorted({i for i in remove if not 0 <= i < blocks})
             if bad:
-                raise DepthprobeError(f"--remove {','.join(map(str, bad))}: this model has blocks 0..{blocks - 1}")
+                raise DepthprobeError(f"--remove {','.join(map(str, bad))} is out of range: this model has blocks "
+                                      f"0..{blocks - 1}")
             if len(set(remove)) >= blocks:
                 raise DepthprobeError(f"cannot remove all {blocks} blocks; keep at least one")
         elif not 1 <= opts["num_layers"] <= blocks - 1:

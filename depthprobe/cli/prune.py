@@ -30,12 +30,12 @@ from depthprobe.cli.options import (
 from depthprobe.cli.parsing import parse_list
 from depthprobe.errors import DepthprobeError
 from depthprobe.runs import REPORT_HTML
-from depthprobe.safeio import locks_out
+from depthprobe.safeio import atomic_write_text, locks_out
 
 #: the options of a prune, kept in its --out: a --resume with other options is refused
 OPTIONS_JSON = "prune_options.json"
 #: options that do not change what a prune computes
-_NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run")
+_NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run", "out_dir")  # out_dir: the folder itself
 
 
 @click.command("prune")
@@ -111,7 +111,7 @@ def command(**opts) -> None:
     windows = preflight.calibration_windows(opts, tokenizer, config)
     model, tokenizer = load_from_options(opts, tokenizer)
     Path(opts["out_dir"]).mkdir(parents=True, exist_ok=True)
-    (Path(opts["out_dir"]) / OPTIONS_JSON).write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(Path(opts["out_dir"]) / OPTIONS_JSON, json.dumps(recorded, indent=1, sort_keys=True) + "\n")
     result = _run(opts, model, tokenizer, remove, windows, judge)
     _echo_result(result, opts["quiet"])
     judge.measure("pruned", model, tokenizer)
