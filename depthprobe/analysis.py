@@ -56,6 +56,7 @@ from depthprobe.probes.main_pass import PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective, objective_for
 from depthprobe.probes.offload import is_offloaded, use_layer_major
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
+from depthprobe.probes.text_probe import probe_sweep
 from depthprobe.results import AnalysisResult, angular_matrix_frame
 from depthprobe.runs import DROP_PROGRESS
 from depthprobe.stats import with_proxy_statistics
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 #: extra sweeps: metric name -> function(SweepContext) -> SweepOutput, run in the order asked
 #: (the names are :data:`depthprobe.config.SWEEP_METRICS`)
-SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep}
+SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep, "probe": probe_sweep}
 
 __all__ = [
     "ALL_METRICS", "DEFAULT_METRICS", "PASS_METRICS", "SWEEPS", "ProbeConfig", "RunOptions", "RunSummary", "SweepContext",

@@ -27,7 +27,7 @@ DEFAULT_BATCH_SIZE = 4  # windows per forward pass: the memory knob
 #: what the streaming main pass measures (one forward, + backward for ``grad``)
 PASS_METRICS = ("angular", "variance", "grad", "lens")
 #: the sweeps: passes the main pass cannot do (registered in :data:`depthprobe.analysis.SWEEPS`)
-SWEEP_METRICS = ("drop", "attribution")
+SWEEP_METRICS = ("drop", "attribution", "probe")
 #: every name ``--metrics`` accepts
 ALL_METRICS = (*PASS_METRICS, *SWEEP_METRICS)
 DEFAULT_METRICS = PASS_METRICS
@@ -64,6 +64,13 @@ class AttributionOptions:
             raise DepthprobeError(f"--attribution-steps must be at least 1 (got {self.steps})")
         if self.batch_size is not None and self.batch_size < 1:
             raise DepthprobeError(f"attribution batch size must be at least 1 (got {self.batch_size})")
+
+
+@dataclass(frozen=True)
+class LinearProbeOptions:
+    """``--metrics probe`` on a text model: the labels CSV (``depthprobe.probes.text_probe``)."""
+
+    labels_file: str | None = None  # window[,position] and label columns
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,7 @@ OPTION_NAMES: dict[str, tuple[str, str]] = {
     "execution": ("execution", "order"),
     "state_budget": ("execution", "state_budget"),
     "spill_dir": ("execution", "spill_dir"),
+    "labels_file": ("probe", "labels_file"),
 }
 
 
@@ -122,13 +130,14 @@ class SweepOptions:
     attribution: AttributionOptions = field(default_factory=AttributionOptions)
     bootstrap: BootstrapOptions = field(default_factory=BootstrapOptions)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    probe: LinearProbeOptions = field(default_factory=LinearProbeOptions)
 
     @classmethod
     def parse(cls, options: SweepOptions | Mapping | None) -> SweepOptions:
         """From a flat dict of :data:`OPTION_NAMES` (unknown names raise) or as given."""
         if isinstance(options, SweepOptions):
             return options
-        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}, "execution": {}}
+        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}, "execution": {}, "probe": {}}
         for name, value in (options or {}).items():
             if name not in OPTION_NAMES:
                 raise DepthprobeError(f"unknown analysis option {name!r}; known: {', '.join(OPTION_NAMES)}")
@@ -136,7 +145,8 @@ class SweepOptions:
                 group, attr = OPTION_NAMES[name]
                 groups[group][attr] = value
         return cls(DropOptions(**groups["drop"]), AttributionOptions(**groups["attribution"]),
-                   BootstrapOptions(**groups["bootstrap"]), ExecutionOptions(**groups["execution"]))
+                   BootstrapOptions(**groups["bootstrap"]), ExecutionOptions(**groups["execution"]),
+                   LinearProbeOptions(**groups["probe"]))
 
     def flat(self) -> dict:
         """The flat form (what :meth:`parse` reads back), as saved in ``summary.json``."""

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "depthprobe.safeio": 0,
     "depthprobe.journal": 0,
     "depthprobe.inputs": 0,
+    "depthprobe.labels": 0,
     "depthprobe.caveats": 0,
     "depthprobe.probes.metrics": 0,
     "depthprobe.model.families": 0,

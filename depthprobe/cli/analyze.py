@@ -66,6 +66,8 @@ from depthprobe.safeio import locks_out
     help="batch: the model's forward batch after batch; layer: every window through block l before block l+1 "
     "(each block's weights read once per sweep); auto: layer when weights are offloaded.",
 )
+@click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
+              help="With --metrics probe on a text model: a CSV of window[,position] and label columns.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out: the files of the run there are removed first.")
@@ -87,6 +89,7 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
       depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
       torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
+      depthprobe analyze smollm2 --metrics probe --labels labels.csv --num-sequences 32  # window,label columns
       depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
       depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
     """
@@ -114,6 +117,8 @@ def _checked(opts: dict) -> dict:
     if opts["attribution_steps"] is not None:
         preflight.at_least(opts, {"attribution_steps": 1})
         options["attribution_steps"] = opts["attribution_steps"]
+    if opts["labels_file"] or "probe" in parse_list(opts["metrics"], "--metrics"):
+        options["labels_file"] = preflight.check_labels(opts)
     if opts["out_dir"]:
         refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"],
                             "--force to replace the run there, or --resume to continue it")

@@ -68,6 +68,20 @@ def check_options(opts: dict) -> None:
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
 
 
+def check_labels(opts: dict) -> str:
+    """``--labels`` with ``--metrics probe`` (each needs the other), read against the windows."""
+    from depthprobe.labels import read_labels
+
+    metrics = parse_list(opts["metrics"], "--metrics")
+    if "probe" not in metrics:
+        raise DepthprobeError("--labels is read by --metrics probe; add probe to --metrics")
+    if not opts["labels_file"]:
+        raise DepthprobeError("--metrics probe on a text model needs --labels FILE "
+                              "(a CSV with window[,position] and label columns)")
+    read_labels(opts["labels_file"], opts["num_sequences"], opts["seq_len"])
+    return opts["labels_file"]
+
+
 def text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
