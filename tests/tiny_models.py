@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 VOCAB = 128  # >= the byte-ish ids the tests feed; tokenizers are not needed for windows
 
@@ -96,7 +97,15 @@ def save_tiny(family: str, folder: Path, seed: int = 0, **overrides) -> Path:
     """Build, then ``save_pretrained`` the tiny model (and a byte-level GPT-2 style tokenizer)."""
     model = build_tiny(family, seed=seed, **overrides)
     folder = Path(folder)
-    model.save_pretrained(folder)
+    # no "Writing model shards" bar: a session fixture's bar lands in whichever test's captured
+    # stderr first needs it, and tests count the lines of that stderr
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     tiny_tokenizer().save_pretrained(folder)
     return folder
 

@@ -93,6 +93,9 @@ def command(**opts) -> None:
       depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
       depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
     """
+    if opts["out_dir"]:  # image runs too: a folder holds one run
+        refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"],
+                            "--force to replace the run there, or --resume to continue it")
     if run_image_analysis(opts):  # an image model, measured on --images (cli/vision_options.py)
         return
     options = _checked(opts)  # before the text model's config is read
@@ -111,17 +114,14 @@ def command(**opts) -> None:
 def _checked(opts: dict) -> dict:
     """Every check that needs no forward pass (:mod:`depthprobe.cli.preflight`); the sweep options."""
     preflight.check_options(opts)
-    preflight.check_metrics(opts["metrics"])
+    metrics = preflight.check_metrics(opts["metrics"])
     options = {"block_sizes": parse_list(opts["block_sizes"], "--block-sizes", int, "2,4,8"),
                "execution": opts["execution"]}
     if opts["attribution_steps"] is not None:
         preflight.at_least(opts, {"attribution_steps": 1})
         options["attribution_steps"] = opts["attribution_steps"]
-    if opts["labels_file"] or "probe" in parse_list(opts["metrics"], "--metrics"):
-        options["labels_file"] = preflight.check_labels(opts)
-    if opts["out_dir"]:
-        refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"],
-                            "--force to replace the run there, or --resume to continue it")
+    if opts["labels_file"] or "probe" in metrics:
+        options["labels_file"] = preflight.check_labels(opts, metrics)
     return options
 
 

@@ -68,11 +68,10 @@ def check_options(opts: dict) -> None:
         raise DepthprobeError("--resume needs --out (the folder of the interrupted run)")
 
 
-def check_labels(opts: dict) -> str:
+def check_labels(opts: dict, metrics: tuple[str, ...]) -> str:
     """``--labels`` with ``--metrics probe`` (each needs the other), read against the windows."""
     from depthprobe.labels import read_labels
 
-    metrics = parse_list(opts["metrics"], "--metrics")
     if "probe" not in metrics:
         raise DepthprobeError("--labels is read by --metrics probe; add probe to --metrics")
     if not opts["labels_file"]:
