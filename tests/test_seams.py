@@ -85,7 +85,8 @@ def test_accumulator_driven_layer_major_matches_analyze(llama):
     acc.end_batch()
     got = pd.DataFrame(acc.columns())
     want = analyze(llama, windows=Windows(ids, "r"), metrics="angular,variance,lens", progress=False).layers
-    np.testing.assert_allclose(got.to_numpy(), want.drop(columns="layer").to_numpy(), rtol=1e-9)
+    # (the *_mid columns need on_mid calls this caller does not make)
+    np.testing.assert_allclose(got.to_numpy(), want[list(got.columns)].to_numpy(), rtol=1e-9)
 
 
 def test_proxy_statistics_return_a_new_result(llama, monkeypatch):

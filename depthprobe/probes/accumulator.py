@@ -25,10 +25,13 @@ from depthprobe.probes.objective import Objective
 #: the main pass's columns in ``layers.csv``, in this order whichever way the pass ran
 COLUMN_ORDER = ("angular_distance", "block_influence", "activation_variance", "activation_rms", "max_abs_activation",
                 "grad_norm", "grad_norm_attn", "grad_norm_mlp", "logit_lens_loss", "router_load_entropy")
+#: the same measured at each block's mid state (``blocks.{l}.resid_mid``), after the main ones
+MID_COLUMNS = ("angular_distance_mid", "block_influence_mid", "activation_variance_mid", "activation_rms_mid",
+               "max_abs_activation_mid", "logit_lens_loss_mid")
 
 
 def ordered_columns(columns: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {k: columns[k] for k in COLUMN_ORDER if k in columns}
+    return {k: columns[k] for k in (*COLUMN_ORDER, *MID_COLUMNS) if k in columns}
 
 
 class _Angular:
@@ -112,20 +115,80 @@ class _Lens:
         self.sums = distributed.reduce_sum(self.sums)
 
 
+class _Mid:
+    """The same sums at each block's mid state m_l (after the attention sublayer): angle and
+    influence of x_l -> m_l, scale of m_l, objective with m_l taken as the last block's output.
+    Blocks without a mid state stay NaN (not applicable)."""
+
+    def __init__(self, objective: Objective, metrics: Collection[str], layers: Collection[int]):
+        num_layers = len(objective.stack)
+        self.objective, self.metrics = objective, set(metrics)
+        self.applies = np.array([i in set(layers) for i in range(num_layers)])
+        self.ang, self.cos, self.var, self.rms, self.lens = (np.zeros(num_layers) for _ in range(5))
+        self.max_abs = np.full(num_layers, -np.inf)
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def on_mid(self, layer: int, x_in: torch.Tensor, mid: torch.Tensor, batch: Batch) -> None:
+        mid = mid.reshape(x_in.shape)  # some blocks flatten the tokens before the MLP (OPT)
+        if "angular" in self.metrics:
+            self.ang[layer] += M.angular_sum(x_in, mid)
+            self.cos[layer] += M.cosine_sum(x_in, mid)
+        if "variance" in self.metrics:
+            self.var[layer] += M.variance_sum(mid)
+            self.rms[layer] += M.rms_sum(mid)
+            self.max_abs[layer] = max(self.max_abs[layer], M.max_abs(mid))
+        if "lens" in self.metrics:
+            if self.objective.lm:
+                self.lens[layer] += self.objective.stream_sum(mid.detach(), batch, None)
+            else:
+                self.pending[layer] = mid.detach()
+
+    def end_batch(self, batch: Batch, reference: torch.Tensor | None) -> None:
+        for layer, hidden in self.pending.items():
+            self.lens[layer] += self.objective.stream_sum(hidden, batch, reference)
+        self.pending = {}
+
+    def columns(self, tokens: int, lens_count: int) -> dict[str, list[float]]:
+        def masked(values) -> list[float]:
+            return list(np.where(self.applies, values, np.nan))
+
+        out = {}
+        if "angular" in self.metrics:
+            out |= {"angular_distance_mid": masked(self.ang / tokens), "block_influence_mid": masked(1 - self.cos / tokens)}
+        if "variance" in self.metrics:
+            out |= {"activation_variance_mid": masked(self.var / tokens), "activation_rms_mid": masked(self.rms / tokens),
+                    "max_abs_activation_mid": masked(self.max_abs)}
+        if "lens" in self.metrics:
+            out["logit_lens_loss_mid"] = masked(self.lens / lens_count)
+        return out
+
+    def reduce(self) -> None:
+        self.ang, self.cos, self.var, self.rms, self.lens = (
+            distributed.reduce_sum(v) for v in (self.ang, self.cos, self.var, self.rms, self.lens))
+        self.max_abs = distributed.reduce_max(self.max_abs)
+
+
 class PassAccumulator:
     """Running per-layer sums of the main-pass metrics, fed block by block.
 
     Drive it with ``start_batch(batch)``, ``on_block(l, x_l, x_{l+1})`` for every block,
     ``end_batch(reference)`` (encoders: the batch's final hidden state); then ``columns()``.
+    With ``mid_layers`` (blocks that have a mid state) ``on_mid(l, m_l)`` before block l's
+    ``on_block`` adds the ``*_mid`` columns.
     """
 
-    def __init__(self, objective: Objective, metrics: Collection[str]):
+    def __init__(self, objective: Objective, metrics: Collection[str], mid_layers: Collection[int] | None = None):
         num_layers = len(objective.stack)
         self.objective = objective
+        wants_mid = mid_layers is not None and any(m in metrics for m in ("angular", "variance", "lens"))
+        self.mid = _Mid(objective, metrics, mid_layers) if wants_mid else None
+        self._mids: dict[int, torch.Tensor] = {}
+        #: blocks whose mid state the schedule should hand to :meth:`on_mid` (none: no ``*_mid`` columns)
+        self.mid_layers: list[int] = sorted(mid_layers) if self.mid is not None else []
         self.angular = _Angular(num_layers) if "angular" in metrics else None
         self.scale = _Scale(num_layers) if "variance" in metrics else None
         self.lens = _Lens(objective, num_layers) if "lens" in metrics else None
-        self.seconds = {name: 0.0 for name in ("angular", "variance", "lens")}
+        self.seconds = {name: 0.0 for name in ("angular", "variance", "lens", "mid")}
         self.tokens = 0  # hidden-state tokens
         self.predictions = 0  # scored predictions (next-token: B (T-1) per batch)
         self.batch: Batch | None = None
@@ -135,10 +198,19 @@ class PassAccumulator:
         """The batch whose blocks come next (token ids are taken as one token batch)."""
         self.batch = as_batch(batch)
 
+    def on_mid(self, layer: int, mid: torch.Tensor) -> None:
+        """Block ``layer``'s mid state m_l (its ``on_block`` comes next)."""
+        if self.mid is not None:
+            self._mids[layer] = mid
+
     def on_block(self, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         if layer == 0:
             self._batch_tokens = math.prod(x_in.shape[:-1])
         with torch.no_grad():
+            mid = self._mids.pop(layer, None)
+            if mid is not None:
+                with self._timed("mid"):
+                    self.mid.on_mid(layer, x_in, mid, self.batch)
             if self.angular is not None:
                 with self._timed("angular"):
                     self.angular.on_block(layer, x_in, x_out)
@@ -163,6 +235,9 @@ class PassAccumulator:
             if self.lens is not None:
                 with self._timed("lens"):
                     self.lens.end_batch(self.batch, reference)
+            if self.mid is not None:
+                with self._timed("mid"):
+                    self.mid.end_batch(self.batch, reference)
         self.tokens += self._batch_tokens
         self.predictions += self.objective.predictions(self.batch)
 
@@ -174,11 +249,13 @@ class PassAccumulator:
             columns.update(self.scale.columns(self.tokens))
         if self.lens is not None:
             columns.update(self.lens.columns(self.predictions if self.objective.lm else self.tokens))
+        if self.mid is not None:
+            columns.update(self.mid.columns(self.tokens, self.predictions if self.objective.lm else self.tokens))
         return columns
 
     def reduce(self) -> None:
         """Sum (and max) the running statistics over torchrun processes (:mod:`depthprobe.distributed`)."""
-        for part in (self.angular, self.scale, self.lens):
+        for part in (self.angular, self.scale, self.lens, self.mid):
             if part is not None:
                 part.reduce()
         self.tokens, self.predictions = (int(distributed.reduce_sum(self.tokens)),

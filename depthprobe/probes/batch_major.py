@@ -19,7 +19,7 @@ from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
 from depthprobe.probes.batch import Batch
 from depthprobe.probes.drop_tables import DropPlan, DropRecord, Variant
 from depthprobe.probes.grad_norms import BlockGradNorms
-from depthprobe.probes.hooks import watch_blocks, zero_output
+from depthprobe.probes.hooks import watch_blocks, watch_mids, zero_output
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.scoring import BatchScorer, capture_states
 
@@ -42,7 +42,7 @@ class BatchMajor:
         objective, last = self.objective, len(self.batches) - 1
         bar = self._bar(sum(b.size for b in self.batches), "analyze", unit="seq")
         with BlockGradNorms(self.stack).hooked() if grad else contextlib.nullcontext() as grad_norms, \
-                watch_blocks(self.stack, acc.on_block):
+                watch_blocks(self.stack, acc.on_block), watch_mids(self.stack, acc.on_mid, acc.mid_layers):
             for index, batch in enumerate(self.batches):
                 batch = objective.place(batch)
                 acc.start_batch(batch)

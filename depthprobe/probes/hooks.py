@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.mid import mid_input, mid_modules
 from depthprobe.model.stack import LayerStack, block_output
 
 #: callback(layer, x_in, x_out) for every block, in forward order
@@ -142,6 +143,27 @@ def watch_blocks(stack: LayerStack, callback: BlockCallback, layers: list[int] |
 
     layers = range(len(stack)) if layers is None else layers
     with hooked_all(((stack.blocks[layer], make(layer)) for layer in layers), with_kwargs=True):
+        yield
+
+
+@contextlib.contextmanager
+def watch_mids(stack: LayerStack, callback: Callable[[int, torch.Tensor], None],
+               layers: Iterable[int] | None = None) -> Iterator[None]:
+    """Call ``callback(l, m_l)`` with block ``l``'s mid state (``blocks.{l}.resid_mid``: x_l plus
+    the attention sublayer's contribution) as it runs, for the blocks that have one
+    (:func:`depthprobe.model.mid.mid_modules`) among ``layers``."""
+    modules = mid_modules(stack)
+    chosen = modules if layers is None else {i: modules[i] for i in layers if i in modules}
+
+    def make(layer: int):
+        def pre(module, args, kwargs):
+            callback(layer, mid_input(args, kwargs))
+
+        return pre
+
+    with contextlib.ExitStack() as exits:
+        for layer, module in chosen.items():
+            exits.enter_context(hooked(module, pre=make(layer)))
         yield
 
 

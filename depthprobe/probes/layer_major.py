@@ -38,7 +38,7 @@ from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
 from depthprobe.probes.batch import Batch
 from depthprobe.probes.drop_tables import DropPlan, DropRecord, Variant
 from depthprobe.probes.grad_norms import BlockGradNorms
-from depthprobe.probes.hooks import zero_output
+from depthprobe.probes.hooks import watch_mids, zero_output
 from depthprobe.probes.objective import Objective
 from depthprobe.probes.offload import (  # noqa: F401 - re-exported for one release
     is_offloaded,
@@ -86,24 +86,44 @@ class LayerMajor:
         to ``acc`` batch by batch; with ``grad`` a backward block by block from the last."""
         num_layers = len(self.stack)
         bar = self._bar(num_layers * len(self.batches) * (2 if grad else 1), "analyze (layer-major)")
-        # slots 0..L: x_0..x_L of every window; with grad one more for dL/dx of the block being run back
-        with resident(outside_blocks(self.stack, "prelude")), self._store(num_layers + (2 if grad else 1)) as store:
+        # slots 0..L: x_0..x_L of every window; then the mid states m_l asked for; with grad one
+        # more for dL/dx of the block being run back
+        mids = {layer: num_layers + 1 + k for k, layer in enumerate(acc.mid_layers)}
+        slots = num_layers + 1 + len(mids) + (1 if grad else 0)
+        with resident(outside_blocks(self.stack, "prelude")), self._store(slots) as store:
             with torch.no_grad():
                 for layer in range(num_layers):
-                    with self.runner.at(layer):
+                    with self.runner.at(layer), self._mid_into(store.data, mids, layer) as rows:
                         for batch in self.batches:
+                            rows[0] = batch.rows
                             x = store.data[layer, batch.rows].to(self.objective.device)
                             store.data[layer + 1, batch.rows] = self.runner.run(self.objective.place(batch), x).cpu()
                             bar.update()
             with resident(outside_blocks(self.stack, "output")), torch.no_grad():  # final norm and head, read once
-                self._feed(acc, losses, store.data, grad)
+                self._feed(acc, losses, store.data, grad, mids)
             t_grad = time.perf_counter()
             out = GradOutput(*self._backward_by_block(store.data, bar)) if grad else GradOutput()
             out.seconds = time.perf_counter() - t_grad if grad else None
             bar.close()
         return out
 
-    def _feed(self, acc: PassAccumulator, losses: BaseLoss | None, data: torch.Tensor, grad: bool) -> None:
+    @contextlib.contextmanager
+    def _mid_into(self, data: torch.Tensor, mids: dict[int, int], layer: int) -> Iterator[list]:
+        """While block ``layer`` runs, its mid state goes to slot ``mids[layer]`` at the rows
+        of the batch named in the yielded list's one item."""
+        rows: list = [None]
+        if layer not in mids:
+            yield rows
+            return
+
+        def keep(_, mid: torch.Tensor) -> None:
+            data[mids[layer], rows[0]] = mid.detach().cpu()
+
+        with watch_mids(self.stack, keep, [layer]):
+            yield rows
+
+    def _feed(self, acc: PassAccumulator, losses: BaseLoss | None, data: torch.Tensor, grad: bool,
+              mids: dict[int, int] | None = None) -> None:
         """Feed the stored states x_0..x_L to ``acc`` batch by batch, as the batch-major pass
         does, and each batch's logits of x_L to ``losses``. With ``grad`` the same logits give
         dL/dx_L (L the mean loss over all predictions), written to the store's last slot."""
@@ -113,6 +133,8 @@ class LayerMajor:
             states = [data[i, win].to(objective.device) for i in range(num_layers + 1)]
             acc.start_batch(placed)
             for layer in range(num_layers):
+                if mids and layer in mids:
+                    acc.on_mid(layer, data[mids[layer], win].to(objective.device))
                 acc.on_block(layer, states[layer], states[layer + 1])
             if losses is not None:
                 last = states[-1].detach().requires_grad_(grad)

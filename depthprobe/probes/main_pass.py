@@ -24,6 +24,7 @@ import numpy as np
 from depthprobe import distributed
 from depthprobe.config import DEFAULT_METRICS, PASS_METRICS  # noqa: F401  (re-exported; defined in config)
 from depthprobe.data import Windows
+from depthprobe.model.mid import mid_modules
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.accumulator import COLUMN_ORDER, BaseLoss, PassAccumulator, ordered_columns
 from depthprobe.probes.batch import batches_of
@@ -36,6 +37,8 @@ from depthprobe.probes.sweep import ExecutionOptions
 
 #: metrics that read only the residual stream: a run of these alone never needs the LM head
 STREAM_METRICS = ("angular", "variance")
+#: metrics that also read each block's mid state (``*_mid`` columns)
+MID_METRICS = ("angular", "variance", "lens")
 
 __all__ = ["COLUMN_ORDER", "DEFAULT_METRICS", "PASS_METRICS", "STREAM_METRICS", "PassAccumulator", "PassResult",
            "needs_loss", "ordered_columns", "run_main_pass", "run_main_pass_layer_major"]
@@ -70,7 +73,9 @@ def run_main_pass(stack: LayerStack, windows: Windows, metrics: Collection[str],
     objective = objective_for(stack)
     batches = batches_of(windows, batch_size)
     schedule = make_schedule(order, objective, batches, progress, execution.state_budget, execution.spill_dir)
-    acc = PassAccumulator(objective, metrics)
+    # the mid states (after attention) where the block's structure shows one
+    mid = mid_modules(stack) if any(m in MID_METRICS for m in metrics) else None
+    acc = PassAccumulator(objective, metrics, None if mid is None else list(mid))
     grad = "grad" in metrics and objective.lm
     full = objective.lm and (loss or grad)  # logits only when a loss is needed
     # the mean over all processes' predictions (torchrun): their gradients are summed
