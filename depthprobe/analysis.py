@@ -52,6 +52,7 @@ from depthprobe.probes.attribution import attribution_sweep
 from depthprobe.probes.drop import drop_sweep
 from depthprobe.probes.hooks import evaluating
 from depthprobe.probes.layer_major import supports_block_backward
+from depthprobe.probes.lens_readout import lens_tokens_sweep, tuned_lens_sweep
 from depthprobe.probes.main_pass import PassResult, needs_loss, run_main_pass
 from depthprobe.probes.objective import Objective, objective_for
 from depthprobe.probes.offload import is_offloaded, use_layer_major
@@ -65,7 +66,8 @@ log = logging.getLogger(__name__)
 
 #: extra sweeps: metric name -> function(SweepContext) -> SweepOutput, run in the order asked
 #: (the names are :data:`depthprobe.config.SWEEP_METRICS`)
-SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep, "probe": probe_sweep}
+SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep, "probe": probe_sweep,
+                            "tuned-lens": tuned_lens_sweep}
 
 __all__ = [
     "ALL_METRICS", "DEFAULT_METRICS", "PASS_METRICS", "SWEEPS", "ProbeConfig", "RunOptions", "RunSummary", "SweepContext",
@@ -168,9 +170,11 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
         with evaluating(model):
             main = _main_pass(stack, local, config, needs_loss(config.metrics) if loss is None else loss, progress)
         ctx = SweepContext(stack, local, objective, config.batch_size, config.options, main.base_loss,
-                           main.window_nll, progress)
+                           main.window_nll, progress, tokenizer)
         log.info("main pass done (base loss %s)", None if main.base_loss is None else round(main.base_loss, 4))
         sweeps, interrupted = run_sweeps(ctx, config.metrics)
+        if config.options.lens.positions and not interrupted:  # --lens-positions: lens_tokens.csv
+            sweeps["lens-tokens"] = lens_tokens_sweep(ctx)
     layers = pd.DataFrame({"layer": np.arange(len(stack)),
                            **{k: np.asarray(v, float) for k, v in main.columns.items()},
                            **{k: np.asarray(v, float) for out in sweeps.values() for k, v in out.columns.items()}})

@@ -27,7 +27,7 @@ DEFAULT_BATCH_SIZE = 4  # windows per forward pass: the memory knob
 #: what the streaming main pass measures (one forward, + backward for ``grad``)
 PASS_METRICS = ("angular", "variance", "grad", "lens")
 #: the sweeps: passes the main pass cannot do (registered in :data:`depthprobe.analysis.SWEEPS`)
-SWEEP_METRICS = ("drop", "attribution", "probe")
+SWEEP_METRICS = ("drop", "attribution", "probe", "tuned-lens")
 #: every name ``--metrics`` accepts
 ALL_METRICS = (*PASS_METRICS, *SWEEP_METRICS)
 DEFAULT_METRICS = PASS_METRICS
@@ -105,6 +105,26 @@ class ExecutionOptions:
             raise DepthprobeError(f"state budget must be at least 0 bytes (got {self.state_budget})")
 
 
+DEFAULT_LENS_TOPK = 5
+
+
+@dataclass(frozen=True)
+class LensOptions:
+    """``--metrics tuned-lens`` (``--lens DIR``: a lens from ``depthprobe lens train`` or
+    tuned-lens; none: one trained on the fly) and the per-position table ``lens_tokens.csv``
+    (``--lens-positions``, ``--lens-topk``)."""
+
+    lens_dir: str | None = None
+    positions: tuple[int, ...] = ()  # window positions (negative: from the end); none: no table
+    topk: int = DEFAULT_LENS_TOPK
+
+    def __post_init__(self):
+        object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+        object.__setattr__(self, "lens_dir", str(self.lens_dir) if self.lens_dir is not None else None)
+        if self.topk < 1:
+            raise DepthprobeError(f"--lens-topk must be at least 1 (got {self.topk})")
+
+
 #: flat option name (CLI, ``analyze(options=...)``) -> (group, field)
 OPTION_NAMES: dict[str, tuple[str, str]] = {
     "block_sizes": ("drop", "block_sizes"),
@@ -119,6 +139,9 @@ OPTION_NAMES: dict[str, tuple[str, str]] = {
     "state_budget": ("execution", "state_budget"),
     "spill_dir": ("execution", "spill_dir"),
     "labels_file": ("probe", "labels_file"),
+    "lens": ("lens", "lens_dir"),
+    "lens_positions": ("lens", "positions"),
+    "lens_topk": ("lens", "topk"),
 }
 
 
@@ -131,13 +154,15 @@ class SweepOptions:
     bootstrap: BootstrapOptions = field(default_factory=BootstrapOptions)
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
     probe: LinearProbeOptions = field(default_factory=LinearProbeOptions)
+    lens: LensOptions = field(default_factory=LensOptions)
 
     @classmethod
     def parse(cls, options: SweepOptions | Mapping | None) -> SweepOptions:
         """From a flat dict of :data:`OPTION_NAMES` (unknown names raise) or as given."""
         if isinstance(options, SweepOptions):
             return options
-        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}, "execution": {}, "probe": {}}
+        groups: dict[str, dict] = {"drop": {}, "attribution": {}, "bootstrap": {}, "execution": {}, "probe": {},
+                                   "lens": {}}
         for name, value in (options or {}).items():
             if name not in OPTION_NAMES:
                 raise DepthprobeError(f"unknown analysis option {name!r}; known: {', '.join(OPTION_NAMES)}")
@@ -146,7 +171,7 @@ class SweepOptions:
                 groups[group][attr] = value
         return cls(DropOptions(**groups["drop"]), AttributionOptions(**groups["attribution"]),
                    BootstrapOptions(**groups["bootstrap"]), ExecutionOptions(**groups["execution"]),
-                   LinearProbeOptions(**groups["probe"]))
+                   LinearProbeOptions(**groups["probe"]), LensOptions(**groups["lens"]))
 
     def flat(self) -> dict:
         """The flat form (what :meth:`parse` reads back), as saved in ``summary.json``."""

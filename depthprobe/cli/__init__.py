@@ -27,6 +27,7 @@ COMMANDS = {
     "check": "check",
     "eval": "eval",
     "bench": "bench",
+    "lens": "lens",
 }
 
 

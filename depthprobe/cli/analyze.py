@@ -68,6 +68,13 @@ from depthprobe.safeio import locks_out
 )
 @click.option("--labels", "labels_file", type=click.Path(dir_okay=False), default=None,
               help="With --metrics probe on a text model: a CSV of window[,position] and label columns.")
+@click.option("--lens", "lens_dir", type=click.Path(file_okay=False), default=None,
+              help="With --metrics tuned-lens: a lens folder (depthprobe lens train, or tuned-lens's); "
+              "none: one is trained first on the built-in text with a small budget.")
+@click.option("--lens-positions", default=None,
+              help="Write lens_tokens.csv: the logit lens's top-k tokens per block at these window positions, "
+              "e.g. 0,5,-1 (negative: from the end).")
+@click.option("--lens-topk", type=int, default=None, help="Tokens per position in lens_tokens.csv [default: 5].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, help="Folder for the results.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted drop sweep in --out instead of restarting.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out: the files of the run there are removed first.")
@@ -92,6 +99,7 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics probe --labels labels.csv --num-sequences 32  # window,label columns
       depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
       depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
+      depthprobe analyze smollm2 --metrics lens,tuned-lens --lens lenses/smol --lens-positions 0,5,-1 --out runs/l
     """
     if opts["out_dir"]:  # image runs too: a folder holds one run
         refuse_existing_out(opts["out_dir"], opts["force"] or opts["resume"],
@@ -122,6 +130,35 @@ def _checked(opts: dict) -> dict:
         options["attribution_steps"] = opts["attribution_steps"]
     if opts["labels_file"] or "probe" in metrics:
         options["labels_file"] = preflight.check_labels(opts, metrics)
+    options.update(_lens_options(opts, metrics))
+    return options
+
+
+def _lens_options(opts: dict, metrics) -> dict:
+    """``--lens``, ``--lens-positions``, ``--lens-topk`` checked before any weight is read."""
+    from depthprobe.errors import DepthprobeError
+
+    options = {}
+    if opts["lens_dir"] is not None:
+        if "tuned-lens" not in metrics:
+            raise DepthprobeError("--lens is read by --metrics tuned-lens; add tuned-lens to --metrics")
+        from pathlib import Path
+
+        if not all((Path(opts["lens_dir"]) / name).is_file() for name in ("config.json", "params.pt")):
+            raise DepthprobeError(f"--lens {opts['lens_dir']}: no config.json and params.pt there; train one with "
+                                  "`depthprobe lens train MODEL --out DIR` or give a tuned-lens folder")
+        options["lens"] = opts["lens_dir"]
+    if opts["lens_positions"] is not None:
+        options["lens_positions"] = tuple(parse_list(opts["lens_positions"], "--lens-positions", int, "0,5,-1"))
+        if not options["lens_positions"]:
+            raise DepthprobeError("--lens-positions is empty; e.g. --lens-positions 0,5,-1")
+        bad = [p for p in options["lens_positions"] if not -opts["seq_len"] <= p < opts["seq_len"]]
+        if bad:
+            raise DepthprobeError(f"--lens-positions {bad[0]} is outside a window of --seq-len {opts['seq_len']} "
+                                  f"tokens; use -{opts['seq_len']}..{opts['seq_len'] - 1}")
+    if opts["lens_topk"] is not None:
+        preflight.at_least(opts, {"lens_topk": 1})
+        options["lens_topk"] = opts["lens_topk"]
     return options
 
 

@@ -45,6 +45,7 @@ class SweepContext:
     base_loss: float | None = None
     base_nll_per_window: np.ndarray | None = None  # (N,) mean-token loss of each window
     progress: bool = True
+    tokenizer: object | None = None  # for sweeps that read text or print tokens (tuned-lens, lens tokens)
 
 
 @dataclass
