@@ -25,6 +25,7 @@ from depthprobe.report.align import aligned, kept_blocks, mark_removed, original
 from depthprobe.report.captions import activation_caption, drop_caption, lens_caption
 from depthprobe.report.eval_figures import sections as eval_sections
 from depthprobe.report.findings import findings
+from depthprobe.report.lens_figures import lens_sections
 from depthprobe.report.prune_summary import prune_sentences
 from depthprobe.report.repair_figures import plot_repair_curve
 from depthprobe.report.vision_figures import vision_sections
@@ -194,6 +195,7 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
             parts.append(f"<h2>{html.escape(heading)}</h2>" + figure_html(fig, caption, heading))
     parts += eval_sections(runs, figure_html, table_html)
     parts += vision_sections(runs, figure_html, table_html)
+    parts += lens_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
                           ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
         for run in runs:
