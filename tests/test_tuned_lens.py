@@ -51,7 +51,7 @@ def test_one_step_is_tuned_lens_sgd_by_hand(llama):
     norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
     scale = min(1.0, 1.0 / (norm + 1e-6))
     trainer.fit(progress=False, stop_at=1)
-    for p, g in zip(trainer.lens.parameters(), grads):
+    for p, g in zip(trainer.lens.parameters(), grads, strict=False):
         np.testing.assert_allclose(p.detach(), -0.1 * 1.9 * scale * g, rtol=1e-4, atol=1e-9)
     assert trainer.sched.get_last_lr()[0] == pytest.approx(0.1 * 3 / 4)  # linear decay, no warmup
 
@@ -108,7 +108,7 @@ def test_folder_is_tuned_lens_format_and_loads_theirs(llama, tmp_path):
                                                     "lens_type": "linear_tuned_lens"}))
     loaded, training = load_lens(theirs, stack)
     assert training == {}
-    for a, b in zip(loaded.translators, translators):
+    for a, b in zip(loaded.translators, translators, strict=False):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
     other = depthprobe.LayerStack.from_model(build_tiny("llama", num_hidden_layers=2))
     with pytest.raises(DepthprobeError, match="train a lens for this model"):
@@ -125,7 +125,7 @@ def test_resume_continues_exactly(llama, tmp_path):
     again.resume()
     assert again.step == 2
     resumed = again.fit(progress=False)
-    for a, b in zip(straight.parameters(), resumed.parameters()):
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=False):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
     rows = pd.read_csv(tmp_path / "b" / "lens_train.csv")
     assert sorted(rows.step.unique()) == [1, 2, 3, 4] and len(rows) == 16

@@ -93,7 +93,7 @@ def score(model, folder: str | None, ids: torch.Tensor) -> list[float]:
         for i, h in enumerate(out.hidden_states[:-1]):
             logq = lens(h, idx=i).float().log_softmax(-1)
             kls.append(float((final.exp() * (final - logq)).sum(-1).double().sum()))
-        sums = kls if sums is None else [a + b for a, b in zip(sums, kls)]
+        sums = kls if sums is None else [a + b for a, b in zip(sums, kls, strict=False)]
         count += batch.numel()
     return [s / count for s in sums[1:]] + [0.0]  # the last block's output is the model's own
 

@@ -124,9 +124,9 @@ class _Mid:
         num_layers = len(objective.stack)
         self.objective, self.metrics = objective, set(metrics)
         self.applies = np.array([i in set(layers) for i in range(num_layers)])
-        self.ang, self.cos, self.var, self.rms, self.lens = (np.zeros(num_layers) for _ in range(5))
+        self.ang, self.cos, self.var, self.rms = (np.zeros(num_layers) for _ in range(4))
         self.max_abs = np.full(num_layers, -np.inf)
-        self.pending: dict[int, torch.Tensor] = {}
+        self.lens = _Lens(objective, num_layers)  # m_l in place of x_{l+1}
 
     def on_mid(self, layer: int, x_in: torch.Tensor, mid: torch.Tensor, batch: Batch) -> None:
         mid = mid.reshape(x_in.shape)  # some blocks flatten the tokens before the MLP (OPT)
@@ -138,15 +138,10 @@ class _Mid:
             self.rms[layer] += M.rms_sum(mid)
             self.max_abs[layer] = max(self.max_abs[layer], M.max_abs(mid))
         if "lens" in self.metrics:
-            if self.objective.lm:
-                self.lens[layer] += self.objective.stream_sum(mid.detach(), batch, None)
-            else:
-                self.pending[layer] = mid.detach()
+            self.lens.on_block(layer, mid, batch)
 
     def end_batch(self, batch: Batch, reference: torch.Tensor | None) -> None:
-        for layer, hidden in self.pending.items():
-            self.lens[layer] += self.objective.stream_sum(hidden, batch, reference)
-        self.pending = {}
+        self.lens.end_batch(batch, reference)
 
     def columns(self, tokens: int, lens_count: int) -> dict[str, list[float]]:
         def masked(values) -> list[float]:
@@ -159,13 +154,14 @@ class _Mid:
             out |= {"activation_variance_mid": masked(self.var / tokens), "activation_rms_mid": masked(self.rms / tokens),
                     "max_abs_activation_mid": masked(self.max_abs)}
         if "lens" in self.metrics:
-            out["logit_lens_loss_mid"] = masked(self.lens / lens_count)
+            out["logit_lens_loss_mid"] = masked(self.lens.sums / lens_count)
         return out
 
     def reduce(self) -> None:
-        self.ang, self.cos, self.var, self.rms, self.lens = (
-            distributed.reduce_sum(v) for v in (self.ang, self.cos, self.var, self.rms, self.lens))
+        self.ang, self.cos, self.var, self.rms = (
+            distributed.reduce_sum(v) for v in (self.ang, self.cos, self.var, self.rms))
         self.max_abs = distributed.reduce_max(self.max_abs)
+        self.lens.reduce()
 
 
 class PassAccumulator:
