@@ -156,6 +156,15 @@ def gather(array, axis: int = -1) -> np.ndarray:
     return np.concatenate(parts, axis=axis)
 
 
+def gather_rows(rows: list) -> list:
+    """Every process's ``rows`` (picklable items), concatenated in rank order (inside a split)."""
+    if active() is None:
+        return rows
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
+
+
 def reduce_grads(params: Iterable[torch.nn.Parameter]) -> None:
     """Sum every parameter's ``.grad`` over processes (in place), before norms are taken."""
     if active() is None:

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe import distributed
 from depthprobe.errors import DepthprobeError
 from depthprobe.probes import metrics as M
 from depthprobe.probes.batch import batches_of
@@ -61,7 +62,7 @@ def readout_sums(ctx: SweepContext, lens: TunedLens) -> ReadoutSums:
             tuned = plain if index is None else stack.logits(lens.transform(hidden, index), ids)
             sums.tuned_kl[layer] += kl_sum(final, tuned)
             sums.tuned_nll[layer] += float(M.next_token_nll_sum(tuned, ids)[0])
-    return sums
+    return sums.reduced()
 
 
 def tuned_lens_sweep(ctx: SweepContext) -> SweepOutput:
@@ -113,6 +114,8 @@ def lens_tokens_sweep(ctx: SweepContext) -> SweepOutput:
     topk = min(opts.topk, ctx.stack.head.out_features if hasattr(ctx.stack.head, "out_features") else opts.topk)
     rows = []
     decode = _decoder(ctx.tokenizer)
+    split = distributed.active()  # torchrun: this process's windows start at split.start
+    offset = split.start if split is not None else 0
     for batch, outs, _ in _walk(ctx, "lens tokens"):
         for layer, hidden in enumerate(outs):
             probs = torch.softmax(ctx.stack.logits(hidden, batch.targets)[:, positions].float(), dim=-1)
@@ -122,8 +125,11 @@ def lens_tokens_sweep(ctx: SweepContext) -> SweepOutput:
                 for j, pos in enumerate(positions):
                     for r in range(topk):
                         tid = int(ids[w, j, r])
-                        rows.append((batch.index + w, pos, layer, r + 1, tid, decode(tid), float(values[w, j, r])))
-    return SweepOutput(tables={"lens_tokens": pd.DataFrame(rows, columns=list(TOKEN_COLUMNS))})
+                        rows.append((offset + batch.index + w, pos, layer, r + 1, tid, decode(tid),
+                                     float(values[w, j, r])))
+    table = pd.DataFrame(distributed.gather_rows(rows) if split is not None else rows, columns=list(TOKEN_COLUMNS))
+    return SweepOutput(tables={"lens_tokens": table.sort_values(["window", "position", "layer", "rank"],
+                                                                ignore_index=True)})
 
 
 def _decoder(tokenizer):

@@ -48,7 +48,7 @@ DEFAULT_TOKENS_PER_STEP = 2**18
 DEFAULT_SEQ_LEN = 2048
 CHECKPOINT = "checkpoint.pt"
 #: the budget of a lens trained on the fly by ``analyze --metrics tuned-lens`` without ``--lens``
-QUICK_BUDGET = {"steps": 30, "num_sequences": 4, "seq_len": 128}
+QUICK_BUDGET = {"steps": 10, "num_sequences": 2, "seq_len": 128}
 MAX_HASHES = 20000
 
 

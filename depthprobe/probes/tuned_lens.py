@@ -180,6 +180,14 @@ class ReadoutSums:
     def zeros(cls, num_layers: int) -> ReadoutSums:
         return cls(*(np.zeros(num_layers) for _ in range(4)))
 
+    def reduced(self) -> ReadoutSums:
+        """Summed over torchrun's processes (each scored its own windows)."""
+        from depthprobe import distributed
+
+        arrays = [distributed.reduce_sum(a) for a in (self.logit_kl, self.tuned_kl, self.tuned_nll, self.logit_nll)]
+        counts = [int(distributed.reduce_sum(float(c))) for c in (self.positions, self.predictions)]
+        return ReadoutSums(*arrays, *counts)
+
     def columns(self, with_logit_loss: bool) -> dict[str, list[float]]:
         out = {"logit_lens_kl": list(self.logit_kl / self.positions),
                "tuned_lens_loss": list(self.tuned_nll / self.predictions),
