@@ -204,3 +204,19 @@ def test_cli_lens_train_then_analyze(tiny_dir, tmp_path, capsys):
         assert code == 2 and says in err and "Traceback" not in err
     code, err = run_cli(["lens", "train", model, "--steps", "2", *small, "--out", str(lens)], capsys)
     assert code == 2 and "--resume" in err
+
+
+def test_without_a_lens_one_is_trained_first_and_said_so(llama):
+    tok = tiny_tokenizer()
+    run = depthprobe.analyze(llama, tok, windows=depthprobe.make_windows(tok, num_sequences=2, seq_len=16),
+                             metrics="tuned-lens", progress=False)
+    said = run.summary["tuned_lens"]
+    assert said["lens_dir"] is None and said["steps"] == 10 and "builtin tokens 32768" in said["trained_on"]
+    assert run.layers["tuned_lens_kl"].notna().all()
+
+
+def test_encoder_has_no_tuned_lens():
+    run = depthprobe.analyze(build_tiny("bert"), windows=Windows(random_ids(2, 8), "r"), metrics="angular,tuned-lens",
+                             progress=False)
+    assert "tuned_lens_kl" not in run.layers and not run.summary["nonfinite"]
+    assert any(n.startswith("tuned_lens_kl: no tuned lens") for n in run.summary["notes"])
