@@ -18,7 +18,13 @@ from depthprobe.safeio import locks_out
 
 @click.group("lens", context_settings={"help_option_names": ["-h", "--help"]})
 def command() -> None:
-    """Tuned lenses: train one per model, then `analyze --metrics tuned-lens --lens DIR`."""
+    """Tuned lenses: train one per model, then `analyze --metrics tuned-lens --lens DIR`.
+
+    \b
+    Examples:
+      depthprobe lens train smollm2 --steps 20 --num-sequences 4 --seq-len 256 --out lenses/smol
+      depthprobe analyze smollm2 --metrics lens,tuned-lens --lens lenses/smol --out runs/smol-lens
+    """
 
 
 @command.command("train")
