@@ -146,10 +146,13 @@ def main() -> None:
     ap.add_argument("--venv-tl", default="/work/venv-tl")
     ap.add_argument("--skip-tl", action="store_true")
     ap.add_argument("--skip-tuned", action="store_true")
+    ap.add_argument("--work", default=None, help="Keep the ids, lenses and peer outputs here (default: a temp folder).")
     args = ap.parse_args()
     _, tokenizer = depthprobe.load_model("smollm2", dtype="float32", device="cpu")  # fills the de-quantized cache
     model_dir, _ = resolve_source("smollm2")
     with tempfile.TemporaryDirectory() as tmp:
+        tmp = args.work or tmp
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         if not args.skip_tl:
             logit_lens_part(args, tokenizer, model_dir, Path(tmp))
         if not args.skip_tuned:
