@@ -7,7 +7,7 @@ OUT    ?= out/demo
 TEST_WORKERS ?= 2
 
 .PHONY: install test demo compare-demo bench lint clean chromium screenshot coverage reports reports-smoke reliability \
-	gpu-check bench-7b screenshot-vision
+	gpu-check bench-7b screenshot-vision bench-lens-peers
 
 install: $(STAMP) chromium
 
@@ -102,7 +102,18 @@ reliability: install
 # bench_7b builds a 13.8 GB checkpoint and needs ~17 GB free: run on its own with `make bench-7b`
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
-	for b in $(filter-out benchmarks/bench_7b.py,$(wildcard benchmarks/bench_*.py)); do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/bench_7b.py benchmarks/bench_lens_peers.py,$(wildcard benchmarks/bench_*.py)); do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+
+# the lens peers in venvs of their own (tuned-lens 0.2 and TransformerLens 4.3 clash); torch first, pinned
+LENS_VENV ?= $(abspath ../venv-lens)
+TL_VENV   ?= $(abspath ../venv-tl)
+PEER_PINS := transformers==5.24.0 accelerate==1.15.0 gguf==0.19.0 numpy==2.4.6 tokenizers==0.23.3
+bench-lens-peers: install
+	test -x $(LENS_VENV)/bin/python || (python3 -m venv $(LENS_VENV) && $(LENS_VENV)/bin/pip install -q torch==2.13.0 \
+	  && $(LENS_VENV)/bin/pip install -q tuned-lens==0.2.0 torchdata==0.8.0 datasets $(PEER_PINS))
+	test -x $(TL_VENV)/bin/python || (python3 -m venv $(TL_VENV) && $(TL_VENV)/bin/pip install -q torch==2.13.0 \
+	  && $(TL_VENV)/bin/pip install -q transformer-lens==4.3.0 $(PEER_PINS))
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lens_peers.py --venv-lens $(LENS_VENV) --venv-tl $(TL_VENV)
 
 bench-7b: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_7b.py
