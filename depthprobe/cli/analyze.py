@@ -152,6 +152,9 @@ def _analyze(opts: dict, options: dict) -> None:
             click.echo(result.summary["proxy_verdict"])
     if main_rank:
         _save(result, opts, measured)
+    for name, reason in result.summary.get("unsupported", {}).items():
+        saved = f"; the other metrics are saved in {opts['out_dir']}" if opts["out_dir"] and measured else ""
+        raise DepthprobeError(f"--metrics {name} is {reason}; leave {name} out of --metrics{saved}")
     if result.summary["interrupted"]:
         raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts, measured))
     if result.summary["nonfinite"]:
