@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from depthprobe.cli.options import owned_outputs, save_run
+from depthprobe.cli.options import owned_outputs, save_run, setup_logging
 from depthprobe.errors import DepthprobeError
 
 __all__ = ["TEXT_OPTIONS", "run_image_analysis", "vision_options"]
@@ -66,6 +66,7 @@ def run_image_analysis(opts: dict) -> bool:
 
     # --force: the old run's files, removed once the new run is saved (a failure keeps the old run)
     opts["stale"] = owned_outputs(opts["out_dir"]) if opts["force"] and opts["out_dir"] else set()
+    setup_logging(opts["verbose"])  # as text runs: no transformers progress bars or warnings unless -v
     model = load_vision_model(opts["model"], trust_remote_code=opts.get("trust_remote_code", False))
     stack = VisionStack.from_model(model, opts.get("layers_path"))
     size = opts.get("image_size") or (stack.image_size if opts["images"] == "digits" else None)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.hooking import hooked
 from depthprobe.model.discover import (
     Sublayer,
     bert_style_sublayers,
@@ -299,12 +300,8 @@ class LayerStack:
 
         ids = (input_ids.to(self.input_device) if input_ids is not None
                else torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device))
-        handle = last.register_forward_hook(replace_output, with_kwargs=True)
-        try:
-            with self.start_at(len(self) - 1, hidden):
-                return lm_logits(self.model(input_ids=ids, use_cache=False))
-        finally:
-            handle.remove()
+        with hooked(last, post=replace_output), self.start_at(len(self) - 1, hidden):
+            return lm_logits(self.model(input_ids=ids, use_cache=False))
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden state (after the final norm, if any) for a stream state."""
@@ -391,12 +388,8 @@ class LayerStack:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
-        handle = first.register_forward_pre_hook(swap_input, with_kwargs=True)
-        try:
-            with self.keep_blocks(keep):
-                yield
-        finally:
-            handle.remove()
+        with hooked(first, pre=swap_input), self.keep_blocks(keep):
+            yield
 
     def _parent_and_attr(self) -> tuple[nn.Module, str]:
         if "." in self.blocks_path:
