@@ -167,9 +167,10 @@ def test_router_load_entropy_equals_hand_count():
     assert M.load_entropy([5, 5, 5, 5]) == pytest.approx(math.log(4))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "jamba", "gemma3", "deepseek_v3", "lfm2"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "jamba", "gemma3", "deepseek_v3", "lfm2", "diffllama"])
 def test_export_config_follows_kept_blocks(model_type, tmp_path):
-    """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss."""
+    """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss
+    (DiffLlama: its index-derived lambda_init is folded into the weights of renumbered blocks)."""
     from transformers import AutoModelForCausalLM
 
     from depthprobe.prune.export import remove_blocks, save_model

@@ -42,6 +42,7 @@ from depthprobe.model.locate import (  # noqa: F401  (num_experts, experts_per_t
     refuse_parallel_lists,
 )
 from depthprobe.model.slicing import (  # noqa: F401  (slice_layer_config re-exported)
+    fold_index_constants,
     remap_layer_maps,
     renumber_layer_idx,
     slice_layer_config,
@@ -355,6 +356,7 @@ class LayerStack:
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
         remap_layer_maps(self.blocks, keep)
+        fold_index_constants(nn.ModuleList([self.blocks[i] for i in keep]), keep)
         self._apply_keep(keep, self.layer_config)
         new = LayerStack.from_model(self.model, self.blocks_path if self.spec is None else None)
         if self._sublayers is not None:
