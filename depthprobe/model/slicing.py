@@ -84,6 +84,8 @@ def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[n
     return saved
 
 
+#: config counts of leading dense (non-MoE) blocks (DeepSeek-likes, AFMoE)
+_DENSE_PREFIX_COUNTS = ("first_k_dense_replace", "num_dense_layers")
 _NOT_PER_LAYER = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 
 
@@ -95,7 +97,8 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     every list as long as the block count (``layer_types``, ``layers_block_type``, ...) keeps
     the kept entries; every list of layer indices (``mlp_only_layers``, names ending in
     ``_layers``) keeps the kept ones, renumbered; dicts keyed by layer index likewise;
-    ``first_k_dense_replace`` (the first k blocks are dense) counts the kept dense blocks.
+    ``first_k_dense_replace`` / ``num_dense_layers`` (the first k blocks are dense) count the
+    kept dense blocks.
     """
     saved: dict = {}
     new_index = {old: new for new, old in enumerate(keep)}
@@ -120,9 +123,10 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
         # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
         update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
-    k = getattr(config, "first_k_dense_replace", None)
-    if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
-        update("first_k_dense_replace", sum(1 for i in keep if i < k))
+    for name in _DENSE_PREFIX_COUNTS:  # the first k blocks are dense: kept dense blocks stay a prefix
+        k = getattr(config, name, None)
+        if isinstance(k, int) and _settable(config, name):
+            update(name, sum(1 for i in keep if i < k))
     for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
         if vars(config).get(name) == num_blocks and _settable(config, name):
             update(name, len(keep))
