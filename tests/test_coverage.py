@@ -168,7 +168,8 @@ def test_router_load_entropy_equals_hand_count():
 
 
 @pytest.mark.parametrize("model_type, removed", [("qwen2_moe", 1), ("jamba", 1), ("gemma3", 1), ("deepseek_v3", 1),
-                                                ("lfm2", 1), ("diffllama", 1), ("afmoe", 0), ("deepseek_v3", 0)])
+                                                ("lfm2", 1), ("diffllama", 1), ("afmoe", 0), ("deepseek_v3", 0),
+                                                ("beam", 0)])
 def test_export_config_follows_kept_blocks(model_type, removed, tmp_path):
     """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss
     (DiffLlama: its index-derived lambda_init is folded into the weights of renumbered blocks;
