@@ -267,6 +267,12 @@ class LayerStack:
             return None
         return router_of(core, num_experts(getattr(self.model, "config", None)))
 
+    @property
+    def positionwise_head(self) -> bool:
+        """Whether :meth:`logits` applies the final norm and head position by position (named
+        families), so a slice of positions gives the same logits as the full state sliced."""
+        return self.head is not None and self.spec is not None and bool(self.spec.head)
+
     def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and head applied to a residual-stream state ``(B, T, d) -> (B, T, V)``.
 
