@@ -17,6 +17,8 @@ import contextlib
 import torch
 from torch import nn
 
+from depthprobe.hooking import hooked
+
 #: relative mismatch ||m - (x + a)|| / ||a|| up to which the MLP's input is taken as x + a
 MID_TOLERANCE = 1e-3
 
@@ -71,10 +73,9 @@ def _check_additive(stack, candidates: dict[int, tuple[nn.Module, nn.Module]]) -
 
     with contextlib.ExitStack() as exits, torch.no_grad():
         for layer, (out, first) in candidates.items():
-            handles = [stack.blocks[layer].register_forward_pre_hook(keep(("x", layer))[0], with_kwargs=True),
-                       out.register_forward_hook(keep(("a", layer))[1], with_kwargs=True),
-                       first.register_forward_pre_hook(keep(("m", layer))[0], with_kwargs=True)]
-            exits.callback(lambda hs=handles: [h.remove() for h in hs])
+            exits.enter_context(hooked(stack.blocks[layer], pre=keep(("x", layer))[0]))
+            exits.enter_context(hooked(out, post=keep(("a", layer))[1]))
+            exits.enter_context(hooked(first, pre=keep(("m", layer))[0]))
         try:
             _probe_forward(stack)
         except Exception:  # noqa: BLE001 - a model that cannot be traced has no known mid state

@@ -118,7 +118,11 @@ def lens_tokens_sweep(ctx: SweepContext) -> SweepOutput:
     offset = split.start if split is not None else 0
     for batch, outs, _ in _walk(ctx, "lens tokens"):
         for layer, hidden in enumerate(outs):
-            probs = torch.softmax(ctx.stack.logits(hidden, batch.targets)[:, positions].float(), dim=-1)
+            if ctx.stack.positionwise_head:  # the head on the chosen positions only
+                logits = ctx.stack.logits(hidden[:, positions])
+            else:
+                logits = ctx.stack.logits(hidden, batch.targets)[:, positions]
+            probs = torch.softmax(logits.float(), dim=-1)
             top = probs.topk(topk, dim=-1)
             values, ids = top.values.cpu().numpy(), top.indices.cpu().numpy()
             for w in range(values.shape[0]):

@@ -82,6 +82,14 @@ def next_token_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[t
     return F.cross_entropy(pred, target, reduction="sum"), target.numel()
 
 
+def shifted_nll_sum(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``-Σ_i log softmax(pred_logits_i)[targets_i]`` over rows already aligned with their
+    targets: ``pred_logits (B, T-1, V)`` of positions ``0..T-2``, ``targets (B, T-1)`` = the
+    ids at ``1..T-1``; the same value as :func:`next_token_nll_sum` of the full logits."""
+    pred = pred_logits.reshape(-1, pred_logits.shape[-1]).float()
+    return F.cross_entropy(pred, targets.reshape(-1).to(pred.device), reduction="sum")
+
+
 def per_sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each sequence, ``(B, T, V), (B, T) -> (B,)`` float64.
 
