@@ -41,7 +41,7 @@ def test_one_step_is_tuned_lens_sgd_by_hand(llama):
     """Step 1 from zero: g = sum_i dKL_i/dtheta (clipped to norm 1); Nesterov SGD with an empty
     buffer moves theta by -lr (1 + momentum) (g + wd theta) = -lr (1 + m) g at theta = 0."""
     stack = depthprobe.LayerStack.from_model(llama)
-    config = LensTrainConfig(steps=4, num_sequences=2, seq_len=16, batch_size=1)
+    config = LensTrainConfig(steps=4, num_sequences=2, seq_len=16, batch_size=1, precision="fp32")
     text = _text(config)
     trainer = LensTrainer(stack, text, config)
     ids = text.input_ids[step_windows(0, config, len(text.input_ids))]

@@ -40,6 +40,8 @@ def command() -> None:
               help="Windows per forward pass (gradients accumulate up to --num-sequences).")
 @click.option("--lr-scale", type=float, default=1.0, show_default=True, help="lr = lr-scale x (1 - momentum 0.9).")
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the window order.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16: the lens and head under bfloat16 autocast, as tuned-lens; fp32: none.")
 @click.option("--checkpoint-every", type=int, default=25, show_default=True, help="Checkpoint every k steps.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder for the lens.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
@@ -81,7 +83,7 @@ def _train(opts: dict) -> None:
     config = LensTrainConfig(steps=opts["steps"], num_sequences=opts["num_sequences"], seq_len=opts["seq_len"],
                              batch_size=opts["batch_size"], lr_scale=opts["lr_scale"], seed=opts["seed"],
                              checkpoint_every=opts["checkpoint_every"], text_file=opts["text_file"],
-                             dataset=opts["dataset"])
+                             dataset=opts["dataset"], precision=opts["precision"])
     opts["metrics"] = "lens"
     _, tokenizer = open_from_options(opts)
     model, tokenizer = load_from_options(opts, tokenizer)

@@ -6,8 +6,9 @@ positions of KL(p_final || q_i) (the same position: token shift 0), each transla
 back-propagated on its own and summed; SGD with Nesterov momentum 0.9, lr = lr_scale
 x (1 - momentum) = 0.1, weight decay 1e-3, no warmup, the lr decayed linearly to 0 over the
 steps; gradients clipped to total norm 1 before every step; 250 steps of 2^18 tokens
-(windows of 2048 tokens, gradient accumulation over micro-batches). Differences: float32
-throughout (tuned-lens autocasts the lens to bfloat16), and the text is depthprobe's.
+(windows of 2048 tokens, gradient accumulation over micro-batches); the lens, the head and
+the KL under bfloat16 autocast (``precision="bf16"``, float32 parameters and final
+distribution), or all float32 (``"fp32"``). The text is depthprobe's.
 
 Text: ``--text-file`` / ``--dataset`` (all of it), or by default the built-in text **after
 its first** :data:`LENS_RESERVED_TOKENS` tokens, which calibration windows (the first tokens
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -68,8 +70,11 @@ class LensTrainConfig:
     checkpoint_every: int = 25
     text_file: str | None = None
     dataset: str | None = None
+    precision: str = "bf16"  # tuned-lens's autocast of the lens and head; "fp32": none
 
     def __post_init__(self):
+        if self.precision not in ("bf16", "fp32"):
+            raise DepthprobeError(f"--precision must be bf16 or fp32 (got {self.precision!r})")
         for name in ("steps", "seq_len", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1 + (name == "seq_len"):
                 raise DepthprobeError(f"--{name.replace('_', '-')} must be at least {1 + (name == 'seq_len')} "
@@ -159,9 +164,11 @@ def _frozen(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def micro_batch_kl(stack: LayerStack, lens: TunedLens, ids: torch.Tensor, weight: float) -> list[float]:
+def micro_batch_kl(stack: LayerStack, lens: TunedLens, ids: torch.Tensor, weight: float,
+                   precision: str = "fp32") -> list[float]:
     """One micro-batch: the states x_0..x_{L-1} and final log-probs (no grad), then each
-    translator's mean KL back-propagated (times ``weight``) on its own; the KLs."""
+    translator's mean KL back-propagated (times ``weight``) on its own (under bfloat16
+    autocast with ``precision="bf16"``, as tuned-lens); the KLs."""
     objective = objective_for(stack)
     batch = objective.place(token_batches(ids, len(ids))[0])
     states: dict[int, torch.Tensor] = {}
@@ -169,9 +176,11 @@ def micro_batch_kl(stack: LayerStack, lens: TunedLens, ids: torch.Tensor, weight
         final = torch.log_softmax(objective.logits(objective.forward(batch)).float(), dim=-1)
     p_final = final.exp()
     kls = []
+    device = stack.device.type if stack.device.type in ("cuda", "cpu") else "cpu"
     for i in range(len(lens.translators)):
-        logits = stack.logits(lens.transform(states[i], i), batch.input_ids)
-        kl = (p_final * (final - torch.log_softmax(logits.float(), dim=-1))).sum(-1).mean()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = stack.logits(lens.transform(states[i], i), batch.input_ids)
+            kl = (p_final * (final - torch.log_softmax(logits, dim=-1))).sum(-1).mean()
         (kl * weight).backward()
         kls.append(float(kl.detach()))
     return kls
@@ -185,13 +194,14 @@ class LensTrainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.lens = new_lens(stack)
         self.opt, self.sched = lens_optimizer(self.lens, config)
-        self.step, self.rows = 0, []
+        self.step, self.rows, self.seconds = 0, [], 0.0
 
     def _meta(self) -> dict:
         c = self.config
         return {"recipe": "tuned-lens 0.2 train_loop (KL, SGD nesterov)", "steps": c.steps,
                 "tokens_per_step": c.num_sequences * c.seq_len, "seed": c.seed, "config": asdict(c),
-                "text": self.text.info, "steps_done": self.step, "precision": "float32"}
+                "text": self.text.info, "steps_done": self.step, "precision": c.precision,
+                "train_seconds": round(self.seconds, 3)}
 
     def resume(self) -> None:
         """Continue from ``out_dir/checkpoint.pt`` (same budget, text and seed), else refuse."""
@@ -210,6 +220,7 @@ class LensTrainer:
         self.opt.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
         self.step = int(state["step"])
+        self.seconds = float(saved.get("train_seconds", 0.0))
         csv = self.out_dir / TRAIN_CSV
         if csv.is_file():
             self.rows = [r for r in pd.read_csv(csv).to_dict("records") if r["step"] <= self.step]
@@ -231,6 +242,7 @@ class LensTrainer:
         last = min(c.steps, stop_at or c.steps)
         bar = tqdm(total=c.steps, initial=self.step, desc="lens train", unit="step",
                    disable=not progress or rank != 0, delay=0.5)
+        t0 = time.perf_counter() - self.seconds
         with _frozen(self.stack.model):
             while self.step < last:
                 mine = step_windows(self.step, c, len(self.text.input_ids))[rank::world]
@@ -238,7 +250,8 @@ class LensTrainer:
                 for start in range(0, len(mine), c.batch_size):
                     part = mine[start:start + c.batch_size]
                     kls += torch.tensor(micro_batch_kl(self.stack, self.lens, self.text.input_ids[part],
-                                                       len(part) / c.num_sequences), dtype=torch.float64) * len(part)
+                                                       len(part) / c.num_sequences, c.precision),
+                                        dtype=torch.float64) * len(part)
                 if world > 1:  # torchrun: each process added its windows' share of the mean
                     for p in self.lens.parameters():
                         _sum_over_processes(p.grad)
@@ -249,6 +262,7 @@ class LensTrainer:
                 self.sched.step()
                 kls = (_sum_over_processes(kls) if world > 1 else kls).numpy() / c.num_sequences
                 self.step += 1
+                self.seconds = time.perf_counter() - t0
                 self.rows += [{"step": self.step, "layer": i, "kl": float(k), "lr": lr} for i, k in enumerate(kls)]
                 bar.update()
                 bar.set_postfix(kl=f"{float(kls.mean()):.3f}")
