@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 import depthprobe
+from depthprobe.config import ProbeConfig, RunOptions
 from depthprobe.data import Windows
 from depthprobe.model.load import resolve_source
 from depthprobe.probes.lens_train import LensTrainConfig, lens_text, step_windows
@@ -106,9 +107,10 @@ def tuned_lens_part(args, tokenizer, model_dir: str, work: Path) -> None:
     peer = json.loads((work / "tuned.json").read_text())
     model, _ = depthprobe.load_model("smollm2", dtype="float32", device="cpu")
     windows = Windows(held.input_ids, held.source)
-    scored = {name: depthprobe.analyze(model, windows=windows, metrics="tuned-lens", batch_size=2, progress=False,
-                                       options={"lens": str(folder)}).layers for name, folder in
-              (("depthprobe", ours), ("tuned-lens", theirs))}
+    scored = {name: depthprobe.analyze(model, None, ProbeConfig(metrics="tuned-lens", batch_size=2,
+                                                                 options={"lens": str(folder)}),
+                                       windows=windows, run=RunOptions(progress=False)).layers
+              for name, folder in (("depthprobe", ours), ("tuned-lens", theirs))}
     table = pd.DataFrame({"layer": scored["depthprobe"].layer, "logit_lens_kl": scored["depthprobe"].logit_lens_kl,
                           "tuned_kl_depthprobe": scored["depthprobe"].tuned_lens_kl,
                           "tuned_kl_package": scored["tuned-lens"].tuned_lens_kl,
