@@ -156,7 +156,8 @@ def test_interrupted_sweep_keeps_main_pass(tiny_dir, tmp_path, capsys, monkeypat
     command = (f"depthprobe analyze {tiny_dir('llama')} --seq-len 16 --num-sequences 2 --metrics angular,drop "
                f"--out {out} --quiet --no-report --force")
     assert [line for line in err.splitlines() if line.startswith("Error:")] == [
-        "Error: interrupted during the drop sweep; the main pass (angular_distance, block_influence) finished and "
+        "Error: interrupted during the drop sweep; the main pass (angular_distance, block_influence, angular_distance_mid, "
+        "block_influence_mid) finished and "
         f"is saved in {out}/; rerun with: {command}"
     ]  # no drop batch finished: nothing to --resume (tests/test_user_steps.py covers the other case)
     assert np.isfinite(pd.read_csv(out / "layers.csv")["angular_distance"]).all()

@@ -108,7 +108,8 @@ def test_analyze_refuses_a_used_out_and_force_replaces_the_run(tiny_dir, tmp_pat
     assert not any((out / name).exists() for name in drop_tables)
     (out / "drop_windows.csv").write_text("layer,delta\n0,1\n")  # a leftover of another run
     result = depthprobe.AnalysisResult.load(out)
-    assert result.tables == {} and list(result.layers.columns) == ["layer", "angular_distance", "block_influence"]
+    assert result.tables == {} and list(result.layers.columns) == ["layer", "angular_distance", "block_influence",
+                                                                   "angular_distance_mid", "block_influence_mid"]
 
 
 # ---------------------------------------------------------------- 6: interrupts

@@ -291,8 +291,8 @@ def test_interrupt_after_a_drop_batch_offers_resume(folders, tmp_path, capsys, m
     command = (f"depthprobe analyze {folders / 'tiny'} --metrics angular,drop --block-sizes '' --num-sequences 4 "
                f"--batch-size 2 --seq-len 16 --device cpu -q --out {out} --resume")
     assert code == 2 and [line for line in err.splitlines() if line.startswith("Error:")] == [
-        "Error: interrupted during the drop sweep; the main pass (angular_distance, block_influence) finished and is "
-        f"saved in {out}/, with 1 finished drop batch(es) in drop_progress.jsonl; continue with: {command}"]
+        "Error: interrupted during the drop sweep; the main pass (angular_distance, block_influence, "
+        f"angular_distance_mid, block_influence_mid) finished and is saved in {out}/, with 1 finished drop batch(es) in drop_progress.jsonl; continue with: {command}"]
     assert len((out / "drop_progress.jsonl").read_text().splitlines()) == 2  # header + one batch
 
 
