@@ -129,6 +129,9 @@ class _Mid:
         self.lens = _Lens(objective, num_layers)  # m_l in place of x_{l+1}
 
     def on_mid(self, layer: int, x_in: torch.Tensor, mid: torch.Tensor, batch: Batch) -> None:
+        if mid.numel() != x_in.numel():  # not the stream after all (the probe forward said it was): leave it out
+            self.applies[layer] = False
+            return
         mid = mid.reshape(x_in.shape)  # some blocks flatten the tokens before the MLP (OPT)
         if "angular" in self.metrics:
             self.ang[layer] += M.angular_sum(x_in, mid)
