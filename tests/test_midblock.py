@@ -91,3 +91,15 @@ def test_smollm2_mid_lens_and_angular_equal_hooks(smollm2):
                              progress=False).layers
     for column in MID:
         np.testing.assert_allclose(got[column], want[column], rtol=1e-5, err_msg=column)
+
+
+def test_orders_agree_where_the_mlp_reads_flattened_tokens():
+    """OPT reshapes the stream to (B*T, d) before its MLP: the mid state is still found, and
+    the layer-major store takes it back in the stream's shape."""
+    model = build_tiny("opt")
+    windows = Windows(random_ids(3, 10), "r")
+    runs = [depthprobe.analyze(model, windows=windows, metrics="angular,variance,lens", batch_size=2, progress=False,
+                               options={"execution": order}).layers for order in ("batch", "layer")]
+    assert runs[0]["angular_distance_mid"].notna().all()
+    for column in MID:
+        np.testing.assert_allclose(runs[1][column], runs[0][column], rtol=1e-9, err_msg=column)

@@ -117,7 +117,9 @@ class LayerMajor:
             return
 
         def keep(_, mid: torch.Tensor) -> None:
-            data[mids[layer], rows[0]] = mid.detach().cpu()
+            slot = data[mids[layer], rows[0]]  # a view of the store
+            if mid.numel() == slot.numel():  # (OPT flattens the tokens before its MLP)
+                slot.copy_(mid.detach().reshape(slot.shape))
 
         with watch_mids(self.stack, keep, [layer]):
             yield rows
