@@ -27,11 +27,13 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -196,14 +198,38 @@ def spectra_table(model: nn.Module, blocks: Sequence[nn.Module] = (),
         why = skipped_text(skipped) or "the model has no Linear, Conv1D, Conv2d or Embedding layer with a weight"
         raise DepthprobeError(f"--metrics spectra: no weight matrix of {type(model).__name__} qualifies under "
                               f"WeightWatcher's rules: {why}")
-    cache: dict[tuple[int, bool], np.ndarray] = {}  # a tied head shares its embedding's Parameter: one read
-    rows = []
-    for matrix in tqdm(matrices, desc="spectra", unit="matrix", disable=not progress, leave=False, delay=0.5):
-        key = (id(matrix.module.weight), matrix.kind == "conv2d")  # only Conv2d changes the ESD of a weight
-        if key not in cache:
-            cache[key] = matrix_eigenvalues(matrix)
-        rows.append(matrix_row(matrix, cache[key]))
+    # a tied head shares its embedding's Parameter: its ESD is computed once (only Conv2d changes a weight's ESD)
+    keys = [(id(matrix.module.weight), matrix.kind == "conv2d") for matrix in matrices]
+    unique = list({key: matrix for key, matrix in zip(keys, matrices, strict=True)}.items())
+    bar = tqdm(total=len(unique), desc="spectra", unit="matrix", disable=not progress, leave=False, delay=0.5)
+    with bar, _pool(matrices) as pool:
+        done = {}
+        for (key, _), evals in zip(unique, pool.map(lambda item: matrix_eigenvalues(item[1]), unique), strict=True):
+            done[key] = evals
+            bar.update()
+    rows = [matrix_row(matrix, done[key]) for matrix, key in zip(matrices, keys, strict=True)]
     return pd.DataFrame(rows, columns=SPECTRA_COLUMNS), skipped
+
+
+@contextlib.contextmanager
+def _pool(matrices: Sequence[Matrix]):
+    """Matrices in parallel, one BLAS thread each, on ``torch.get_num_threads()`` workers: the
+    O(M^3) eigen-solve scales poorly inside LAPACK and well across matrices. Serial (one
+    matrix at a time) with one thread, on CUDA, and for offloaded weights (read one at a time)."""
+    workers = torch.get_num_threads()
+    serial = workers <= 1 or any(offload_hooks(m.module) or m.module.weight.device.type != "cpu" for m in matrices)
+    if serial:  # BLAS threads follow torch's setting, as everywhere else in a run
+        with threadpool_limits(max(workers, 1)):
+            yield _Serial()
+        return
+    with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
+        yield pool
+
+
+class _Serial:
+    @staticmethod
+    def map(fn, items):
+        return map(fn, items)
 
 
 def block_means(table: pd.DataFrame, num_layers: int) -> dict[str, list[float]]:
