@@ -1,9 +1,9 @@
 """``--metrics spectra`` against WeightWatcher 0.7.7 on the same weights, in one run.
 
-WeightWatcher pins clash with nothing of depthprobe's, but it is kept out of the project's
-venv: it runs in its own (``--ww-python``, default ``/work/venv-spectra/bin/python``; make one
-with ``python3 -m venv V && V/bin/pip install torch==2.13.0 weightwatcher==0.7.7
-transformers``) in a subprocess. The model is loaded here by depthprobe (float32, CPU),
+WeightWatcher's pins clash with nothing of depthprobe's (it is in the ``[bench]`` extra), and it
+runs in a subprocess of any python that has it: ``--ww-python`` (default ``$DEPTHPROBE_WW_PYTHON``,
+else this python), e.g. a venv of its own made with ``python3 -m venv V && V/bin/pip install
+torch==2.13.0 weightwatcher==0.7.7 transformers``. The model is loaded here by depthprobe (float32, CPU),
 saved with ``save_pretrained`` to a temporary folder, and loaded there by transformers, so
 both sides see the same module tree and the same float32 weights. WW runs ``analyze()`` with
 its defaults; depthprobe runs :func:`depthprobe.probes.weight_spectra.spectra_table`. Only those
@@ -16,7 +16,7 @@ spectral norm, alpha-weighted; fits WW marks failed, alpha = -1, must be failed 
 and the time ratio. Goals (issue 28): alpha within 2 %, stable rank within 1e-3, on every
 matrix WW analyses; time <= 0.2x WW's. Exit 1 when a goal is missed.
 
-    .venv/bin/python benchmarks/bench_spectra_peer.py smollm2
+    .venv/bin/python benchmarks/bench_spectra_peer.py smollm2 [--ww-python V/bin/python]
     .venv/bin/python benchmarks/bench_spectra_peer.py minilm
     .venv/bin/python benchmarks/bench_spectra_peer.py tiny-llama      # also tiny-gpt2 (Conv1D), tiny-resnet (Conv2d)
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -121,8 +122,9 @@ def compare(ww: pd.DataFrame, ours: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="smollm2, minilm, a model folder, or tiny-llama / tiny-gpt2 / tiny-resnet")
-    ap.add_argument("--ww-python", default="/work/venv-spectra/bin/python",
-                    help="python of a venv with weightwatcher==0.7.7, torch and transformers")
+    ap.add_argument("--ww-python", default=os.environ.get("DEPTHPROBE_WW_PYTHON", sys.executable),
+                    help="python of a venv with weightwatcher==0.7.7, torch and transformers (default: "
+                    "$DEPTHPROBE_WW_PYTHON, else this python, as after pip install -e '.[bench]')")
     ap.add_argument("--csv", default=None, help="write the per-matrix comparison here")
     args = ap.parse_args()
 

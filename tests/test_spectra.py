@@ -192,6 +192,7 @@ def test_cli_spectra_is_data_free(tiny_dir, tmp_path, capsys):
     np.testing.assert_allclose(layers["spectra_stable_rank"], means["stable_rank"], rtol=1e-8)
     summary = pd.read_json(out / "summary.json", typ="series")
     assert summary["num_tokens"] == 0 and summary["base_loss"] is None
+    assert "Weight spectra per matrix" in (out / "report.html").read_text()
 
 
 def test_cli_empty_table_is_one_line_exit_2(tmp_path, capsys):
@@ -218,3 +219,28 @@ def test_spectra_beside_pass_metrics_and_in_the_proxy_table():
     assert proxies.loc["spectra_spectral_norm", "spearman"] == pytest.approx(
         spearman(layers["spectra_spectral_norm"], layers["drop_delta_loss"]))
     assert proxies.loc["spectra_alpha", "resampled"] == "fixed"
+
+
+def test_image_classifier_spectra_without_images_and_beside_a_pass(tmp_path, capsys):
+    import transformers
+
+    from depthprobe.images import load_images
+    from depthprobe.model.vision import VisionStack
+    from depthprobe.vision import analyze_images
+
+    torch.manual_seed(0)
+    model = transformers.ResNetForImageClassification(transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[2, 2], layer_type="basic", num_labels=10)).eval()
+    model.save_pretrained(tmp_path / "resnet")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:  # data-free: no --images needed
+        main(["analyze", str(tmp_path / "resnet"), "--metrics", "spectra", "--out", str(out), "-q"])
+    assert exc.value.code == 0
+    spectra = pd.read_csv(out / "spectra.csv")
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels * 9 >= 8]
+    assert set(convs) <= set(spectra.name) and (spectra.layer_type == "conv2d").sum() == len(convs)
+    stack = VisionStack.from_model(model)
+    inside = {n for i, b in enumerate(stack.blocks) for n, _ in b.module.named_modules(prefix=b.name)}
+    assert spectra.dropna(subset=["layer"]).name.isin(inside).all()
+    both = analyze_images(model, load_images("digits", None, 16, 40, 3), metrics="angular,spectra", progress=False)
+    assert {"angular_distance", "spectra_alpha"} <= set(both.layers.columns) and "spectra" in both.tables
