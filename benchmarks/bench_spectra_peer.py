@@ -18,7 +18,7 @@ matrix WW analyses; time <= 0.2x WW's. Exit 1 when a goal is missed.
 
     .venv/bin/python benchmarks/bench_spectra_peer.py smollm2 [--ww-python V/bin/python]
     .venv/bin/python benchmarks/bench_spectra_peer.py minilm
-    .venv/bin/python benchmarks/bench_spectra_peer.py tiny-llama      # also tiny-gpt2 (Conv1D), tiny-resnet (Conv2d)
+    .venv/bin/python benchmarks/bench_spectra_peer.py tiny-llama  # tiny-gpt2 (Conv1D), tiny-resnet, tiny-convnext, tiny-vit
 """
 
 from __future__ import annotations
@@ -74,7 +74,14 @@ def tiny(name: str) -> torch.nn.Module:
         config = transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 48], depths=[1, 2, 1],
                                            num_labels=10)
         return transformers.ResNetForImageClassification(config)
-    raise SystemExit(f"unknown tiny model {name!r}: tiny-llama, tiny-gpt2 or tiny-resnet")
+    if name == "tiny-convnext":  # depthwise (C, 1, 7, 7) kernels: 49 one-value slices pooled
+        return transformers.ConvNextForImageClassification(transformers.ConvNextConfig(
+            hidden_sizes=[8, 16], depths=[2, 2], num_stages=2, num_labels=10))
+    if name == "tiny-vit":
+        return transformers.ViTForImageClassification(transformers.ViTConfig(
+            hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32, image_size=16,
+            patch_size=4, num_labels=10))
+    raise SystemExit(f"unknown tiny model {name!r}: tiny-llama, tiny-gpt2, tiny-resnet, tiny-convnext or tiny-vit")
 
 
 def load(name: str) -> torch.nn.Module:
@@ -121,7 +128,7 @@ def compare(ww: pd.DataFrame, ours: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", help="smollm2, minilm, a model folder, or tiny-llama / tiny-gpt2 / tiny-resnet")
+    ap.add_argument("model", help="smollm2, minilm, a model folder, or tiny-llama / -gpt2 / -resnet / -convnext / -vit")
     ap.add_argument("--ww-python", default=os.environ.get("DEPTHPROBE_WW_PYTHON", sys.executable),
                     help="python of a venv with weightwatcher==0.7.7, torch and transformers (default: "
                     "$DEPTHPROBE_WW_PYTHON, else this python, as after pip install -e '.[bench]')")
