@@ -27,17 +27,24 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 COMMANDS = ("analyze", "prune", "train", "compare", "convert", "report", "check", "eval", "bench")
 
+# each prints the seconds of the load call itself, after the imports every script pays
 PLAIN_LOAD = """
-import time; t0 = time.perf_counter()
+import time
 from transformers import AutoModelForCausalLM, AutoTokenizer
 folder = {folder!r}
+t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
 tok = AutoTokenizer.from_pretrained(folder)
+print("LOAD_S", time.perf_counter() - t0)
 """
 
 DEPTHPROBE_LOAD = """
+import time
 import depthprobe
+from transformers import AutoModelForCausalLM
+t0 = time.perf_counter()
 model, tok = depthprobe.load_model("smollm2", device="cpu")
+print("LOAD_S", time.perf_counter() - t0)
 """
 
 # the same numbers analyze --metrics lens gives: per block, the next-token loss of the
@@ -65,13 +72,16 @@ print((losses / (ids.shape[0] * (ids.shape[1] - 1))).tolist())
 """
 
 
-def timed(argv: list[str], repeats: int) -> float:
-    """Median wall seconds of a fresh process running ``argv``."""
+def timed(argv: list[str], repeats: int, inner: list[float] | None = None) -> float:
+    """Median wall seconds of a fresh process running ``argv``; the ``LOAD_S`` seconds it
+    prints, if any, are appended to ``inner``."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        subprocess.run(argv, env=ENV, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(argv, env=ENV, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         times.append(time.perf_counter() - t0)
+        if inner is not None:
+            inner += [float(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("LOAD_S")]
     return statistics.median(times)
 
 
@@ -97,10 +107,14 @@ def main() -> None:
         print(f"  depthprobe {command + ' ' if command else ''}--help {t:6.2f} s  ({t / base:.2f}x baseline)")
 
     folder = cached_folder()
-    plain = timed([py, "-c", textwrap.dedent(PLAIN_LOAD.format(folder=folder))], args.repeats)
-    ours = timed([py, "-c", DEPTHPROBE_LOAD], args.repeats)
+    plain_call, ours_call = [], []
+    plain = timed([py, "-c", textwrap.dedent(PLAIN_LOAD.format(folder=folder))], args.repeats, plain_call)
+    ours = timed([py, "-c", DEPTHPROBE_LOAD], args.repeats, ours_call)
+    pc, oc = statistics.median(plain_call), statistics.median(ours_call)
     print(f"== second load_model('smollm2'), fresh process (goal <= 3 s idle)\n"
-          f"  depthprobe.load_model {ours:6.2f} s   plain from_pretrained {plain:6.2f} s  ({ours / plain:.2f}x)")
+          f"  whole process: depthprobe.load_model {ours:6.2f} s   plain from_pretrained {plain:6.2f} s  "
+          f"({ours / plain:.2f}x)\n"
+          f"  the call after imports: load_model {oc:6.2f} s   from_pretrained + tokenizer {pc:6.2f} s  ({oc / pc:.2f}x)")
 
     if not args.skip_analyze:
         n, t = 4, 256

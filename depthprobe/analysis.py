@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import platform
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +85,7 @@ def analyze(
     tokenizer=None,
     config: ProbeConfig | None = None,
     *,
-    windows: Windows | None = None,
+    windows: Windows | torch.Tensor | None = None,
     stack: LayerStack | None = None,
     run: RunOptions | None = None,
     **keywords,
@@ -98,7 +100,8 @@ def analyze(
             ``seq_len`` tokens of the calibration text (``text_file`` / ``dataset``, default the
             built-in corpus), ``batch_size``, ``layers_path`` and the typed sweep ``options``
             (:class:`~depthprobe.config.SweepOptions`, or a flat dict of its names).
-        windows: ready-made windows (override the text options of ``config``).
+        windows: ready-made windows (:class:`~depthprobe.data.Windows` or an ``(N, T)`` tensor of
+            token ids; they override the text options of ``config``).
         stack: a ready :class:`LayerStack` of ``model``.
         run: :class:`~depthprobe.config.RunOptions`: progress bars, ``progress_dir`` where the
             drop sweep appends its finished batches (``drop_progress.jsonl``, removed when the
@@ -118,6 +121,8 @@ def analyze(
         >>> r.layers.sort_values("angular_distance").head()                                  # doctest: +SKIP
     """
     config, run = from_keywords(config, run, keywords)
+    if isinstance(windows, torch.Tensor):  # token ids the caller made
+        windows = Windows(windows, "token ids passed to analyze")
     if windows is not None:  # the config records the windows measured
         config = dataclasses.replace(config, num_sequences=windows.num_sequences, seq_len=windows.seq_len)
     if not distributed.is_main():  # under torchrun rank 0 keeps the progress file and shows the bar
@@ -230,7 +235,13 @@ def _windows(model: torch.nn.Module, tokenizer, config: ProbeConfig) -> Windows:
 
 
 def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, SweepOutput], str | None]:
-    """Run the requested sweeps in order; a Ctrl-C keeps those finished and names the one cut."""
+    """Run the requested sweeps in order; a Ctrl-C keeps those finished and names the one cut.
+
+    A sweep the model's own forward refuses (it breaks when blocks are skipped) is left out
+    with its one-line reason in the sweep's ``not_applicable``; the others still run, so the
+    main pass and every finished sweep are kept. An error raised in depthprobe's own code is
+    a bug and propagates.
+    """
     done: dict[str, SweepOutput] = {}
     for name in metrics:
         if name not in SWEEPS:
@@ -240,22 +251,31 @@ def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, Swe
             out = SWEEPS[name](ctx)
         except KeyboardInterrupt:  # the caller saves what is finished and says how to resume
             return done, name
-        except (RuntimeError, ValueError, IndexError) as exc:  # the model's own code refuses a skipped block
-            raise sweep_unsupported(ctx, name, exc) from exc
+        except (RuntimeError, ValueError, IndexError) as exc:
+            if raised_by_depthprobe(exc):
+                raise
+            out = SweepOutput(columns={}, not_applicable={name: sweep_unsupported(ctx, name, exc)})
         out.seconds = out.seconds or (time.perf_counter() - t0)
         done[name] = out
     return done, None
 
 
-def sweep_unsupported(ctx: SweepContext, name: str, exc: Exception) -> DepthprobeError:
-    """One line for an architecture whose forward breaks when a sweep skips or replaces blocks
-    (layers that read state an earlier layer left: shared KV caches, shared indexers)."""
+def raised_by_depthprobe(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of ``exc`` is depthprobe's own code (not the model's,
+    transformers' or torch's)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = str(Path(__file__).resolve().parent)
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package + os.sep)
+
+
+def sweep_unsupported(ctx: SweepContext, name: str, exc: Exception) -> str:
+    """The reason, in one line, for an architecture whose forward breaks when a sweep skips or
+    replaces blocks (layers that read state an earlier layer left: shared KV caches, shared indexers)."""
     model_type = getattr(getattr(ctx.stack.model, "config", None), "model_type", None)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     log.debug("the %s sweep failed", name, exc_info=exc)
-    return DepthprobeError(f"--metrics {name} is not supported for {type(ctx.stack.model).__name__} "
-                           f"(model_type={model_type!r}): its forward fails when blocks are skipped ({type(exc).__name__}: "
-                           f"{first}); its blocks likely share state across layers; leave {name} out of --metrics")
+    return (f"not supported for {type(ctx.stack.model).__name__} (model_type={model_type!r}): its forward fails "
+            f"when blocks are skipped ({type(exc).__name__}: {first}); its blocks likely share state across layers")
 
 
 @dataclass
@@ -301,6 +321,7 @@ class RunSummary:
     nonfinite: dict[str, list[int]]
     interrupted: str | None
     config: dict
+    unsupported: dict[str, str] = field(default_factory=dict)  # sweep -> why the model's forward refused it
     extra: dict = field(default_factory=dict)  # entries the sweeps add (e.g. drop_base_loss)
     nonfinite_weights: list[int] = field(default_factory=list)  # blocks holding NaN/inf weights
 
@@ -342,6 +363,7 @@ class RunSummary:
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(stack.device),
             metrics=list(config.metrics), timings_s=timings, versions=versions(), notes=notes, nonfinite=nonfinite,
             interrupted=interrupted, config=config.to_dict(),
+            unsupported={name: out.not_applicable[name] for name, out in sweeps.items() if name in out.not_applicable},
             extra={k: v for out in sweeps.values() for k, v in out.summary.items()}
             | ({"cuda_peak_memory_bytes": torch.cuda.max_memory_allocated(stack.device)}
                if stack.device.type == "cuda" else {}),

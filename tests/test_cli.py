@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import transformers
 
 import depthprobe
 from depthprobe.cli import main
@@ -64,6 +65,8 @@ def unknown_arch(tmp_path):
         (["analyze", "./no/such/model"], "not found"),
         (["analyze", "meta-llama/Llama-2-7bxx"], "offline alternatives"),
         (["analyze", "{unknown}"], "unknown architecture"),
+        (["analyze", "{t5}"], "is an encoder-decoder model (t5)"),
+        (["prune", "{t5}", "--num-layers", "1", "--out", "{out}"], "is an encoder-decoder model (t5)"),
         (["analyze", "{llama}", "--seq-len", "0"], "--seq-len"),
         (["analyze", "{llama}", "--text-file", "{empty}"], "empty"),
         (["analyze", "{llama}", "--layers-path", "model.nothing"], "--layers-path"),
@@ -81,8 +84,10 @@ def test_user_mistakes_exit_2_with_one_line(args, message, tiny_dir, unknown_arc
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("a few words only")
+    t5 = tmp_path / "t5"  # a config is enough: the refusal comes before any weight is read
+    transformers.T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, vocab_size=64).save_pretrained(t5)
     subs = {"{llama}": str(tiny_dir("llama")), "{unknown}": str(unknown_arch), "{empty}": str(empty),
-            "{short}": str(short)}
+            "{short}": str(short), "{t5}": str(t5), "{out}": str(tmp_path / "out")}
     if "{llama}" in args and "--seq-len" not in args:
         args = [*args, "--seq-len", "32"]  # the tiny model has 128 positions
     args = [subs.get(a, a) for a in args] + ["--quiet"]

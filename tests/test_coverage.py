@@ -167,9 +167,13 @@ def test_router_load_entropy_equals_hand_count():
     assert M.load_entropy([5, 5, 5, 5]) == pytest.approx(math.log(4))
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "jamba", "gemma3", "deepseek_v3", "lfm2"])
-def test_export_config_follows_kept_blocks(model_type, tmp_path):
-    """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss."""
+@pytest.mark.parametrize("model_type, removed", [("qwen2_moe", 1), ("jamba", 1), ("gemma3", 1), ("deepseek_v3", 1),
+                                                ("lfm2", 1), ("diffllama", 1), ("afmoe", 0), ("deepseek_v3", 0),
+                                                ("beam", 0)])
+def test_export_config_follows_kept_blocks(model_type, removed, tmp_path):
+    """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss
+    (DiffLlama: its index-derived lambda_init is folded into the weights of renumbered blocks;
+    AFMoE / DeepSeek without their dense block 0: the dense-prefix count follows)."""
     from transformers import AutoModelForCausalLM
 
     from depthprobe.prune.export import remove_blocks, save_model
@@ -180,10 +184,10 @@ def test_export_config_follows_kept_blocks(model_type, tmp_path):
         pytest.skip(str(exc))
     stack = LayerStack.from_model(model)
     ids = cov.calibration_windows().input_ids
-    with torch.no_grad(), stack.keep_blocks([0, 2]):
+    with torch.no_grad(), stack.keep_blocks([i for i in range(3) if i != removed]):
         want = float(_mean_loss(model, ids))
     try:
-        remove_blocks(stack, [1])
+        remove_blocks(stack, [removed])
     except depthprobe.DepthprobeError as exc:
         assert "cannot" in str(exc)
         return
@@ -200,17 +204,31 @@ def _save(model, folder):
     return folder
 
 
+#: the architectures (of what transformers builds tiny) that do not pass, with why: each a one-line
+#: refusal, never a traceback (docs/coverage.md). Any other failure fails the test.
+KNOWN_FAILURES = {
+    "xlm": "keeps each block's parts in parallel lists (attentions, ffns, ...), not one module per block",
+    "gemma4_text": "later layers read the KV an earlier layer stored: skipping blocks breaks its forward (drop)",
+    "hy_v4": "shared DSA layers need top-k indices from an earlier indexer layer (drop)",
+}
+#: the catalogue in shards, so the two test workers share it (one test was the suite's longest)
+COVERAGE_SHARDS = 8
+NAMED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo2", "phi", "gpt2", "gpt_neox", "opt")
+
+
 @pytest.mark.slow
-def test_every_tiny_buildable_causal_lm_architecture():
-    """>= 95% of what transformers builds tiny pass analyze (finite block metrics) and
-    prune/export (reload reproduces the loss); every named family passes with sublayers."""
-    rows = cov.run_all()
-    built = [r for r in rows if r.buildable]
-    passed = [r for r in built if r.stage == "ok"]
-    failed = {r.model_type: r.reason for r in built if r.stage != "ok"}
-    assert len(passed) >= 0.95 * len(built), failed
-    by_type = {r.model_type: r for r in rows}
-    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma2", "olmo2", "phi", "gpt2", "gpt_neox", "opt"):
-        row = by_type[family]
-        assert row.stage == "ok", (family, row.reason)
-        assert row.metrics.get("grad_norm_attn") and row.metrics.get("drop_delta_loss_mlp"), family
+@pytest.mark.parametrize("shard", range(COVERAGE_SHARDS))
+def test_every_tiny_buildable_causal_lm_architecture(shard):
+    """What transformers builds tiny passes analyze (finite block metrics) and prune/export
+    (reload reproduces the loss), except the few known refusals (>= 98% of the catalogue);
+    every named family passes with sublayer metrics."""
+    catalogue = cov.causal_lm_types()
+    assert len(KNOWN_FAILURES) <= 0.02 * len(catalogue)
+    rows = cov.run_all(catalogue[shard::COVERAGE_SHARDS])
+    failed = {r.model_type: r.reason for r in rows if r.buildable and r.stage != "ok"}
+    assert {t.split("+")[0] for t in failed} <= set(KNOWN_FAILURES), failed
+    assert all("Traceback" not in reason for reason in failed.values())
+    for row in rows:
+        if row.model_type in NAMED_FAMILIES:
+            assert row.stage == "ok", (row.model_type, row.reason)
+            assert row.metrics.get("grad_norm_attn") and row.metrics.get("drop_delta_loss_mlp"), row.model_type

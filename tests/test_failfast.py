@@ -384,8 +384,9 @@ def test_an_interrupted_prune_names_its_resume_command_and_it_finishes(tiny_dir,
     assert json.loads((out / "prune.json").read_text())["removed"]
 
 
-def test_a_sweep_the_model_refuses_is_one_line():
-    """Gemma 4 text layers read KV a previous layer shared: skipping blocks breaks its forward."""
+def test_a_sweep_the_model_refuses_keeps_the_rest(tmp_path):
+    """Gemma 4 text layers read KV a previous layer shared: skipping blocks breaks its forward.
+    The API leaves the sweep out with its reason; the CLI saves the other metrics, then one line."""
     from tests import arch_coverage as cov
 
     try:
@@ -393,7 +394,34 @@ def test_a_sweep_the_model_refuses_is_one_line():
     except cov.Unsupported as exc:
         pytest.skip(str(exc))
     windows = cov.calibration_windows()
-    with pytest.raises(depthprobe.DepthprobeError, match="--metrics drop is not supported for") as exc:
-        depthprobe.analyze(model, windows=windows, metrics="angular,drop", progress=False,
-                           batch_size=windows.num_sequences, options={"block_sizes": ()})
-    assert "\n" not in str(exc.value)
+    result = depthprobe.analyze(model, windows=windows, metrics="angular,drop", progress=False,
+                                batch_size=windows.num_sequences, options={"block_sizes": ()})
+    reason = result.summary["unsupported"]["drop"]
+    assert reason.startswith("not supported for") and "\n" not in reason
+    assert "drop_delta_loss" not in result.layers and np.isfinite(result.layers["angular_distance"]).all()
+    assert any(n.startswith("drop: not supported") for n in result.summary["notes"])
+    folder, out = tmp_path / "tiny", tmp_path / "run"
+    model.save_pretrained(folder)
+    cov.tokenizer().save_pretrained(folder)
+    code, _, err = run(["analyze", str(folder), "--metrics", "angular,drop", "--num-sequences", "2",
+                        "--seq-len", "16", "--block-sizes", "", "--out", str(out)])
+    assert code == 2 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line.startswith("Error: --metrics drop is not supported for") and f"saved in {out}" in line
+    saved = pd.read_csv(out / "layers.csv")
+    assert np.isfinite(saved["angular_distance"]).all() and "drop_delta_loss" not in saved
+
+
+def test_a_sweep_failing_in_depthprobe_code_is_a_bug_not_a_refusal(monkeypatch, tiny_dir):
+    """Only the model's own code refusing skipped blocks becomes a refusal: an error raised in
+    depthprobe's code (here an IndexError in a metric) propagates with its traceback."""
+    from depthprobe import analysis
+    from depthprobe.probes import metrics as M
+
+    def broken_sweep(ctx):
+        return M.next_token_nll_sum(torch.zeros(2, 3, 4), torch.zeros(5, dtype=torch.long))
+
+    monkeypatch.setitem(analysis.SWEEPS, "drop", broken_sweep)
+    model, _ = depthprobe.load_model(str(tiny_dir("llama")), device="cpu")
+    with pytest.raises(IndexError):
+        depthprobe.analyze(model, windows=torch.randint(0, 64, (2, 16)), metrics="angular,drop", progress=False)

@@ -27,6 +27,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "depthprobe"
 LAYERS: dict[str, int] = {
     "depthprobe._version": 0,
     "depthprobe.errors": 0,
+    "depthprobe.hooking": 0,
     "depthprobe.config": 0,
     "depthprobe.runs": 0,
     "depthprobe.views": 0,
@@ -229,3 +230,12 @@ def test_functions_take_few_parameters():
 ])
 def test_parameter_count(source, expected):
     assert _num_parameters(_functions(ast.parse(source))[0]) == expected
+
+
+def test_hooks_are_registered_in_one_place():
+    """Every torch hook goes through depthprobe.hooking (removed when its ``with`` ends)."""
+    raw = [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+           for path in sorted(PACKAGE.rglob("*.py")) if path.name != "hooking.py" or path.parent != PACKAGE
+           for node in ast.walk(ast.parse(path.read_text()))
+           if isinstance(node, ast.Attribute) and node.attr.startswith("register_") and node.attr.endswith("hook")]
+    assert raw == []

@@ -131,6 +131,20 @@ def test_cli_resnet_and_vit_folders(tmp_path, capsys):
         assert summary["objective"] == "cross_entropy" and summary["num_images"] == 60
         assert (out / "report.html").is_file() == (kind == "resnet")
         assert np.isfinite(layers.drop_delta_loss).all() and np.isfinite(layers.grad_norm).all()
+    # --force into a used folder leaves exactly the new run: the old run's other files go, a user's stay
+    vit_run = tmp_path / "run-vit"
+    summary = json.loads((vit_run / "summary.json").read_text())
+    summary["files"].append("probe.csv")  # as an earlier --metrics probe run leaves it
+    (vit_run / "summary.json").write_text(json.dumps(summary))
+    (vit_run / "probe.csv").write_text("target,layer\n")
+    (vit_run / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["analyze", str(tmp_path / "vit"), "--images", "digits", "--image-size", "16",
+                            "--num-images", "60", "--metrics", "variance", "--out", str(vit_run), "-q",
+                            "--no-report", "--force"], capsys)
+    assert code in (0, None), err
+    new_files = set(json.loads((vit_run / "summary.json").read_text())["files"])
+    assert {p.name for p in vit_run.iterdir()} == new_files | {"notes.txt"} and "probe.csv" not in new_files
+    assert "drop_delta_loss" not in pd.read_csv(vit_run / "layers.csv")
     # `depthprobe check` compares vision runs like any other: itself passes, a moved drop value fails
     base = tmp_path / "run-resnet"
     assert run_cli(["check", str(base), "--baseline", str(base)], capsys)[0] in (0, None)

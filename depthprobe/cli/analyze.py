@@ -18,7 +18,6 @@ from depthprobe.cli.choices import (
 from depthprobe.cli.interrupts import interrupt_message, keeps
 from depthprobe.cli.options import (
     analysis_kwargs,
-    clear_owned_outputs,
     common_options,
     data_options,
     load_from_options,
@@ -26,13 +25,14 @@ from depthprobe.cli.options import (
     open_from_options,
     owned_outputs,
     refuse_existing_out,
+    save_run,
     setup_logging,
 )
 from depthprobe.cli.parsing import parse_list
 from depthprobe.cli.vision_options import run_image_analysis, vision_options
 from depthprobe.config import data_free
 from depthprobe.errors import DepthprobeError
-from depthprobe.runs import DROP_PROGRESS, REPORT_HTML
+from depthprobe.runs import DROP_PROGRESS
 from depthprobe.safeio import locks_out
 
 
@@ -154,8 +154,11 @@ def _analyze(opts: dict, options: dict) -> None:
         click.echo(format_table(result))
         if result.summary.get("proxy_verdict"):
             click.echo(result.summary["proxy_verdict"])
-    if main_rank:
-        _save(result, opts, measured)
+    if main_rank and (measured or not opts["out_dir"]):  # a run cut before any metric leaves nothing to save
+        save_run(result, opts)
+    for name, reason in result.summary.get("unsupported", {}).items():
+        saved = f"; the other metrics are saved in {opts['out_dir']}" if opts["out_dir"] and measured else ""
+        raise DepthprobeError(f"--metrics {name} is {reason}; leave {name} out of --metrics{saved}")
     if result.summary["interrupted"]:
         raise DepthprobeError(interrupted_message(result.summary["interrupted"], opts, measured))
     if result.summary["nonfinite"]:
@@ -169,22 +172,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _save(result, opts: dict, measured: list[str]) -> None:
-    from depthprobe.report import write_report
-
-    if not opts["out_dir"]:
-        # said even with -q (benchmarks time `analyze -q` without --out): a silent run saves nothing
-        click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
-    elif measured:  # an interrupt before any metric finished leaves nothing worth a table or report
-        out = result.save(opts["out_dir"])
-        if not opts["no_report"]:
-            write_report([result], out / REPORT_HTML)
-        written = set(result.summary["files"]) | ({REPORT_HTML} if not opts["no_report"] else set())
-        # the progress file is the drop sweep's own (a fresh sweep replaces an old one)
-        clear_owned_outputs(out, opts.get("stale", set()) - written - {DROP_PROGRESS})
-        click.echo(f"Results written to {out}/", err=True)
 
 
 def interrupted_message(sweep: str, opts: dict, measured: list[str]) -> str:

@@ -184,3 +184,23 @@ def setup_logging(verbose: bool) -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+
+
+def save_run(result, opts: dict) -> None:
+    """Write a run to ``--out``: its tables and ``summary.json`` (``result.save``), the report
+    unless ``--no-report``, then (``--force``) remove the old run's files ``opts["stale"]``
+    that this run did not write, so the folder holds exactly one run."""
+    from depthprobe.report import write_report
+    from depthprobe.runs import DROP_PROGRESS, REPORT_HTML
+
+    if not opts["out_dir"]:
+        # said even with -q (benchmarks time `analyze -q` without --out): a silent run saves nothing
+        click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
+        return
+    out = result.save(opts["out_dir"])
+    if not opts["no_report"]:
+        write_report([result], out / REPORT_HTML)
+    written = set(result.summary["files"]) | ({REPORT_HTML} if not opts["no_report"] else set())
+    # the progress file is the drop sweep's own (a fresh sweep replaces an old one)
+    clear_owned_outputs(out, opts.get("stale", set()) - written - {DROP_PROGRESS})
+    click.echo(f"Results written to {out}/", err=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from depthprobe.cli.options import owned_outputs, save_run, setup_logging
 from depthprobe.config import data_free, parse_metrics
 from depthprobe.errors import DepthprobeError
 
@@ -66,11 +67,14 @@ def run_image_analysis(opts: dict) -> bool:
     from depthprobe.model.vision import VisionStack
     from depthprobe.vision import analyze_images, load_vision_model
 
+    # --force: the old run's files, removed once the new run is saved (a failure keeps the old run)
+    opts["stale"] = owned_outputs(opts["out_dir"]) if opts["force"] and opts["out_dir"] else set()
+    setup_logging(opts["verbose"])  # as text runs: no transformers progress bars or warnings unless -v
     model = load_vision_model(opts["model"], trust_remote_code=opts.get("trust_remote_code", False))
     if weights_only and opts.get("images") is None:
         result = analyze_images(model, None, metrics=metrics, layers_path=opts.get("layers_path"),
                                 model_name=opts["model"], progress=not opts["quiet"])
-        _save(result, opts)
+        save_run(result, opts)
         return True
     stack = VisionStack.from_model(model, opts.get("layers_path"))
     size = opts.get("image_size") or (stack.image_size if opts["images"] == "digits" else None)
@@ -83,22 +87,10 @@ def run_image_analysis(opts: dict) -> bool:
                             progress=not opts["quiet"])
     if not opts["quiet"]:
         click.echo(format_image_table(result))
-    _save(result, opts)
+    save_run(result, opts)
     if result.summary["nonfinite"]:
         raise DepthprobeError(next(n for n in result.summary["notes"] if n.startswith("non-finite")))
     return True
-
-
-def _save(result, opts: dict) -> None:
-    from depthprobe.report import write_report
-
-    if not opts["out_dir"]:
-        click.echo("Nothing saved: add --out DIR to keep the table and the report.", err=True)
-        return
-    out = result.save(opts["out_dir"])
-    if not opts["no_report"]:
-        write_report([result], out / "report.html")
-    click.echo(f"Results written to {out}/", err=True)
 
 
 def format_image_table(result) -> str:

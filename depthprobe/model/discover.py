@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from depthprobe.hooking import hooked
+
 log = logging.getLogger(__name__)
 
 #: the sublayer kinds that get their own columns (``grad_norm_attn``, ``drop_delta_loss_mlp``)
@@ -112,7 +114,6 @@ def _first_tensor(value) -> torch.Tensor | None:
 @contextlib.contextmanager
 def _trace(blocks: nn.ModuleList, calls: list[list[_Call]], alive: list) -> Iterator[None]:
     """Record every direct child call of every block (``alive`` keeps tensors so ids stay unique)."""
-    handles = []
 
     def hooks(layer: int, name: str, kind: str | None):
         def pre(module, args, kwargs):
@@ -131,16 +132,12 @@ def _trace(blocks: nn.ModuleList, calls: list[list[_Call]], alive: list) -> Iter
 
         return pre, post
 
-    try:
+    with contextlib.ExitStack() as registered:
         for layer, block in enumerate(blocks):
             for name, child in block.named_children():
                 pre, post = hooks(layer, name, classify(name, child))
-                handles.append(child.register_forward_pre_hook(pre, with_kwargs=True))
-                handles.append(child.register_forward_hook(post, with_kwargs=True))
+                registered.enter_context(hooked(child, pre=pre, post=post))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def trace_block_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor) -> list[list[_Call]]:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
+
+from depthprobe.errors import DepthprobeError
 
 
 def renumber_layer_idx(blocks: nn.ModuleList) -> None:
@@ -23,6 +27,45 @@ def renumber_layer_idx(blocks: nn.ModuleList) -> None:
         for module in block.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
+
+
+def fold_index_constants(blocks: nn.ModuleList, keep: Sequence[int]) -> None:
+    """Blocks whose computation depends on their own index through a constant the module
+    recomputes from ``layer_idx`` at init (not a saved weight) get that dependence folded into
+    their weights, so a pruned export, rebuilt with new indices, computes what the kept blocks
+    computed in place. ``blocks[i]`` was block ``keep[i]``."""
+    for new, (old, block) in enumerate(zip(keep, blocks, strict=True)):
+        if old == new:
+            continue
+        for module in block.modules():
+            fold = INDEX_CONSTANT_FOLDS.get(type(module).__name__)
+            if fold is not None:
+                fold(module, new)
+
+
+def _fold_diff_attention(attn: nn.Module, new_index: int) -> None:
+    """DiffLlama: ``λ_init(l) = 0.8 − 0.6·exp(−0.3·l)`` enters as
+    ``λ = exp(q1·k1) − exp(q2·k2) + λ_init`` and as the output scale ``(1 − λ_init)``.
+    At index l' the same outputs need ``exp(q1'·k1) = exp(q1·k1) + λ_init(l) − λ_init(l')``
+    (``q1`` rescaled along ``k1``) and ``o_proj`` scaled by ``(1 − λ_init(l)) / (1 − λ_init(l'))``."""
+    old = float(attn.lambda_init)
+    new = float(sys.modules[type(attn).__module__].lambda_init_fn(new_index))
+    with torch.no_grad():
+        q1, k1 = attn.lambda_q1.double(), attn.lambda_k1.double()
+        target = math.exp(float((q1 * k1).sum())) + old - new
+        norm = float((k1 * k1).sum())
+        if target <= 0 or norm == 0:
+            raise DepthprobeError(f"{type(attn).__name__}'s lambda cannot be carried to block index {new_index}; "
+                                  "remove other blocks")
+        # q1' = q1 + c·k1 with q1'·k1 = log(target)
+        c = (math.log(target) - float((q1 * k1).sum())) / norm
+        attn.lambda_q1.copy_((q1 + c * k1).to(attn.lambda_q1.dtype))
+        attn.o_proj.weight.mul_((1 - old) / (1 - new))
+    attn.lambda_init = new
+
+
+#: module class name -> fold of its index-derived constants (:func:`fold_index_constants`)
+INDEX_CONSTANT_FOLDS: dict[str, Callable[[nn.Module, int], None]] = {"DiffLlamaAttention": _fold_diff_attention}
 
 
 def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
@@ -41,6 +84,8 @@ def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[n
     return saved
 
 
+#: config counts of leading dense (non-MoE) blocks (DeepSeek-likes, AFMoE)
+_DENSE_PREFIX_COUNTS = ("first_k_dense_replace", "num_dense_layers")
 _NOT_PER_LAYER = ("architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens")
 
 
@@ -52,7 +97,8 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     every list as long as the block count (``layer_types``, ``layers_block_type``, ...) keeps
     the kept entries; every list of layer indices (``mlp_only_layers``, names ending in
     ``_layers``) keeps the kept ones, renumbered; dicts keyed by layer index likewise;
-    ``first_k_dense_replace`` (the first k blocks are dense) counts the kept dense blocks.
+    ``first_k_dense_replace`` / ``num_dense_layers`` (the first k blocks are dense) count the
+    kept dense blocks.
     """
     saved: dict = {}
     new_index = {old: new for new, old in enumerate(keep)}
@@ -77,9 +123,10 @@ def slice_layer_config(config, keep: list[int], num_blocks: int) -> dict:
     if isinstance(getattr(config, "scale_depth", None), (int, float)) and _settable(config, "scale_depth"):
         # MiniCPM scales each residual branch by scale_depth / sqrt(num_hidden_layers): keep the scale
         update("scale_depth", config.scale_depth * math.sqrt(len(keep) / num_blocks))
-    k = getattr(config, "first_k_dense_replace", None)
-    if isinstance(k, int) and _settable(config, "first_k_dense_replace"):
-        update("first_k_dense_replace", sum(1 for i in keep if i < k))
+    for name in _DENSE_PREFIX_COUNTS:  # the first k blocks are dense: kept dense blocks stay a prefix
+        k = getattr(config, name, None)
+        if isinstance(k, int) and _settable(config, name):
+            update(name, sum(1 for i in keep if i < k))
     for name in _LAYER_COUNTS:  # some configs repeat the block count under another name (xLSTM)
         if vars(config).get(name) == num_blocks and _settable(config, name):
             update(name, len(keep))

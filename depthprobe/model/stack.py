@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.hooking import hooked
 from depthprobe.model.discover import (
     Sublayer,
     bert_style_sublayers,
@@ -41,6 +42,7 @@ from depthprobe.model.locate import (  # noqa: F401  (num_experts, experts_per_t
     refuse_parallel_lists,
 )
 from depthprobe.model.slicing import (  # noqa: F401  (slice_layer_config re-exported)
+    fold_index_constants,
     remap_layer_maps,
     renumber_layer_idx,
     slice_layer_config,
@@ -265,6 +267,12 @@ class LayerStack:
             return None
         return router_of(core, num_experts(getattr(self.model, "config", None)))
 
+    @property
+    def positionwise_head(self) -> bool:
+        """Whether :meth:`logits` applies the final norm and head position by position (named
+        families), so a slice of positions gives the same logits as the full state sliced."""
+        return self.head is not None and self.spec is not None and bool(self.spec.head)
+
     def logits(self, hidden: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final norm and head applied to a residual-stream state ``(B, T, d) -> (B, T, V)``.
 
@@ -299,12 +307,8 @@ class LayerStack:
 
         ids = (input_ids.to(self.input_device) if input_ids is not None
                else torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.input_device))
-        handle = last.register_forward_hook(replace_output, with_kwargs=True)
-        try:
-            with self.start_at(len(self) - 1, hidden):
-                return lm_logits(self.model(input_ids=ids, use_cache=False))
-        finally:
-            handle.remove()
+        with hooked(last, post=replace_output), self.start_at(len(self) - 1, hidden):
+            return lm_logits(self.model(input_ids=ids, use_cache=False))
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final hidden state (after the final norm, if any) for a stream state."""
@@ -358,6 +362,7 @@ class LayerStack:
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
         remap_layer_maps(self.blocks, keep)
+        fold_index_constants(nn.ModuleList([self.blocks[i] for i in keep]), keep)
         self._apply_keep(keep, self.layer_config)
         new = LayerStack.from_model(self.model, self.blocks_path if self.spec is None else None)
         if self._sublayers is not None:
@@ -391,12 +396,8 @@ class LayerStack:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
 
-        handle = first.register_forward_pre_hook(swap_input, with_kwargs=True)
-        try:
-            with self.keep_blocks(keep):
-                yield
-        finally:
-            handle.remove()
+        with hooked(first, pre=swap_input), self.keep_blocks(keep):
+            yield
 
     def _parent_and_attr(self) -> tuple[nn.Module, str]:
         if "." in self.blocks_path:

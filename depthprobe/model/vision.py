@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.hooking import hooked_all
 from depthprobe.model.locate import generic_blocks_path
 
 __all__ = ["VISION_TYPES", "VisionBlock", "VisionStack", "is_vision_model"]
@@ -143,17 +144,14 @@ class VisionStack:
     @contextlib.contextmanager
     def replace_outputs(self, replace: Mapping[int, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
         """Within the block, block ``i``'s output is ``replace[i](its input)``; hooks removed after."""
-        handles = []
-        for i, fn in replace.items():
-            def hook(module, args, kwargs, output, fn=fn):
+        def hook_for(fn):
+            def hook(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 return _with_tensor(output, fn(x))
-            handles.append(self.blocks[i].module.register_forward_hook(hook, with_kwargs=True))
-        try:
+            return hook
+
+        with hooked_all(((self.blocks[i].module, hook_for(fn)) for i, fn in replace.items()), with_kwargs=True):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def skip(self, layer: int):
         """Block ``layer`` replaced by its shortcut (raises when it has none)."""
@@ -178,16 +176,15 @@ class VisionStack:
             size = self.image_size or 32
             pixel_values = torch.zeros(1, self.num_channels, size, size, device=self.device)
         shapes: dict[int, tuple] = {}
-        handles = [b.module.register_forward_hook(
-            lambda m, args, kwargs, out, i=i: shapes.__setitem__(
-                i, (tuple((args[0] if args else kwargs["hidden_states"]).shape[1:]), tuple(_output_tensor(out).shape[1:]))),
-            with_kwargs=True) for i, b in enumerate(self.blocks)]
-        try:
-            with torch.no_grad():
-                self.logits(pixel_values)
-        finally:
-            for h in handles:
-                h.remove()
+
+        def record(i):
+            def hook(module, args, kwargs, out):
+                x = args[0] if args else kwargs["hidden_states"]
+                shapes[i] = (tuple(x.shape[1:]), tuple(_output_tensor(out).shape[1:]))
+            return hook
+
+        with hooked_all(((b.module, record(i)) for i, b in enumerate(self.blocks)), with_kwargs=True), torch.no_grad():
+            self.logits(pixel_values)
         for i, b in enumerate(self.blocks):
             if i in shapes:
                 b.downsample = shapes[i][0] != shapes[i][1]

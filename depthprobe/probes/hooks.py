@@ -1,7 +1,8 @@
 """Temporary hooks on a :class:`LayerStack`, always removed when the ``with`` block ends.
 
-Every hook in depthprobe's probes, pruning and repair is registered through :func:`hooked`
-(module hooks) or :func:`grad_hooks` (parameter gradients), so none outlives its ``with``.
+Every hook in depthprobe is registered through :func:`~depthprobe.hooking.hooked` (module
+hooks) or :func:`~depthprobe.hooking.grad_hooks` (parameter gradients), so none outlives its
+``with``; this module names the sites and builds block callbacks on them.
 
 Hook sites are named as in TransformerLens, one grammar for hooks, tables and the report:
 
@@ -19,12 +20,13 @@ Block callbacks receive ``(l, x_l, x_{l+1})``: block ``l``'s input and raw outpu
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.hooking import grad_hooks, hooked, hooked_all  # noqa: F401 - re-exported: the probes' one import
 from depthprobe.model.stack import LayerStack, block_output
 
 #: callback(layer, x_in, x_out) for every block, in forward order
@@ -56,48 +58,6 @@ def site_module(stack: LayerStack, name: str) -> tuple[nn.Module, str]:
     if module is None:
         raise DepthprobeError(f"block {layer} of this model has no {point} site (no separable sublayer found)")
     return module, where
-
-
-@contextlib.contextmanager
-def hooked(module: nn.Module, *, pre: Callable | None = None, post: Callable | None = None,
-           with_kwargs: bool = True) -> Iterator[None]:
-    """Register a forward pre-hook and/or forward hook on ``module`` for the ``with`` block.
-
-    With ``with_kwargs`` the hooks get ``(module, args, kwargs)`` / ``(module, args, kwargs,
-    output)``, else ``(module, args)`` / ``(module, args, output)``; their return values act
-    as in :meth:`torch.nn.Module.register_forward_hook`.
-    """
-    handles = []
-    try:
-        if pre is not None:
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=with_kwargs))
-        if post is not None:
-            handles.append(module.register_forward_hook(post, with_kwargs=with_kwargs))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
-def hooked_all(hooks: Iterable[tuple[nn.Module, Callable]], with_kwargs: bool = False) -> Iterator[None]:
-    """Forward hooks ``(module, hook)`` on many modules at once (see :func:`hooked`)."""
-    with contextlib.ExitStack() as stack:
-        for module, hook in hooks:
-            stack.enter_context(hooked(module, post=hook, with_kwargs=with_kwargs))
-        yield
-
-
-@contextlib.contextmanager
-def grad_hooks(params: Iterable[torch.Tensor], hook: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """``hook(p)`` once each parameter's gradient has been accumulated, for the ``with`` block."""
-    handles = []
-    try:
-        handles = [p.register_post_accumulate_grad_hook(hook) for p in params]
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

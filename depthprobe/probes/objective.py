@@ -134,6 +134,8 @@ class Objective:
     def stream_sum(self, hidden: torch.Tensor, batch: Batch, reference: torch.Tensor | None) -> float:
         """Summed objective (over predictions, or tokens for drift) with ``hidden`` as the last
         block's output: the logit lens."""
+        if self.lm and self.stack.positionwise_head:  # the last position predicts nothing: no head for it
+            return float(M.shifted_nll_sum(self.stack.logits(hidden[:, :-1]), batch.targets[:, 1:]))
         if self.lm:
             return float(M.next_token_nll_sum(self.stack.logits(hidden, batch.input_ids), batch.targets)[0])
         return M.cosine_drift_sum(self.stack.final_hidden(hidden), reference)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from depthprobe.hooking import hooked
 from depthprobe.images import ImageSet
 from depthprobe.model.vision import VisionStack
 
@@ -40,14 +41,10 @@ def grad_cam(stack: VisionStack, pixels: torch.Tensor, targets: torch.Tensor, la
         out.retain_grad()
         kept["a"] = out
 
-    handle = stack.blocks[layer].module.register_forward_hook(hook)
-    try:
-        with torch.enable_grad():
-            logits = stack.logits(pixels)
-            score = logits.sum() if targets.dtype.is_floating_point else logits.gather(1, targets[:, None]).sum()
-            grad = torch.autograd.grad(score, kept["a"])[0]
-    finally:
-        handle.remove()
+    with hooked(stack.blocks[layer].module, post=hook, with_kwargs=False), torch.enable_grad():
+        logits = stack.logits(pixels)
+        score = logits.sum() if targets.dtype.is_floating_point else logits.gather(1, targets[:, None]).sum()
+        grad = torch.autograd.grad(score, kept["a"])[0]
     a = kept["a"].detach()
     weights = grad.mean(dim=(2, 3), keepdim=True)
     return F.relu((weights * a).sum(1))

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from depthprobe.hooking import hooked_all
 from depthprobe.images import ImageSet
 from depthprobe.model.vision import VisionStack
 from depthprobe.probes import metrics as M
@@ -173,10 +174,9 @@ def run_vision_pass(stack: VisionStack, images: ImageSet, metrics: Sequence[str]
                 feats[i].append(pooled(out, layout).float().cpu().numpy())
 
     grad = "grad" in metrics
-    handles = [b.module.register_forward_hook(lambda m, a, k, o, i=i: hook(m, a, k, o, i), with_kwargs=True)
-               for i, b in enumerate(stack.blocks)]
+    hooks = [(b.module, lambda m, a, k, o, i=i: hook(m, a, k, o, i)) for i, b in enumerate(stack.blocks)]
     loss_sum = err_sum = 0.0
-    try:
+    with hooked_all(hooks, with_kwargs=True):
         stack.model.zero_grad(set_to_none=True)
         for batch in _batches(images, batch_size, objective, "vision pass", progress):
             with torch.set_grad_enabled(grad):
@@ -186,9 +186,6 @@ def run_vision_pass(stack: VisionStack, images: ImageSet, metrics: Sequence[str]
                 (loss / len(images)).backward()  # accumulates the gradient of the mean over all images
             loss_sum += float(loss.detach())
             err_sum += objective.error_sum(logits.detach(), batch.targets)
-    finally:
-        for h in handles:
-            h.remove()
     count = np.maximum(sums.count, 1)
     columns = {"angular_distance": list(sums.ang / count), "block_influence": list(1 - sums.cos / count),
                "activation_variance": list(sums.var / count), "activation_rms": list(sums.rms / count),

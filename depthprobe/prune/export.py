@@ -7,9 +7,11 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.model.slicing import INDEX_CONSTANT_FOLDS
 from depthprobe.model.stack import LayerStack, slice_layer_config
 from depthprobe.safeio import atomic_save_pretrained
 
@@ -71,6 +73,7 @@ def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> Non
                 f"(from a period or a fixed rule) as {got} instead of the kept {want}; choose other blocks "
                 "with --remove"
             )
+    _check_blocks_after(stack, reloaded, keep)
     validate = getattr(trial, "validate", None)
     if not callable(validate):
         return
@@ -82,6 +85,35 @@ def _check_config_after(stack: LayerStack, config, remove: Sequence[int]) -> Non
             f"cannot remove blocks {sorted(set(remove))}: the pruned {type(config).__name__} would be invalid "
             f"({reason}); choose other blocks with --remove"
         ) from exc
+
+
+def _check_blocks_after(stack: LayerStack, reloaded_config, keep: list[int]) -> None:
+    """Refuse a removal after which the reloaded model would rebuild a kept block's constants
+    from its new index (Beam's depth-scaled residual ``attn_residual_add_idx``): built on the
+    meta device from the pruned config, every block's scalar attributes must equal the kept
+    block's (``layer_idx`` aside; modules with a fold, :data:`INDEX_CONSTANT_FOLDS`, aside)."""
+    try:
+        with torch.device("meta"):
+            fresh = LayerStack.from_model(type(stack.model)(reloaded_config))
+    except Exception:  # noqa: BLE001 - a model that cannot be rebuilt this way is checked by its reload
+        return
+    for new, old in enumerate(keep):
+        if new == old or new >= len(fresh):
+            continue
+        for (name, module), (_, rebuilt) in zip(stack.blocks[old].named_modules(), fresh.blocks[new].named_modules(),
+                                                strict=False):
+            if type(module) is not type(rebuilt) or type(module).__name__ in INDEX_CONSTANT_FOLDS:
+                continue
+            for attr, value in vars(module).items():
+                if attr.startswith("_") or attr in ("layer_idx", "training") or type(value) not in (int, float, bool):
+                    continue
+                if getattr(rebuilt, attr, value) != value:
+                    where = f"{type(module).__name__}.{attr}" + (f" ({name})" if name else "")
+                    raise DepthprobeError(
+                        f"cannot remove blocks {sorted(set(range(len(stack))) - set(keep))}: the model rebuilds "
+                        f"{where} from the block index on load ({value} in block {old}, {getattr(rebuilt, attr)} "
+                        f"as block {new}), so the export would not compute what was measured; choose other blocks "
+                        "with --remove (removing only the last blocks renumbers none)")
 
 
 def save_model(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
