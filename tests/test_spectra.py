@@ -244,3 +244,21 @@ def test_image_classifier_spectra_without_images_and_beside_a_pass(tmp_path, cap
     assert spectra.dropna(subset=["layer"]).name.isin(inside).all()
     both = analyze_images(model, load_images("digits", None, 16, 40, 3), metrics="angular,spectra", progress=False)
     assert {"angular_distance", "spectra_alpha"} <= set(both.layers.columns) and "spectra" in both.tables
+
+
+def test_torch_path_and_parallel_pool_equal_the_serial_cpu_path():
+    torch.manual_seed(1)
+    w = torch.randn(3, 40, 24)  # batched, as Conv2d slices
+    np.testing.assert_allclose(esd._gram_eigenvalues_torch(w, 0.5), esd.gram_eigenvalues(w, 0.5), rtol=1e-10,
+                               atol=1e-12)  # the CUDA code, run on CPU tensors
+    model = build_tiny("llama", hidden_size=48, intermediate_size=64, num_hidden_layers=2)
+    blocks = block_modules(LayerStack.from_model(model))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = spectra_table(model, blocks, progress=False)[0]
+        torch.set_num_threads(2)
+        parallel = spectra_table(model, blocks, progress=False)[0]
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(parallel, serial, rtol=1e-10)
