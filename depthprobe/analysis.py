@@ -3,6 +3,8 @@
 The steps, each a small function:
 
 1. :class:`ProbeConfig`: what to measure and on which tokens (typed sweep options included).
+   Data-free metrics (:data:`WEIGHT_SWEEPS`: ``spectra``) run first and, alone, are the whole
+   run: no windows, no forward pass.
 2. :func:`~depthprobe.probes.main_pass.run_main_pass`: one forward (+ backward for ``grad``)
    over all windows; block hooks feed a streaming accumulator.
 3. Sweeps (:data:`SWEEPS`, registered by function reference): passes the main pass cannot
