@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -105,32 +105,32 @@ def block_modules(stack) -> list[nn.Module]:
     return [getattr(block, "module", block) for block in stack.blocks]
 
 
-def find_matrices(model: nn.Module, blocks: Sequence[nn.Module] = ()) -> tuple[list[Matrix], Counter]:
+def find_matrices(model: nn.Module, blocks: Sequence[nn.Module] = ()) -> tuple[list[Matrix], dict[str, list[str]]]:
     """The modules WW analyses, in ``named_modules`` order (``layer``: the index of the block in
-    ``blocks`` holding it), and ``reason -> count`` of the skipped modules that hold a weight."""
+    ``blocks`` holding it), and ``reason -> names`` of the skipped modules that hold a weight."""
     owner = {id(sub): i for i, block in enumerate(blocks) for sub in block.modules()}
-    found, skipped = [], Counter()
+    found, skipped = [], defaultdict(list)
     for name, module in model.named_modules():
         kind = ww_layer_type(module)
         weight = getattr(module, "weight", None)
         if kind is None or not isinstance(weight, torch.Tensor):
             if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-                skipped["not a Linear, Conv1D, Conv2d or Embedding layer"] += 1
+                skipped["not a Linear, Conv1D, Conv2d or Embedding layer"].append(name)
             continue
         if kind == "norm":
-            skipped["norm layers (no matrix)"] += 1
+            skipped["norm layers (no matrix)"].append(name)
             continue
         shape = matrix_shape(kind, tuple(weight.shape))
         if shape is None:
-            skipped[f"{kind} weights of {weight.dim()} dims (WW needs 2, or 4 for Conv2d)"] += 1
+            skipped[f"{kind} weights of {weight.dim()} dims (WW needs 2, or 4 for Conv2d)"].append(name)
             continue
         n, m, rf = shape
         reason = _size_reason(n, m, rf)
         if reason:
-            skipped[reason] += 1
+            skipped[reason].append(name)
             continue
         found.append(Matrix(name, module, kind, n, m, rf, owner.get(id(module), math.nan)))
-    return found, skipped
+    return found, dict(skipped)
 
 
 def _size_reason(n: int, m: int, rf: int) -> str | None:
@@ -143,12 +143,14 @@ def _size_reason(n: int, m: int, rf: int) -> str | None:
     return None
 
 
-def skipped_text(skipped: Counter) -> str:
-    """``"3 skipped: 2 norm layers (no matrix), 1 ..."`` (empty when nothing was skipped)."""
+def skipped_text(skipped: dict[str, list[str]]) -> str:
+    """``"3 module(s) skipped: 2 norm layers (no matrix) (e.g. norm, ln_f), 1 ..."`` (empty when
+    nothing was skipped), the most common reason first."""
     if not skipped:
         return ""
-    parts = ", ".join(f"{count} {reason}" for reason, count in skipped.most_common())
-    return f"{sum(skipped.values())} module(s) skipped: {parts}"
+    ranked = sorted(skipped.items(), key=lambda item: -len(item[1]))
+    parts = ", ".join(f"{len(names)} {reason} (e.g. {', '.join(names[:2])})" for reason, names in ranked)
+    return f"{sum(map(len, skipped.values()))} module(s) skipped: {parts}"
 
 
 def matrix_eigenvalues(matrix: Matrix) -> np.ndarray:
@@ -186,7 +188,7 @@ def matrix_row(matrix: Matrix, evals: np.ndarray) -> dict:
 
 
 def spectra_table(model: nn.Module, blocks: Sequence[nn.Module] = (),
-                  progress: bool = True) -> tuple[pd.DataFrame, Counter]:
+                  progress: bool = True) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """``spectra.csv`` (one row per matrix, :data:`SPECTRA_COLUMNS`) and the skip counts;
     ``layer`` is the index in ``blocks`` of the block holding the matrix (NaN outside).
 
@@ -256,7 +258,7 @@ def spectra_sweep(stack: LayerStack, progress: bool = True) -> SweepOutput:
             not_applicable[column] = (f"blocks {empty} have no matrix WeightWatcher analyses"
                                       + (" or no power-law fit" if "alpha" in column else ""))
     failed = int((table["status"] != "success").sum())
-    summary = {"spectra": {"matrices": len(table), "failed_fits": failed, "skipped": dict(skipped),
+    summary = {"spectra": {"matrices": len(table), "failed_fits": failed, "skipped": {reason: len(names) for reason, names in skipped.items()},
                            "conventions": "WeightWatcher 0.7.7 analyze() defaults"}}
     return SweepOutput(columns=columns, tables={"spectra": table}, summary=summary,
                        seconds=time.perf_counter() - t0, not_applicable=not_applicable)
