@@ -262,3 +262,11 @@ def test_torch_path_and_parallel_pool_equal_the_serial_cpu_path():
     finally:
         torch.set_num_threads(threads)
     pd.testing.assert_frame_equal(parallel, serial, rtol=1e-10)
+
+
+def test_non_finite_weights_are_a_status_not_a_crash():
+    layer = nn.Linear(16, 12)
+    with torch.no_grad():
+        layer.weight[3, 5] = float("nan")
+    row = spectra_table(nn.Sequential(layer, nn.Linear(16, 16)), progress=False)[0].iloc[0]
+    assert row.status == "non-finite weights" and math.isnan(row.alpha) and math.isnan(row.stable_rank)

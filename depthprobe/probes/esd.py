@@ -91,7 +91,7 @@ def _gram_eigenvalues_cpu(w: torch.Tensor, scale: float) -> np.ndarray:
     for chunk in _row_chunks(w):
         # dsyrk(alpha, A) = alpha A A^T on the upper triangle; A = chunk^T, a Fortran view (no copy)
         gram = blas.dsyrk(scale * scale, chunk.numpy().T, beta=1.0, c=gram, overwrite_c=1)
-    if not np.isfinite(np.triu(gram)).all():
+    if not np.isfinite(np.diagonal(gram)).all():  # G_kk = sum_i w_ik^2: non-finite iff a weight of column k is
         return np.full(m, np.nan)
     evals = scipy.linalg.eigvalsh(gram, lower=False, driver="ev", overwrite_a=True, check_finite=False)
     return np.clip(evals, 0, None)
