@@ -3,6 +3,8 @@
 The steps, each a small function:
 
 1. :class:`ProbeConfig`: what to measure and on which tokens (typed sweep options included).
+   Data-free metrics (:data:`WEIGHT_SWEEPS`: ``spectra``) run first and, alone, are the whole
+   run: no windows, no forward pass.
 2. :func:`~depthprobe.probes.main_pass.run_main_pass`: one forward (+ backward for ``grad``)
    over all windows; block hooks feed a streaming accumulator.
 3. Sweeps (:data:`SWEEPS`, registered by function reference): passes the main pass cannot
@@ -42,6 +44,7 @@ from depthprobe.config import (
     RUN_FIELDS,
     ProbeConfig,
     RunOptions,
+    data_free,
     keyword_overrides,
     parse_metrics,
 )
@@ -60,6 +63,7 @@ from depthprobe.probes.objective import Objective, objective_for
 from depthprobe.probes.offload import is_offloaded, use_layer_major
 from depthprobe.probes.sweep import Sweep, SweepContext, SweepOptions, SweepOutput
 from depthprobe.probes.text_probe import probe_sweep
+from depthprobe.probes.weight_spectra import spectra_sweep
 from depthprobe.results import AnalysisResult, angular_matrix_frame
 from depthprobe.runs import DROP_PROGRESS
 from depthprobe.stats import with_proxy_statistics
@@ -70,6 +74,9 @@ log = logging.getLogger(__name__)
 #: (the names are :data:`depthprobe.config.SWEEP_METRICS`)
 SWEEPS: dict[str, Sweep] = {"drop": drop_sweep, "attribution": attribution_sweep, "probe": probe_sweep,
                             "tuned-lens": tuned_lens_sweep}
+#: data-free metrics: name -> function(stack, progress) -> SweepOutput, run before any pass (an
+#: empty result fails fast); alone they need no text (:data:`depthprobe.config.WEIGHT_METRICS`)
+WEIGHT_SWEEPS = {"spectra": spectra_sweep}
 
 __all__ = [
     "ALL_METRICS", "DEFAULT_METRICS", "PASS_METRICS", "SWEEPS", "ProbeConfig", "RunOptions", "RunSummary", "SweepContext",
@@ -164,8 +171,11 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
     """The measurements of :func:`analyze` (main pass, sweeps, summary), without statistics."""
     stack = stack or LayerStack.from_model(model, config.layers_path)
     progress = progress and distributed.is_main()
-    windows = windows if windows is not None else _windows(model, tokenizer, config)
     objective = objective_for(stack)
+    weights = {name: sweep(stack, progress) for name, sweep in WEIGHT_SWEEPS.items() if name in config.metrics}
+    if data_free(config.metrics):  # weights only: no text, no forward pass
+        return _result(model, stack, None, config, objective, Measured(_no_pass(), weights, None, None), model_name)
+    windows = windows if windows is not None else _windows(model, tokenizer, config)
     log.info("analyze %s: %d blocks, metrics %s, %d windows x %d tokens of %s", type(model).__name__, len(stack),
              ",".join(config.metrics), windows.num_sequences, windows.seq_len, windows.source)
     if stack.device.type == "cuda":  # summary.json reports this run's CUDA peak
@@ -180,11 +190,24 @@ def measure(model: torch.nn.Module, tokenizer, config: ProbeConfig, *, windows: 
         sweeps, interrupted = run_sweeps(ctx, config.metrics)
         if config.options.lens.positions and not interrupted:  # --lens-positions: lens_tokens.csv
             sweeps["lens-tokens"] = lens_tokens_sweep(ctx)
+    return _result(model, stack, windows, config, objective, Measured(main, weights | sweeps, interrupted, None),
+                   model_name)
+
+
+def _no_pass() -> PassResult:
+    """The main pass of a data-free run: nothing measured."""
+    return PassResult(columns={}, timings={}, base_loss=None, window_nll=None, angular_matrix=None)
+
+
+def _result(model, stack: LayerStack, windows: Windows | None, config: ProbeConfig, objective: Objective,
+            measured: Measured, model_name: str | None) -> AnalysisResult:
+    """The per-layer table, the summary and the extra tables of what was measured."""
+    main, sweeps = measured.main, measured.sweeps
     layers = pd.DataFrame({"layer": np.arange(len(stack)),
                            **{k: np.asarray(v, float) for k, v in main.columns.items()},
                            **{k: np.asarray(v, float) for out in sweeps.values() for k, v in out.columns.items()}})
-    summary = RunSummary.build(model, stack, windows, config, objective, Measured(main, sweeps, interrupted, layers),
-                               model_name)
+    measured = dataclasses.replace(measured, layers=layers)
+    summary = RunSummary.build(model, stack, windows, config, objective, measured, model_name)
     return AnalysisResult(
         layers=layers,
         summary=summary.to_dict(),
@@ -269,7 +292,7 @@ class Measured:
     main: PassResult
     sweeps: dict[str, SweepOutput]
     interrupted: str | None
-    layers: pd.DataFrame
+    layers: pd.DataFrame | None
 
 
 @dataclass
@@ -313,7 +336,7 @@ class RunSummary:
         return {**data, **self.extra}
 
     @classmethod
-    def build(cls, model, stack: LayerStack, windows: Windows, config: ProbeConfig, objective: Objective,
+    def build(cls, model, stack: LayerStack, windows: Windows | None, config: ProbeConfig, objective: Objective,
               measured: Measured, model_name: str | None) -> RunSummary:
         main, sweeps, interrupted, layers = measured.main, measured.sweeps, measured.interrupted, measured.layers
         not_applicable = {**not_applicable_metrics(config.metrics, objective), **main.not_applicable,
@@ -339,8 +362,9 @@ class RunSummary:
             architecture=type(model).__name__, family=stack.family, blocks_path=stack.blocks_path,
             norm_placement=stack.norm_placement, num_layers=len(stack),
             num_parameters=int(sum(p.numel() for p in model.parameters())),
-            num_sequences=windows.num_sequences, seq_len=windows.seq_len, num_tokens=int(windows.input_ids.numel()),
-            text_source=windows.source, objective=objective.name, base_loss=main.base_loss,
+            num_sequences=windows.num_sequences if windows else 0, seq_len=windows.seq_len if windows else 0,
+            num_tokens=int(windows.input_ids.numel()) if windows else 0,
+            text_source=windows.source if windows else "none (data-free metrics)", objective=objective.name, base_loss=main.base_loss,
             base_perplexity=math.exp(main.base_loss) if main.base_loss is not None else None,
             dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(stack.device),
             metrics=list(config.metrics), timings_s=timings, versions=versions(), notes=notes, nonfinite=nonfinite,

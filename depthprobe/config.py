@@ -28,8 +28,10 @@ DEFAULT_BATCH_SIZE = 4  # windows per forward pass: the memory knob
 PASS_METRICS = ("angular", "variance", "grad", "lens")
 #: the sweeps: passes the main pass cannot do (registered in :data:`depthprobe.analysis.SWEEPS`)
 SWEEP_METRICS = ("drop", "attribution", "probe", "tuned-lens")
+#: data-free metrics: read the weights only (no text, no forward pass; ``depthprobe.analysis.WEIGHT_SWEEPS``)
+WEIGHT_METRICS = ("spectra",)
 #: every name ``--metrics`` accepts
-ALL_METRICS = (*PASS_METRICS, *SWEEP_METRICS)
+ALL_METRICS = (*PASS_METRICS, *SWEEP_METRICS, *WEIGHT_METRICS)
 DEFAULT_METRICS = PASS_METRICS
 #: what ``depthprobe compare`` measures on each trained model
 COMPARE_METRICS = ("angular", "variance", "grad", "lens", "drop")
@@ -189,6 +191,11 @@ def split_items(value: str | Sequence | None) -> list:
         return []
     items = value.split(",") if isinstance(value, str) else list(value)
     return [v.strip() if isinstance(v, str) else v for v in items if not (isinstance(v, str) and not v.strip())]
+
+
+def data_free(metrics: Sequence[str]) -> bool:
+    """Whether every metric asked reads the weights only (no calibration text needed)."""
+    return bool(metrics) and all(m in WEIGHT_METRICS for m in metrics)
 
 
 def parse_metrics(metrics: str | Sequence[str]) -> tuple[str, ...]:

@@ -21,6 +21,11 @@ the mean over windows (equal to the pooled delta, since windows have equal token
 ``logit_lens_gain``          ``logit_lens_loss[l-1] - logit_lens_loss[l]``: how much the lens loss falls
                              across block l; undefined for block 0 (no lens at the embeddings), so
                              that proxy is scored on blocks 1..L-1 (``n_layers`` says so)
+``spectra_alpha``            minus the block's mean power-law alpha of its weight matrices' ESD
+                             (WeightWatcher's fit; ``--metrics spectra``, data-free)
+``spectra_alpha_weighted``   minus the block mean of alpha * log10(lambda_max)
+``spectra_stable_rank``      minus the block mean of sum(lambda) / lambda_max
+``spectra_spectral_norm``    the block mean of lambda_max = sigma_max^2
 ============================ ===================================================================
 
 **Agreement.** Spearman's rho and Kendall's tau-b (``scipy.stats``) between a proxy and the
@@ -31,8 +36,8 @@ resample draws ``N`` windows with replacement from the ``N`` calibration windows
 the per-layer truth as the mean of the drawn windows' deltas and, for proxies measured per
 window (a ``<proxy>`` column in the ``proxy_windows`` table, e.g. ``attribution_windows``),
 recomputes the proxy as the sum over the drawn windows; proxies measured only pooled over
-all windows (angular distance, block influence, gradient norm, lens) are held fixed. The
-same resamples serve every proxy, so intervals are paired. Resamples where a vector is
+all windows (angular distance, block influence, gradient norm, lens) or on no data at all
+(weight spectra) are held fixed. The same resamples serve every proxy, so intervals are paired. Resamples where a vector is
 constant (rho undefined) are left out of the percentiles.
 
 **Across seeds** (the analyses of trained variants): :func:`paired_difference` (mean of
@@ -66,7 +71,15 @@ PROXIES: dict[str, str] = {
     "attribution": "attribution (layer conductance)",
     "attribution_gxa": "gradient x activation",
     "logit_lens_gain": "logit-lens gain",
+    # data-free weight spectra (``--metrics spectra``), block means; see PROXY_SIGNS
+    "spectra_alpha": "weight power-law alpha (lower first)",
+    "spectra_alpha_weighted": "weight alpha-weighted (lower first)",
+    "spectra_stable_rank": "weight stable rank (lower first)",
+    "spectra_spectral_norm": "weight spectral norm",
 }
+#: proxies ranked by their negative (-1): WeightWatcher reads a smaller alpha, alpha-weighted
+#: and stable rank as more structure learned, so "lower = the block matters more"
+PROXY_SIGNS: dict[str, int] = {"spectra_alpha": -1, "spectra_alpha_weighted": -1, "spectra_stable_rank": -1}
 
 TRUTH = "drop_delta_loss"
 #: columns of :func:`proxy_table`
@@ -190,7 +203,7 @@ def proxy_values(layers: pd.DataFrame) -> dict[str, np.ndarray]:
         if name == "logit_lens_gain" and "logit_lens_loss" in layers:
             values = logit_lens_gain(layers["logit_lens_loss"])
         elif name in layers:
-            values = layers[name].to_numpy(float)
+            values = PROXY_SIGNS.get(name, 1) * layers[name].to_numpy(float)
         else:
             continue
         if np.isfinite(values).any():

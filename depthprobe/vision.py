@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from depthprobe.config import parse_metrics
+from depthprobe.config import data_free, parse_metrics
 from depthprobe.errors import DepthprobeError
 from depthprobe.images import ImageSet
 from depthprobe.model.vision import VISION_TYPES, VisionStack
@@ -40,11 +40,12 @@ from depthprobe.probes.vision_pass import (
     lens_column,
     run_vision_pass,
 )
+from depthprobe.probes.weight_spectra import spectra_sweep
 from depthprobe.results import AnalysisResult
 
 __all__ = ["DEFAULT_VISION_METRICS", "VISION_METRICS", "analyze_images", "is_vision_source", "load_vision_model"]
 
-VISION_METRICS = ("angular", "variance", "grad", "drop", "lens", "probe", "response")
+VISION_METRICS = ("angular", "variance", "grad", "drop", "lens", "probe", "response", "spectra")
 DEFAULT_VISION_METRICS = ("angular", "variance", "grad", "drop", "lens")
 
 
@@ -119,20 +120,29 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def analyze_images(model: torch.nn.Module, images: ImageSet, *, metrics: str | Sequence[str] = DEFAULT_VISION_METRICS,
-                   batch_size: int = 64, layers_path: str | None = None, model_name: str | None = None,
+def analyze_images(model: torch.nn.Module, images: ImageSet | None, *,
+                   metrics: str | Sequence[str] = DEFAULT_VISION_METRICS, batch_size: int = 64,
+                   layers_path: str | None = None, model_name: str | None = None,
                    progress: bool = True) -> AnalysisResult:
     """Measure every residual block of an image classifier on ``images``.
 
     Returns the same :class:`~depthprobe.results.AnalysisResult` as text models: ``layers``
     (one row per block: ``stage``, ``downsample`` and the metric columns), ``summary`` and,
     with ``probe``, the per-target table ``probe`` (with ``response``, ``response_baselines``).
+    ``spectra`` (Conv2d and Linear weights as WeightWatcher treats them) needs no images:
+    with it alone, ``images`` may be None.
     """
     model.eval()
     stack = VisionStack.from_model(model, layers_path)
+    names = parse_vision_metrics(metrics)
+    weights = spectra_sweep(stack, progress) if "spectra" in names else None  # data-free, first: fails fast
+    if images is None:
+        if not data_free(names):
+            raise DepthprobeError("an image model needs images for these metrics: pass --images digits|FOLDER")
+        return _weights_only(model, stack, weights, model_name)
     stack.trace(images.pixels[:1].to(stack.device))
     check_images(stack, images)
-    run = _Run(stack, images, parse_vision_metrics(metrics), batch_size, progress)
+    run = _Run(stack, images, names, batch_size, progress)
     t0 = time.perf_counter()
     run.main = run_vision_pass(stack, images, run.metrics, batch_size, progress, keep_features="probe" in run.metrics)
     run.timings["main_pass"] = time.perf_counter() - t0
@@ -143,8 +153,37 @@ def analyze_images(model: torch.nn.Module, images: ImageSet, *, metrics: str | S
             t0 = time.perf_counter()
             step(run)
             run.timings[name] = time.perf_counter() - t0
+    if weights is not None:
+        run.columns.update(weights.columns)
+        run.tables.update(weights.tables)
+        run.timings["spectra"] = weights.seconds
+        run.notes += [f"{column}: {why}" for column, why in weights.not_applicable.items()]
     layers = pd.DataFrame({"layer": np.arange(len(stack)), **{k: np.asarray(v, float) for k, v in run.columns.items()}})
-    return AnalysisResult(layers=layers, summary=_summary(model, run, layers, model_name), tables=run.tables)
+    summary = _summary(model, run, layers, model_name, skip=weights.not_applicable if weights else {})
+    return AnalysisResult(layers=layers, summary=summary, tables=run.tables)
+
+
+def _weights_only(model, stack: VisionStack, weights, model_name: str | None) -> AnalysisResult:
+    """A data-free image-model result (``--metrics spectra`` without images)."""
+    from depthprobe.analysis import versions
+
+    layers = pd.DataFrame({"layer": np.arange(len(stack)), "stage": [b.stage for b in stack.blocks],
+                           **{k: np.asarray(v, float) for k, v in weights.columns.items()}})
+    config = getattr(model, "config", None)
+    summary = {
+        "model": model_name or getattr(config, "_name_or_path", None) or type(model).__name__,
+        "architecture": type(model).__name__, "family": stack.family, "blocks_path": stack.blocks_path,
+        "norm_placement": "unknown", "num_layers": len(stack),
+        "num_parameters": int(sum(p.numel() for p in model.parameters())), "num_sequences": 0, "seq_len": 0,
+        "num_tokens": 0, "text_source": "none (data-free metrics)", "objective": "none", "base_loss": None,
+        "base_perplexity": None, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(stack.device), "metrics": ["spectra"], "timings_s": {"spectra": weights.seconds},
+        "versions": versions(), "notes": [f"{column}: {why}" for column, why in weights.not_applicable.items()],
+        "nonfinite": {}, "interrupted": None, "config": {"metrics": ["spectra"]}, "modality": "image",
+        **weights.summary,
+        "blocks": [{"name": b.name, "stage": b.stage, "shortcut": b.shortcut_kind} for b in stack.blocks],
+    }
+    return AnalysisResult(layers=layers, summary=summary, tables=dict(weights.tables))
 
 
 def _asked(column: str, metrics: Sequence[str]) -> bool:
@@ -192,11 +231,11 @@ def _response(run: _Run) -> None:
     run.tables["response_baselines"] = pd.DataFrame([{"baseline": k, **v} for k, v in base.items()])
 
 
-def _summary(model, run: _Run, layers: pd.DataFrame, model_name: str | None) -> dict:
+def _summary(model, run: _Run, layers: pd.DataFrame, model_name: str | None, skip: dict | None = None) -> dict:
     from depthprobe.analysis import nonfinite_layers, nonfinite_note, versions
 
     stack, images, main, notes = run.stack, run.images, run.main, run.notes
-    skip = {c: "not applicable" for c in ("drop_delta_loss", "drop_delta_error", "logit_lens_loss")}
+    skip = {**{c: "not applicable" for c in ("drop_delta_loss", "drop_delta_error", "logit_lens_loss")}, **(skip or {})}
     nonfinite = nonfinite_layers(layers, skip=skip)
     if nonfinite:
         notes.append(nonfinite_note(nonfinite))

@@ -76,3 +76,23 @@ def test_a_registered_objective_scores_its_stacks():
         from depthprobe.probes import objective as O
 
         O._OBJECTIVES[:] = [(a, o) for a, o in O._OBJECTIVES if o is not Doubled]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nll_formulas_equal_a_per_token_loop(dtype):
+    """per_sequence_nll (row by row, no copy), shifted_nll_sum (pre-aligned rows) and
+    next_token_nll_sum against -log softmax(logits_t)[x_{t+1}] summed by hand."""
+    from depthprobe.probes import metrics as M
+
+    torch.manual_seed(0)
+    logits, ids = (torch.randn(3, 7, 11) * 4).to(dtype), torch.randint(0, 11, (3, 7))
+    by_hand = torch.tensor([[-torch.log_softmax(logits[b, t].double(), -1)[ids[b, t + 1]] for t in range(6)]
+                            for b in range(3)], dtype=torch.float64)
+    tol = 1e-6 if dtype == torch.float32 else 1e-5
+    torch.testing.assert_close(M.per_sequence_nll(logits, ids), by_hand.mean(1), rtol=tol, atol=tol)
+    total, count = M.next_token_nll_sum(logits, ids)
+    assert count == 18 and float(total) == pytest.approx(float(by_hand.sum()), rel=tol)
+    assert float(M.shifted_nll_sum(logits[:, :-1], ids[:, 1:])) == pytest.approx(float(by_hand.sum()), rel=tol)
+    # a non-contiguous view gives the same rows
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(M.per_sequence_nll(strided, ids), M.per_sequence_nll(logits, ids))

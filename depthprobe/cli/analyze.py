@@ -30,6 +30,7 @@ from depthprobe.cli.options import (
 )
 from depthprobe.cli.parsing import parse_list
 from depthprobe.cli.vision_options import run_image_analysis, vision_options
+from depthprobe.config import data_free
 from depthprobe.errors import DepthprobeError
 from depthprobe.runs import DROP_PROGRESS
 from depthprobe.safeio import locks_out
@@ -96,6 +97,7 @@ def command(**opts) -> None:
       depthprobe analyze smollm2 --metrics angular,grad,lens,attribution,drop --attribution-steps 4 --out runs/p
       depthprobe analyze ./big --max-memory cpu:4GiB --offload-folder /tmp/off --metrics angular,drop
       torchrun --nproc_per_node 4 -m depthprobe analyze smollm2 --out runs/smol  # windows split, rank 0 writes
+      depthprobe analyze smollm2 --metrics spectra --out runs/w  # data-free: weight spectra, no text, no forward
       depthprobe analyze smollm2 --metrics probe --labels labels.csv --num-sequences 32  # window,label columns
       depthprobe analyze ./my-resnet --images digits --image-size 32 --metrics angular,grad,drop,probe --out runs/r
       depthprobe analyze ./facenet/model.pt --images faces/img_align_celeba --attributes faces/list_attr_celeba.txt
@@ -172,8 +174,10 @@ def _analyze(opts: dict, options: dict) -> None:
             and not (opts["device_map"] or opts["max_memory"] or opts["offload_folder"]):
         opts["device"] = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # one GPU per process
     config, tokenizer = open_from_options(opts)
-    preflight.check_config(opts, config)
-    windows = preflight.calibration_windows(opts, tokenizer, config)
+    windows = None
+    if not data_free(preflight.check_metrics(opts["metrics"])):  # data-free metrics (spectra) read no text
+        preflight.check_config(opts, config)
+        windows = preflight.calibration_windows(opts, tokenizer, config)
     # --force: the old run's files, removed once the new run is saved (a failure keeps the old run)
     opts["stale"] = owned_outputs(opts["out_dir"]) if opts["force"] and opts["out_dir"] and main_rank else set()
     model, tokenizer = load_from_options(opts, tokenizer)

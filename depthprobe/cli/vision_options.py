@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from depthprobe.cli.options import owned_outputs, save_run, setup_logging
+from depthprobe.config import data_free, parse_metrics
 from depthprobe.errors import DepthprobeError
 
 __all__ = ["TEXT_OPTIONS", "run_image_analysis", "vision_options"]
@@ -58,7 +59,9 @@ def run_image_analysis(opts: dict) -> bool:
     if text:
         raise DepthprobeError(f"{opts['model']} is an image model: --{text[0].replace('_', '-')} is a text option; "
                               "use --images digits|FOLDER, --image-size, --num-images")
-    if opts.get("images") is None:
+    metrics = opts["metrics"] if _explicit("metrics") else ",".join(DEFAULT_VISION_METRICS)
+    weights_only = data_free(parse_metrics(metrics))  # spectra alone: no images read
+    if opts.get("images") is None and not weights_only:
         raise DepthprobeError(f"{opts['model']} is an image model: pass --images digits or --images FOLDER")
     from depthprobe.images import load_images
     from depthprobe.model.vision import VisionStack
@@ -68,13 +71,17 @@ def run_image_analysis(opts: dict) -> bool:
     opts["stale"] = owned_outputs(opts["out_dir"]) if opts["force"] and opts["out_dir"] else set()
     setup_logging(opts["verbose"])  # as text runs: no transformers progress bars or warnings unless -v
     model = load_vision_model(opts["model"], trust_remote_code=opts.get("trust_remote_code", False))
+    if weights_only and opts.get("images") is None:
+        result = analyze_images(model, None, metrics=metrics, layers_path=opts.get("layers_path"),
+                                model_name=opts["model"], progress=not opts["quiet"])
+        save_run(result, opts)
+        return True
     stack = VisionStack.from_model(model, opts.get("layers_path"))
     size = opts.get("image_size") or (stack.image_size if opts["images"] == "digits" else None)
     images = load_images(opts["images"], opts.get("attributes"), size, opts.get("num_images"), stack.num_channels)
     if stack.image_size and images.pixels.shape[-1] != stack.image_size:
         raise DepthprobeError(f"{opts['model']} takes {stack.image_size}x{stack.image_size} images and these are "
                               f"{images.pixels.shape[-1]}x{images.pixels.shape[-2]}; pass --image-size {stack.image_size}")
-    metrics = opts["metrics"] if _explicit("metrics") else ",".join(DEFAULT_VISION_METRICS)
     result = analyze_images(model, images, metrics=metrics, batch_size=opts["batch_size"] if _explicit("batch_size")
                             else 64, layers_path=opts.get("layers_path"), model_name=opts["model"],
                             progress=not opts["quiet"])

@@ -93,14 +93,15 @@ def shifted_nll_sum(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.T
 def per_sequence_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token NLL of each sequence, ``(B, T, V), (B, T) -> (B,)`` float64.
 
-    Computed on flattened ``(B*(T-1), V)`` rows: cross-entropy over a strided class dim
-    (``(B, V, T)``) drifts by ~1e-4 from the model's own loss on CPU.
+    Computed row by row on ``(T-1, V)`` rows: ``logits[b, :-1]`` of contiguous logits is
+    contiguous, so no copy of the logits is made (``logits[:, :-1]`` flattened would copy
+    them all), and the values equal those of the flattened ``(B*(T-1), V)`` computation.
+    Cross-entropy over a strided class dim (``(B, V, T)``) drifts by ~1e-4 from the model's
+    own loss on CPU, so it is not used.
     """
-    batch, length = input_ids.shape
-    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    target = input_ids[:, 1:].reshape(-1).to(pred.device)
-    nll = F.cross_entropy(pred, target, reduction="none").view(batch, length - 1)
-    return nll.double().mean(1)
+    targets = input_ids[:, 1:].to(logits.device)
+    rows = [F.cross_entropy(logits[b, :-1].float(), targets[b], reduction="none") for b in range(logits.shape[0])]
+    return torch.stack(rows).double().mean(1)
 
 
 def cosine_drift_sum(hidden: torch.Tensor, reference: torch.Tensor) -> float:

@@ -42,9 +42,13 @@ LABELS = {
     "drop_delta_loss_attn": "Δ loss, attention dropped",
     "drop_delta_loss_mlp": "Δ loss, MLP dropped",
     "attribution": "attribution share",
+    "spectra_alpha": "weight ESD power-law α (block mean)",
+    "spectra_stable_rank": "weight stable rank (block mean)",
+    "spectra_alpha_weighted": "α · log10 λ_max (block mean)",
+    "spectra_spectral_norm": "λ_max = σ_max² (block mean)",
 }
 LOG_SCALE = {"activation_variance", "activation_rms", "max_abs_activation", "grad_norm", "grad_norm_attn",
-             "grad_norm_mlp"}
+             "grad_norm_mlp", "spectra_spectral_norm"}
 
 
 def run_label(result: AnalysisResult) -> str:

@@ -139,6 +139,10 @@ def _figure_sections(runs: Sequence[AnalysisResult]) -> list[tuple[str, object, 
         ("Repair and healing", plot_repair_curve(runs),
          "Held-out loss: blocks removed (dashed), with a linear map fused at each seam (solid), healed with "
          "LoRA (star); grey: the full model."),
+        ("Weight spectra (no data)", F.plot_layers(runs, ["spectra_alpha", "spectra_stable_rank"]),
+         "Per block, the mean over its weight matrices of the power-law exponent α of the eigenvalues of WᵀW "
+         "(WeightWatcher's fit: smaller α, heavier tail) and of the stable rank Σλ/λ_max; per matrix in "
+         "spectra.csv."),
     ]
     training = {F.run_label(r): r.tables["metrics"] for r in runs if "metrics" in r.tables}
     if training:
@@ -197,7 +201,8 @@ def render(runs: Sequence[AnalysisResult], title: str | None = None) -> str:
     parts += vision_sections(runs, figure_html, table_html)
     parts += lens_sections(runs, figure_html, table_html)
     for name, heading in (("proxies", "Which proxy predicts the real damage"),
-                          ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice")):
+                          ("prune_excess", "Pruning by proxy: loss above the greedy (least harmful) choice"),
+                          ("spectra", "Weight spectra per matrix (WeightWatcher 0.7.7's conventions)")):
         for run in runs:
             if name in run.tables:
                 parts.append(f"<h2>{html.escape(heading)} — {html.escape(F.run_label(run))}</h2>"
