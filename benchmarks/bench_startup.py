@@ -48,7 +48,8 @@ print("LOAD_S", time.perf_counter() - t0)
 """
 
 # the same numbers analyze --metrics lens gives: per block, the next-token loss of the
-# stream read through the final norm and head, on the built-in text's first windows
+# stream read through the final norm and head, after the block and between its sublayers
+# (the MLP norm's input), on the built-in text's first windows
 PLAIN_LENS = """
 import torch
 from pydoc_data.topics import topics
@@ -59,16 +60,24 @@ tok = AutoTokenizer.from_pretrained(folder)
 text = "\\n\\n".join(topics[k] for k in sorted(topics))
 ids = tok(text[:200_000], add_special_tokens=False)["input_ids"][: {n} * {t}]
 ids = torch.tensor(ids).view({n}, {t})
-losses = torch.zeros(model.config.num_hidden_layers)
+L = model.config.num_hidden_layers
+losses, mid_losses, mids = torch.zeros(L), torch.zeros(L), {{}}
+def lens(h, batch):
+    logits = model.lm_head(model.model.norm(h))[:, :-1].float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                             reduction="sum")
+for i, layer in enumerate(model.model.layers):
+    layer.post_attention_layernorm.register_forward_pre_hook(lambda m, a, i=i: mids.__setitem__(i, a[0]))
 with torch.no_grad():
     for batch in ids.split(4):
         hidden = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states
         for layer, h in enumerate(hidden[1:]):
-            h = h if layer == len(hidden) - 2 else model.model.norm(h)
-            logits = model.lm_head(h)[:, :-1].float()
-            losses[layer] += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-print((losses / (ids.shape[0] * (ids.shape[1] - 1))).tolist())
+            losses[layer] += lens(h, batch) if layer < L - 1 else torch.nn.functional.cross_entropy(
+                model.lm_head(h)[:, :-1].float().reshape(-1, model.config.vocab_size), batch[:, 1:].reshape(-1),
+                reduction="sum")
+            mid_losses[layer] += lens(mids[layer], batch)
+count = ids.shape[0] * (ids.shape[1] - 1)
+print((losses / count).tolist(), (mid_losses / count).tolist())
 """
 
 
