@@ -27,6 +27,7 @@ from depthprobe.prune.baselines import baseline_curve, baseline_removals, best_b
 from depthprobe.prune.export import save_model
 from depthprobe.prune.search import Step, greedy_shrink, search_fingerprint
 from depthprobe.prune.select import Evaluator
+from depthprobe.prune.speed import SpeedTarget
 from depthprobe.prune.units import KINDS, ShrinkState, count_params
 from depthprobe.results import write_json
 from depthprobe.safeio import atomic_to_csv
@@ -45,11 +46,14 @@ class ShrinkConfig:
     """One shrink: the target, the units, the held-out check and the calibration windows."""
 
     target_params: float | None = None  # fraction of the parameters kept
+    target_speedup: float | None = None  # measured tokens/s against the original's (``speedup_on``)
+    speedup_on: str = "decode"  # prefill | decode
     max_loss_increase: float | None = None  # stop before held-out loss rises more than this (nats)
     units: tuple[str, ...] = KINDS  # block, attn, mlp
     baselines: bool = True
     #: the baselines' largest K without a parameter target (default: half the blocks)
     baseline_max: int | None = None
+    heldout: bool = True  # score every step on held-out windows (needed by max_loss_increase)
     heldout_windows: int = 16
     eval_text_file: str | None = None
     eval_dataset: str | None = None
@@ -57,7 +61,13 @@ class ShrinkConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "units", tuple(self.units))
-        check_targets(self.target_params, self.max_loss_increase)
+        check_targets(self.target_params, self.max_loss_increase, self.target_speedup)
+        if self.target_speedup is not None and not self.target_speedup > 1:
+            raise DepthprobeError(f"--target-speedup must be above 1 (got {self.target_speedup})")
+        if self.speedup_on not in ("prefill", "decode"):
+            raise DepthprobeError(f"--speedup-on is prefill or decode (got {self.speedup_on!r})")
+        if self.max_loss_increase is not None and not self.heldout:
+            raise DepthprobeError("--max-loss-increase is judged on held-out windows; drop --no-heldout")
         bad = [u for u in self.units if u not in KINDS]
         if bad or not self.units:
             raise DepthprobeError(f"units must be some of {', '.join(KINDS)} (got {', '.join(self.units) or 'none'})")
@@ -102,6 +112,8 @@ class ShrinkResult:
     num_layers_before: int
     num_layers_after: int
     heldout_source: str | None = None
+    speed: dict | None = None  # --target-speedup: the exported model's measured speed against the original's
+    calibration_check: dict | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -124,7 +136,8 @@ class ShrinkResult:
                 "num_layers_after": self.num_layers_after, "loss_before": self.loss_before,
                 "loss_after": self.loss_after, "perplexity_before": math.exp(self.loss_before),
                 "perplexity_after": math.exp(self.loss_after), **held, "block_only_best": self.block_only,
-                "heldout_at_or_below_block_only": beats, "export": self.export}
+                "heldout_at_or_below_block_only": beats, "export": self.export, "speed": self.speed,
+                "calibration_check": self.calibration_check}
 
 
 def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: Windows | None = None,
@@ -142,8 +155,11 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     if not state.stack.is_causal_lm:
         raise DepthprobeError("shrink scores removals by next-token loss and needs a causal LM; this model has no LM head")
     windows = windows if windows is not None else _windows(model, tokenizer, config.probe)
-    held = _heldout(model, tokenizer, windows, config)
+    held = _heldout(model, tokenizer, windows, config) if config.heldout else None
     target = _target_params(state, config)
+    speed = SpeedTarget(config.target_speedup, config.speedup_on) if config.target_speedup is not None else None
+    if speed is not None:
+        speed.start(state)
     journals = resume_files(out_dir, (SHRINK_JOURNAL, BASELINE_JOURNAL), run.resume)
     bs = config.probe.batch_size
     num_layers = state.num_layers
@@ -153,19 +169,29 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     baselines = _baselines(model, state, evaluator, windows, held, config, target, journals, run.progress)
     journal = Journal(journals.get(SHRINK_JOURNAL), search_fingerprint(state, windows, held, bs, config.units),
                       what="shrink")
-    stop = (lambda s: s.params <= target) if target is not None else (lambda s: False)
+    stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
     steps, stopped = greedy_shrink(state, windows, held, stop=stop, batch_size=bs, kinds=config.units,
                                    max_loss_increase=config.max_loss_increase, journal=journal, progress=run.progress)
     loss_after = float(state.scores(windows, bs).mean())
     held_after = mean_interval(state.scores(held, bs)) if held is not None else None
-    curve = _curve(state, steps, loss_before, held_before, baselines)
+    if speed is not None and stopped != "target":
+        raise DepthprobeError(f"--target-speedup {config.target_speedup} is unreachable: the search stopped "
+                              f"({stopped}) at {max(speed.measured.values(), default=speed.reference) / speed.reference:.3f}x "
+                              f"measured; the finished steps are journaled in --out: rerun with a lower target and --resume")
+    curve = _curve(state, steps, loss_before, held_before, baselines, speed)
     result = ShrinkResult([u.name for u in state.removed], steps, stopped, state.params_before, state.params,
                           loss_before, loss_after, held_before, held_after, curve,
                           best_block_only(curve, state.params) if baselines is not None else None,
                           export_info(state), num_layers, len(state.kept),
-                          held.source if held is not None else None, model)
+                          heldout_source=held.source if held is not None else None, model=model)
     if out_dir is not None:
         save(result, model, tokenizer, out_dir)
+        if speed is not None:
+            from depthprobe.model.load import load_model
+
+            result.speed = speed.export_check(load_model(str(out_dir), dtype=str(next(model.parameters()).dtype)
+                                                         .removeprefix("torch."), device=str(state.stack.device))[0])
+            write_json(Path(out_dir) / SHRINK_JSON, result.summary())
         for path in journals.values():
             path.unlink(missing_ok=True)
     return result
@@ -216,7 +242,8 @@ def _baselines(model, state: ShrinkState, evaluator: Evaluator, windows: Windows
     return baseline_curve(evaluator, held, removals, progress)
 
 
-def _curve(state: ShrinkState, steps: list[Step], loss_before: float, held_before, baselines) -> pd.DataFrame:
+def _curve(state: ShrinkState, steps: list[Step], loss_before: float, held_before, baselines,
+           speed: SpeedTarget | None = None) -> pd.DataFrame:
     """``shrink_curve.csv``: the shrink's steps (strategy ``shrink``) then every baseline."""
     removed: list[str] = []
     nan = math.nan
@@ -230,6 +257,9 @@ def _curve(state: ShrinkState, steps: list[Step], loss_before: float, held_befor
                      "heldout_loss_high": nan, "params": s.params})
     frame = pd.DataFrame(rows)
     frame["params_fraction"] = frame["params"] / state.params_before
+    if speed is not None:  # measured speeds only, at the steps where they were measured
+        frame[f"{speed.on}_tokens_per_s"] = [speed.reference if k == 0 else speed.measured.get(k, nan)
+                                             for k in frame["step"]]
     if baselines is not None:
         frame = pd.concat([frame, baselines], ignore_index=True)
     for column in CURVE_COLUMNS:
@@ -260,3 +290,23 @@ def save(result: ShrinkResult, model, tokenizer, out_dir: str | Path) -> Path:
     atomic_to_csv(pd.DataFrame([dataclasses.asdict(s) for s in result.steps], columns=list(Step.__annotations__)),
                   out / SHRINK_STEPS_CSV, index=False, float_format="%.10g")
     return out
+
+
+def calibration_overlap(first: list[str], second: list[str], source: str) -> dict:
+    """How far two calibration texts agree on the units to remove: shared units, Jaccard
+    |A ∩ B| / |A ∪ B|, and the units only one of them chose."""
+    a, b = set(first), set(second)
+    union = a | b
+    return {"text_file": str(source), "units_first": list(first), "units_second": list(second),
+            "shared": len(a & b), "jaccard": len(a & b) / len(union) if union else 1.0,
+            "only_first": sorted(a - b), "only_second": sorted(b - a)}
+
+
+def record_calibration_check(out_dir: str | Path, check: dict) -> None:
+    """Add the calibration check to ``shrink.json``."""
+    path = Path(out_dir) / SHRINK_JSON
+    import json
+
+    summary = json.loads(path.read_text())
+    summary["calibration_check"] = check
+    write_json(path, summary)

@@ -60,6 +60,7 @@ class ShrinkState:
         self.kept: list[int] = list(range(self.num_layers))
         self.gone: set[tuple[int, str]] = set()  # (original block, kind) of removed sublayers
         self.removed: list[Unit] = []
+        self.num_steps = 0  # calls of remove (a block that empties goes in the same step)
         self.spec: list[dict] = []  # the RemovedSublayer entries, in current block numbering
         self.params_before = count_params(model)
 
@@ -129,6 +130,7 @@ class ShrinkState:
                 done.append(Unit("block", unit.layer))
                 self._remove_block(unit.layer)
         self.removed += done
+        self.num_steps += 1
         return done
 
     def _remove_block(self, layer: int) -> None:
