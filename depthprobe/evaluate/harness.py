@@ -22,13 +22,17 @@ import pandas as pd
 import yaml
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate import recall
 from depthprobe.evaluate.cloze import TASK_NAME, task_dir
 from depthprobe.model.load import load_model
 from depthprobe.stats import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
 
-OFFLINE_TASK_HINT = (f"offline, use the built-in task ({TASK_NAME}) or a local task file "
+#: built-in offline tasks: name -> the folder of their lm-eval files (written on first use)
+BUILTIN_TASKS = {TASK_NAME: task_dir, recall.TASK_NAME: recall.task_dir}
+OFFLINE_TASK_HINT = (f"offline, use the built-in tasks ({TASK_NAME}: likelihood, {recall.TASK_NAME}: generation) "
+                     "or a local task file "
                      "(--tasks path/to/task.yaml with dataset_path: json and a local data file)")
 EVAL_COLUMNS = ["model", "task", "metric", "value", "stderr"]
 
@@ -76,8 +80,8 @@ def resolve_tasks(specs: str | list[str]) -> TaskSpec:
         raise DepthprobeError(f"--tasks needs at least one task, e.g. --tasks {TASK_NAME}")
     spec = TaskSpec([])
     for item in items:
-        if item == TASK_NAME:
-            folder = str(task_dir())
+        if item in BUILTIN_TASKS:
+            folder = str(BUILTIN_TASKS[item]())
             spec.names.append(item)
         elif item.endswith((".yaml", ".yml")):
             spec.names.append(read_task_yaml(item))
