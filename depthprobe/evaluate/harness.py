@@ -150,7 +150,7 @@ def evaluate_model(model, tokenizer, tasks: TaskSpec | str | list[str], *, label
     extra = {}
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         extra["prefix_token_id"] = getattr(tokenizer, "pad_token_id", None) or 0
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
+    lm = HFLM(pretrained=model, tokenizer=_with_eos(tokenizer, model), batch_size=batch_size, device=device, **extra)
     try:
         results = simple_evaluate(lm, tasks=spec.names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                   log_samples=True, bootstrap_iters=1000)
@@ -158,6 +158,24 @@ def evaluate_model(model, tokenizer, tasks: TaskSpec | str | list[str], *, label
         raise DepthprobeError(f"cannot run task(s) {', '.join(spec.names)}: {str(exc).splitlines()[0][:200]}; "
                               f"{OFFLINE_TASK_HINT}") from exc
     return EvalOutput(results_table(results, label), samples_tables(results))
+
+
+def _with_eos(tokenizer, model):
+    """lm-eval's ``generate_until`` stops at the tokenizer's EOS and fails without one: a tokenizer
+    that has none gets (in a copy) the model's ``eos_token_id``, else its pad token, as EOS."""
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        return tokenizer
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos = eos if isinstance(eos, int) else getattr(tokenizer, "pad_token_id", None)
+    if eos is None:
+        return tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    return tokenizer
 
 
 def check_limit(limit: int | None) -> None:
