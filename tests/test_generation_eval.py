@@ -106,7 +106,7 @@ def test_smollm2_recalls_far_above_the_trivial_baseline(smollm2):
     assert base["exact_match"] == 0.0
     assert scores["exact_match"] >= 0.15 and scores["token_f1"] >= base["token_f1"] + 0.2
     # lm-eval's per-document scores are the task's own formula on greedy generations
-    for doc_id, row in out.samples[recall.TASK_NAME].head(3).iterrows():
+    for _, row in out.samples[recall.TASK_NAME].head(3).iterrows():
         item = recall.recall_items()[int(row["doc_id"])]
         said = _greedy(model, tok, item["prompt"], 4 * recall.ANSWER_WORDS).split("\n")[0]
         assert row["exact_match"] == recall.exact_match(said, item["answer"])

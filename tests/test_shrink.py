@@ -247,3 +247,58 @@ def test_cli_shrink_prints_the_loss_the_export_gives(tiny_dir, tmp_path, capsys)
         loss = np.mean([ref.lm_loss(model(input_ids=ids[w: w + 1]).logits, ids[w: w + 1]) for w in range(2)])
     assert loss == pytest.approx(printed, abs=1e-4)
     assert (out / "report.html").is_file() and "Why each unit was removed" in (out / "report.html").read_text()
+
+
+SMOL_RELOAD = r"""
+import json, sys, torch
+import depthprobe
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor(json.load(open(sys.argv[2])))
+with torch.no_grad():
+    nll = [torch.nn.functional.cross_entropy(m(input_ids=ids[w:w+1]).logits[0, :-1], ids[w, 1:]).item()
+           for w in range(len(ids))]
+    gen = m.generate(ids[:1, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True)
+print(json.dumps({"loss": sum(nll) / len(nll), "generated": gen[0, 16:].tolist(),
+                  "params": sum(p.numel() for p in m.parameters())}))
+"""
+
+
+@pytest.mark.slow
+def test_smollm2_shrunk_export_reloads_with_the_printed_loss_and_same_generation(tmp_path):
+    model, tok = depthprobe.load_model("smollm2", dtype="float32", device="cpu")  # not the shared fixture: shrunk
+    config = ShrinkConfig(target_params=0.985, baselines=False, heldout_windows=2,
+                          probe=ProbeConfig(num_sequences=1, seq_len=32, batch_size=1))
+    r = shrink(model, tok, config, out_dir=tmp_path / "out", run=RunOptions(progress=False))
+    assert any(u.startswith(("attn:", "mlp:")) for u in r.removed) and r.export["format"] == "depthprobe_shrunk"
+    ids = depthprobe.make_windows(tok, num_sequences=1, seq_len=32).input_ids
+    (tmp_path / "ids.json").write_text(json.dumps(ids.tolist()))
+    with torch.no_grad():
+        gen = model.generate(ids[:1, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True)
+    done = subprocess.run([sys.executable, "-c", SMOL_RELOAD, str(tmp_path / "out"), str(tmp_path / "ids.json")],
+                          capture_output=True, text=True, check=True)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["loss"] == pytest.approx(r.loss_after, abs=1e-4)
+    assert got["generated"] == gen[0, 16:].tolist()
+    assert got["params"] == r.params_after == json.loads((tmp_path / "out" / "shrink.json").read_text())["params_after"]
+
+
+def test_lazy_greedy_remeasures_the_leading_candidates_with_the_same_sweep():
+    model = build_tiny("llama")
+    ids = Windows(random_ids(4, 16), "r")
+    state = ShrinkState(model)
+    base, every = candidate_losses(state, ids, batch_size=2)
+    leading = [Unit("attn", 3), Unit("block", 0), Unit("mlp", 2)]
+    base_only, some = candidate_losses(state, ids, batch_size=2, only=leading)
+    assert base_only == pytest.approx(base, abs=1e-9) and set(some) == set(leading)
+    for unit in leading:
+        assert some[unit] == pytest.approx(every[unit], abs=1e-9)
+    # the whole search: exact greedy == lazy greedy that re-measures every candidate
+    exact, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
+                                    batch_size=2, progress=False)
+    lazy, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
+                                   batch_size=2, progress=False, remeasure=100)
+    assert [s.unit for s in exact] == [s.unit for s in lazy]
+    two, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
+                                  batch_size=2, progress=False, remeasure=2)
+    assert two[0].unit == exact[0].unit  # step 1 is a full sweep either way

@@ -42,6 +42,8 @@ _NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run", 
               help="Stop before the held-out loss rises more than X nats above the full model's.")
 @click.option("--units", default="block,attn,mlp", show_default=True,
               help="What may be removed: block (whole blocks), attn (attention-only), mlp (MLP-only).")
+@click.option("--remeasure", type=int, default=None,
+              help="Re-measure only the N leading candidates per step (lazy greedy; default: every candidate).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Measure the block-only baselines (greedy, Gromov block, ShortGPT, last blocks) into shrink_curve.csv.")
 @click.option("--check-calibration", type=click.Path(dir_okay=False), default=None,
@@ -115,7 +117,7 @@ def _check(opts: dict) -> tuple[str, ...]:
         raise DepthprobeError("--target-speedup cannot be measured with weights offloaded (--device-map / "
                               "--offload-folder): the timings would be of the transfers; drop those or use --target-params")
     preflight.check_options(opts)
-    preflight.at_least(opts, {"heldout_windows": 1, "eval_limit": 1, "bench_new_tokens": 1, "bench_repeats": 1})
+    preflight.at_least(opts, {"heldout_windows": 1, "remeasure": 1, "eval_limit": 1, "bench_new_tokens": 1, "bench_repeats": 1})
     if not opts["heldout"] and opts["max_loss_increase"] is not None:
         raise DepthprobeError("--max-loss-increase is judged on held-out windows; drop --no-heldout")
     if opts["eval_text_file"] and opts["eval_dataset"]:
@@ -139,6 +141,7 @@ def _check_resume_options(opts: dict) -> dict:
     except ValueError:
         return recorded
     search = ("model", "text_file", "dataset", "num_sequences", "seq_len", "batch_size", "units", "heldout_windows",
+              "remeasure",
               "eval_text_file", "eval_dataset", "dtype", "layers_path", "gguf_file")
     differ = [k for k in search if recorded.get(k) != before.get(k)]
     if differ:
@@ -157,7 +160,7 @@ def _config(opts: dict, units, text_file=None):
                         layers_path=opts["layers_path"])
     return ShrinkConfig(target_params=opts["target_params"], max_loss_increase=opts["max_loss_increase"],
                         target_speedup=opts["target_speedup"], speedup_on=opts["speedup_on"], units=units,
-                        baselines=opts["baselines"] and text_file is None, heldout=opts["heldout"],
+                        remeasure=opts["remeasure"], baselines=opts["baselines"] and text_file is None, heldout=opts["heldout"],
                         heldout_windows=opts["heldout_windows"], eval_text_file=opts["eval_text_file"],
                         eval_dataset=opts["eval_dataset"], probe=probe)
 

@@ -23,6 +23,7 @@ Either way a killed sweep resumes from its journal (``progress_file``) with the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -34,7 +35,7 @@ import torch
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.batch import batches_of, num_windows
-from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables, Variant
 from depthprobe.probes.hooks import evaluating
 from depthprobe.probes.objective import objective_for
 from depthprobe.probes.offload import use_layer_major
@@ -74,20 +75,27 @@ def run_drop_sweep(
     progress_file: str | Path | None = None,
     progress: bool = True,
     execution: ExecutionOptions | None = None,
+    only: Sequence[Variant] | None = None,
 ) -> DropSweepResult:
     """Per-window objective of every single-block, sublayer and contiguous-block drop.
 
     ``input_ids``: ``(N, T)`` token windows (or a :class:`~depthprobe.data.Windows`);
     ``execution``: batch-major (default) or layer-major, and the layer-major store's budget.
     With ``progress_file`` finished work is journaled there and a rerun resumes from it.
+    ``only``: measure just these drops (the others' cells stay NaN), e.g. a search's leading candidates.
     """
     execution = execution or ExecutionOptions(order="batch")
     order = "layer" if use_layer_major(execution.order, stack.model) else "batch"
     objective = objective_for(stack)
     batches = batches_of(input_ids, batch_size)
     plan = DropPlan.of(stack, sublayers, block_sizes)
+    if only is not None:
+        wanted = set(only)
+        plan = dataclasses.replace(plan, variants=[v for v in plan.variants if v in wanted])
     schedule = make_schedule(order, objective, batches, progress, execution.state_budget, execution.spill_dir)
     fingerprint = _fingerprint(stack, batches, plan.sublayers, plan.block_sizes)
+    if only is not None:
+        fingerprint += ":" + hashlib.sha256(repr(plan.variants).encode()).hexdigest()[:8]
     journal = Journal(progress_file, fingerprint if order == "batch" else f"{fingerprint}:layer:{batch_size}",
                       what="sweep")
     tables = DropTables(plan.num_layers, num_windows(batches), plan.sublayers, plan.block_sizes)

@@ -87,7 +87,7 @@ class DropRecord:
     @classmethod
     def empty(cls, num_layers: int, size: int, sublayers: bool, block_sizes: Sequence[int]) -> DropRecord:
         nan_rows = [[float("nan")] * size for _ in range(num_layers)]
-        return cls([], [None] * num_layers, list(nan_rows) if sublayers else None,
+        return cls([], list(nan_rows), list(nan_rows) if sublayers else None,
                    list(nan_rows) if sublayers else None,
                    {n: [None] * (num_layers - n + 1) for n in block_sizes},
                    {n: [0.0] * (num_layers - n + 1) for n in block_sizes})

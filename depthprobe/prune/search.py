@@ -26,6 +26,7 @@ from depthprobe.data import Windows
 from depthprobe.journal import Journal
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
 from depthprobe.probes.drop import run_drop_sweep
+from depthprobe.probes.drop_tables import Variant
 from depthprobe.prune.units import KINDS, ShrinkState, Unit
 
 
@@ -45,15 +46,17 @@ class Step:
 
 
 def candidate_losses(state: ShrinkState, windows: Windows, batch_size: int, kinds=KINDS,
-                     progress: bool = False) -> tuple[float, dict[Unit, float]]:
-    """Calibration loss of the model now and of the model without each candidate, from one
-    drop sweep (the sweep seam, prefix cache) of the model as it is now."""
+                     progress: bool = False, only: list[Unit] | None = None) -> tuple[float, dict[Unit, float]]:
+    """Calibration loss of the model now and of the model without each candidate (or each of
+    ``only``), from one drop sweep (the sweep seam, prefix cache) of the model as it is now."""
     sublayers = any(k in kinds for k in ("attn", "mlp"))
+    variants = None if only is None else [
+        Variant(u.kind, state.index(u.layer), 1 if u.kind == "block" else 0) for u in only]
     result = run_drop_sweep(state.stack, windows, batch_size=batch_size, sublayers=sublayers, block_sizes=(),
-                            progress=progress)
+                            progress=progress, only=variants)
     rows = {"block": result.block, "attn": result.attn, "mlp": result.mlp}
     losses = {}
-    for unit in state.candidates(kinds):
+    for unit in state.candidates(kinds) if only is None else only:
         values = rows.get(unit.kind)
         if values is None:
             continue
@@ -76,11 +79,16 @@ def search_fingerprint(state: ShrinkState, windows: Windows, heldout: Windows | 
 
 def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None, *, stop: Callable[[ShrinkState], bool],
                   batch_size: int = 4, kinds=KINDS, max_loss_increase: float | None = None,
-                  journal: Journal | None = None, progress: bool = True) -> tuple[list[Step], str]:
+                  journal: Journal | None = None, progress: bool = True,
+                  remeasure: int | None = None) -> tuple[list[Step], str]:
     """Remove units until ``stop(state)`` (or no candidate is left, or the held-out guard).
 
+    ``remeasure``: None re-measures every candidate at every step (exact greedy); N re-measures
+    only the N candidates whose last measured damage per parameter is smallest (lazy greedy,
+    a full sweep at the first step), for models too large for a full sweep per step.
     Returns the steps and why the search ended: ``target``, ``max_loss_increase`` or ``exhausted``.
     """
+    stale: dict[Unit, float] = {}
     journal = journal or Journal(None, "")
     full_held = float(state.scores(heldout, batch_size).mean()) if heldout is not None else math.nan
     steps: list[Step] = []
@@ -89,17 +97,20 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
         while not stop(state):
             done = journal.get(len(steps) + 1)
             if done is not None:  # a finished step of an interrupted run: replay it
+                stale = {Unit.parse(k): v for k, v in done.pop("scores", {}).items()}
                 step = Step(**done)
                 state.remove(Unit.parse(step.unit))
             else:
-                step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1)
+                only = _leading(state, stale, kinds, remeasure)
+                step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1, only, stale)
                 if step is None:
                     return steps, "exhausted"
                 if max_loss_increase is not None and step.heldout_loss - full_held > max_loss_increase:
                     return steps, "max_loss_increase"
                 step.also = ";".join(u.name for u in state.remove(Unit.parse(step.unit))[1:])
                 step.params = state.params
-                journal.append(step.step, asdict(step))
+                journal.append(step.step, {**asdict(step), "scores": {u.name: v for u, v in stale.items()
+                                                                      if state.has(u)}})
             steps.append(step)
             bar.update()
             bar.set_postfix_str(f"{step.unit} params {step.params / state.params_before:.3f}")
@@ -108,11 +119,22 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
     return steps, "target"
 
 
+def _leading(state: ShrinkState, stale: dict[Unit, float], kinds, remeasure: int | None) -> list[Unit] | None:
+    """The candidates to re-measure this step (None: all of them)."""
+    candidates = state.candidates(kinds)
+    if remeasure is None or not stale or any(u not in stale for u in candidates):
+        return None
+    return sorted(candidates, key=lambda u: (stale[u], u))[:remeasure]
+
+
 def _next_step(state: ShrinkState, windows: Windows, heldout: Windows | None, batch_size: int, kinds,
-               number: int) -> Step | None:
-    """Measure every candidate on the model as it is now; the best one, checked on held-out windows."""
-    base, losses = candidate_losses(state, windows, batch_size, kinds)
+               number: int, only: list[Unit] | None = None, stale: dict | None = None) -> Step | None:
+    """Measure the candidates (``only``, else all) on the model as it is now; the best one,
+    checked on held-out windows. ``stale`` gets every measured damage per parameter."""
+    base, losses = candidate_losses(state, windows, batch_size, kinds, only=only)
     ranked = rank(state, base, losses)
+    if stale is not None:
+        stale.update({u: score for score, u in ranked})
     if not ranked:
         return None
     score, unit = ranked[0]

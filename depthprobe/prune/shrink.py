@@ -50,6 +50,8 @@ class ShrinkConfig:
     speedup_on: str = "decode"  # prefill | decode
     max_loss_increase: float | None = None  # stop before held-out loss rises more than this (nats)
     units: tuple[str, ...] = KINDS  # block, attn, mlp
+    #: re-measure only the N leading candidates per step (lazy greedy); None: all (exact greedy)
+    remeasure: int | None = None
     baselines: bool = True
     #: the baselines' largest K without a parameter target (default: half the blocks)
     baseline_max: int | None = None
@@ -71,6 +73,8 @@ class ShrinkConfig:
         bad = [u for u in self.units if u not in KINDS]
         if bad or not self.units:
             raise DepthprobeError(f"units must be some of {', '.join(KINDS)} (got {', '.join(self.units) or 'none'})")
+        if self.remeasure is not None and self.remeasure < 1:
+            raise DepthprobeError(f"--remeasure must be at least 1 (got {self.remeasure})")
         if self.heldout_windows < 1:
             raise DepthprobeError(f"--heldout-windows must be at least 1 (got {self.heldout_windows})")
 
@@ -114,6 +118,7 @@ class ShrinkResult:
     heldout_source: str | None = None
     speed: dict | None = None  # --target-speedup: the exported model's measured speed against the original's
     calibration_check: dict | None = None
+    search: str = "greedy, every candidate re-measured at every step"
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -130,7 +135,7 @@ class ShrinkResult:
         beats = None
         if self.block_only is not None and self.heldout_after is not None:
             beats = bool(self.heldout_after[0] <= self.block_only["heldout_loss"])
-        return {"removed": self.removed, "num_removed": len(self.removed), "stopped": self.stopped,
+        return {"removed": self.removed, "search": self.search, "num_removed": len(self.removed), "stopped": self.stopped,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "params_fraction": self.params_fraction, "num_layers_before": self.num_layers_before,
                 "num_layers_after": self.num_layers_after, "loss_before": self.loss_before,
@@ -167,11 +172,12 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     loss_before = evaluator.loss()
     held_before = mean_interval(state.scores(held, bs)) if held is not None else None
     baselines = _baselines(model, state, evaluator, windows, held, config, target, journals, run.progress)
-    journal = Journal(journals.get(SHRINK_JOURNAL), search_fingerprint(state, windows, held, bs, config.units),
-                      what="shrink")
+    journal = Journal(journals.get(SHRINK_JOURNAL), f"{search_fingerprint(state, windows, held, bs, config.units)}:"
+                      f"{config.remeasure}", what="shrink")
     stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
     steps, stopped = greedy_shrink(state, windows, held, stop=stop, batch_size=bs, kinds=config.units,
-                                   max_loss_increase=config.max_loss_increase, journal=journal, progress=run.progress)
+                                   max_loss_increase=config.max_loss_increase, journal=journal, progress=run.progress,
+                                   remeasure=config.remeasure)
     loss_after = float(state.scores(windows, bs).mean())
     held_after = mean_interval(state.scores(held, bs)) if held is not None else None
     if speed is not None and stopped != "target":
@@ -184,6 +190,9 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
                           best_block_only(curve, state.params) if baselines is not None else None,
                           export_info(state), num_layers, len(state.kept),
                           heldout_source=held.source if held is not None else None, model=model)
+    if config.remeasure is not None:
+        result.search = (f"lazy greedy: a full sweep at step 1, then the {config.remeasure} candidates with the least "
+                         "damage per parameter when last measured re-measured at each step")
     if out_dir is not None:
         save(result, model, tokenizer, out_dir)
         if speed is not None:
