@@ -294,11 +294,11 @@ def test_lazy_greedy_remeasures_the_leading_candidates_with_the_same_sweep():
     for unit in leading:
         assert some[unit] == pytest.approx(every[unit], abs=1e-9)
     # the whole search: exact greedy == lazy greedy that re-measures every candidate
-    exact, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
-                                    batch_size=2, progress=False)
-    lazy, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
-                                   batch_size=2, progress=False, remeasure=100)
+    def run(remeasure):
+        return search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
+                                    options=search.SearchOptions(batch_size=2, remeasure=remeasure), progress=False)[0]
+
+    exact, lazy = run(None), run(100)
     assert [s.unit for s in exact] == [s.unit for s in lazy]
-    two, _ = search.greedy_shrink(ShrinkState(build_tiny("llama")), ids, None, stop=lambda s: len(s.removed) >= 4,
-                                  batch_size=2, progress=False, remeasure=2)
+    two = run(2)
     assert two[0].unit == exact[0].unit  # step 1 is a full sweep either way

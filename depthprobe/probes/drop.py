@@ -23,7 +23,6 @@ Either way a killed sweep resumes from its journal (``progress_file``) with the 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import time
@@ -35,7 +34,7 @@ import torch
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.batch import batches_of, num_windows
-from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables, Variant
+from depthprobe.probes.drop_tables import DropPlan, DropRecord, DropSweepResult, DropTables
 from depthprobe.probes.hooks import evaluating
 from depthprobe.probes.objective import objective_for
 from depthprobe.probes.offload import use_layer_major
@@ -46,7 +45,7 @@ from depthprobe.probes.sweep import DEFAULT_BLOCK_SIZES, ExecutionOptions, Sweep
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BLOCK_SIZES", "BatchScorer", "DropPlan", "DropRecord", "DropSweepResult", "capture_states",
-           "drop_sweep", "run_drop_sweep", "run_drop_sweep_layer_major"]
+           "drop_sweep", "run_drop_plan", "run_drop_sweep", "run_drop_sweep_layer_major"]
 
 
 def drop_sweep(ctx: SweepContext) -> SweepOutput:
@@ -75,26 +74,29 @@ def run_drop_sweep(
     progress_file: str | Path | None = None,
     progress: bool = True,
     execution: ExecutionOptions | None = None,
-    only: Sequence[Variant] | None = None,
 ) -> DropSweepResult:
     """Per-window objective of every single-block, sublayer and contiguous-block drop.
 
     ``input_ids``: ``(N, T)`` token windows (or a :class:`~depthprobe.data.Windows`);
     ``execution``: batch-major (default) or layer-major, and the layer-major store's budget.
     With ``progress_file`` finished work is journaled there and a rerun resumes from it.
-    ``only``: measure just these drops (the others' cells stay NaN), e.g. a search's leading candidates.
     """
+    return run_drop_plan(stack, input_ids, DropPlan.of(stack, sublayers, block_sizes), batch_size=batch_size,
+                         progress_file=progress_file, progress=progress, execution=execution)
+
+
+def run_drop_plan(stack: LayerStack, input_ids, plan: DropPlan, *, batch_size: int = 4,
+                  progress_file: str | Path | None = None, progress: bool = True,
+                  execution: ExecutionOptions | None = None) -> DropSweepResult:
+    """The drops of ``plan`` (all of a sweep's, or a subset: ``plan.subset(variants)``; the
+    cells of drops not in it stay NaN), through the same schedules as :func:`run_drop_sweep`."""
     execution = execution or ExecutionOptions(order="batch")
     order = "layer" if use_layer_major(execution.order, stack.model) else "batch"
     objective = objective_for(stack)
     batches = batches_of(input_ids, batch_size)
-    plan = DropPlan.of(stack, sublayers, block_sizes)
-    if only is not None:
-        wanted = set(only)
-        plan = dataclasses.replace(plan, variants=[v for v in plan.variants if v in wanted])
     schedule = make_schedule(order, objective, batches, progress, execution.state_budget, execution.spill_dir)
     fingerprint = _fingerprint(stack, batches, plan.sublayers, plan.block_sizes)
-    if only is not None:
+    if plan.is_subset:
         fingerprint += ":" + hashlib.sha256(repr(plan.variants).encode()).hexdigest()[:8]
     journal = Journal(progress_file, fingerprint if order == "batch" else f"{fingerprint}:layer:{batch_size}",
                       what="sweep")

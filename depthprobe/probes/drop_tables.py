@@ -58,6 +58,13 @@ class DropPlan:
     num_layers: int
     sublayers: bool
     block_sizes: list[int]
+    is_subset: bool = False  # some of the sweep's drops only (the others' cells stay NaN)
+
+    def subset(self, variants) -> DropPlan:
+        """This plan with only ``variants`` (in the plan's order)."""
+        wanted = set(variants)
+        return DropPlan([v for v in self.variants if v in wanted], self.num_layers, self.sublayers,
+                        self.block_sizes, True)
 
     @classmethod
     def of(cls, stack: LayerStack, sublayers: bool, block_sizes: Sequence[int]) -> DropPlan:

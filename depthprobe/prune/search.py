@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 from depthprobe.data import Windows
 from depthprobe.journal import Journal
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
-from depthprobe.probes.drop import run_drop_sweep
-from depthprobe.probes.drop_tables import Variant
+from depthprobe.probes.drop import run_drop_plan
+from depthprobe.probes.drop_tables import DropPlan, Variant
 from depthprobe.prune.units import KINDS, ShrinkState, Unit
 
 
@@ -50,10 +50,10 @@ def candidate_losses(state: ShrinkState, windows: Windows, batch_size: int, kind
     """Calibration loss of the model now and of the model without each candidate (or each of
     ``only``), from one drop sweep (the sweep seam, prefix cache) of the model as it is now."""
     sublayers = any(k in kinds for k in ("attn", "mlp"))
-    variants = None if only is None else [
-        Variant(u.kind, state.index(u.layer), 1 if u.kind == "block" else 0) for u in only]
-    result = run_drop_sweep(state.stack, windows, batch_size=batch_size, sublayers=sublayers, block_sizes=(),
-                            progress=progress, only=variants)
+    plan = DropPlan.of(state.stack, sublayers, ())
+    if only is not None:
+        plan = plan.subset(Variant(u.kind, state.index(u.layer), 1 if u.kind == "block" else 0) for u in only)
+    result = run_drop_plan(state.stack, windows, plan, batch_size=batch_size, progress=progress)
     rows = {"block": result.block, "attn": result.attn, "mlp": result.mlp}
     losses = {}
     for unit in state.candidates(kinds) if only is None else only:
@@ -77,17 +77,26 @@ def search_fingerprint(state: ShrinkState, windows: Windows, heldout: Windows | 
     return f"{sweep_fingerprint(state.stack, windows.input_ids, True, [])}:{held}:{batch_size}:{','.join(kinds)}"
 
 
+@dataclass(frozen=True)
+class SearchOptions:
+    batch_size: int = 4
+    kinds: tuple[str, ...] = KINDS  # the units that may go
+    #: the held-out guard: a step whose held-out loss rises more than this above the full model's is not taken
+    max_loss_increase: float | None = None
+    #: None re-measures every candidate at every step (exact greedy); N re-measures only the N
+    #: candidates whose last measured damage per parameter is smallest (lazy greedy; a full
+    #: sweep at the first step), for models too large for a full sweep per step
+    remeasure: int | None = None
+
+
 def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None, *, stop: Callable[[ShrinkState], bool],
-                  batch_size: int = 4, kinds=KINDS, max_loss_increase: float | None = None,
-                  journal: Journal | None = None, progress: bool = True,
-                  remeasure: int | None = None) -> tuple[list[Step], str]:
+                  options: SearchOptions = SearchOptions(), journal: Journal | None = None,
+                  progress: bool = True) -> tuple[list[Step], str]:
     """Remove units until ``stop(state)`` (or no candidate is left, or the held-out guard).
 
-    ``remeasure``: None re-measures every candidate at every step (exact greedy); N re-measures
-    only the N candidates whose last measured damage per parameter is smallest (lazy greedy,
-    a full sweep at the first step), for models too large for a full sweep per step.
     Returns the steps and why the search ended: ``target``, ``max_loss_increase`` or ``exhausted``.
     """
+    batch_size, kinds, max_loss_increase = options.batch_size, options.kinds, options.max_loss_increase
     stale: dict[Unit, float] = {}
     journal = journal or Journal(None, "")
     full_held = float(state.scores(heldout, batch_size).mean()) if heldout is not None else math.nan
@@ -101,7 +110,7 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
                 step = Step(**done)
                 state.remove(Unit.parse(step.unit))
             else:
-                only = _leading(state, stale, kinds, remeasure)
+                only = _leading(state, stale, kinds, options.remeasure)
                 step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1, only, stale)
                 if step is None:
                     return steps, "exhausted"

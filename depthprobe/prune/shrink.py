@@ -25,7 +25,7 @@ from depthprobe.evaluate.heldout import mean_interval
 from depthprobe.journal import Journal, resume_files
 from depthprobe.prune.baselines import baseline_curve, baseline_removals, best_block_only, blocks_for
 from depthprobe.prune.export import save_model
-from depthprobe.prune.search import Step, greedy_shrink, search_fingerprint
+from depthprobe.prune.search import SearchOptions, Step, greedy_shrink, search_fingerprint
 from depthprobe.prune.select import Evaluator
 from depthprobe.prune.speed import SpeedTarget
 from depthprobe.prune.units import KINDS, ShrinkState, count_params
@@ -175,9 +175,9 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     journal = Journal(journals.get(SHRINK_JOURNAL), f"{search_fingerprint(state, windows, held, bs, config.units)}:"
                       f"{config.remeasure}", what="shrink")
     stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
-    steps, stopped = greedy_shrink(state, windows, held, stop=stop, batch_size=bs, kinds=config.units,
-                                   max_loss_increase=config.max_loss_increase, journal=journal, progress=run.progress,
-                                   remeasure=config.remeasure)
+    options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure)
+    steps, stopped = greedy_shrink(state, windows, held, stop=stop, options=options, journal=journal,
+                                   progress=run.progress)
     loss_after = float(state.scores(windows, bs).mean())
     held_after = mean_interval(state.scores(held, bs)) if held is not None else None
     if speed is not None and stopped != "target":
