@@ -247,6 +247,9 @@ def test_cli_shrink_prints_the_loss_the_export_gives(tiny_dir, tmp_path, capsys)
         loss = np.mean([ref.lm_loss(model(input_ids=ids[w: w + 1]).logits, ids[w: w + 1]) for w in range(2)])
     assert loss == pytest.approx(printed, abs=1e-4)
     assert (out / "report.html").is_file() and "Why each unit was removed" in (out / "report.html").read_text()
+    code, _, err = run_cli(["shrink", str(tiny_dir("gemma2")), "--out", str(out), "--num-sequences", "2",
+                            "--seq-len", "8", "--quiet", "--target-params", "0.5", "--resume"], capsys)
+    assert code == 2 and "--seq-len 8 (was 16)" in err and len(err.strip().splitlines()) == 1
 
 
 SMOL_RELOAD = r"""
@@ -302,3 +305,40 @@ def test_lazy_greedy_remeasures_the_leading_candidates_with_the_same_sweep():
     assert [s.unit for s in exact] == [s.unit for s in lazy]
     two = run(2)
     assert two[0].unit == exact[0].unit  # step 1 is a full sweep either way
+
+
+def test_max_loss_increase_stops_before_the_held_out_loss_rises_more(tiny_dir):
+    model, tok = _tiny(tiny_dir)
+    config = ShrinkConfig(max_loss_increase=0.004, baselines=False, heldout_windows=3,
+                          probe=ProbeConfig(num_sequences=2, seq_len=16, batch_size=2))
+    r = shrink(model, tok, config, run=RunOptions(progress=False))
+    full = r.heldout_before[0]
+    assert all(s.heldout_loss - full <= 0.004 for s in r.steps)
+    if r.stopped == "max_loss_increase":  # the step it refused: measured on a copy, it rises more
+        twin, _ = _tiny(tiny_dir)
+        state = ShrinkState(twin)
+        for unit in r.removed:
+            if state.has(Unit.parse(unit)):
+                state.remove(Unit.parse(unit))
+        held = depthprobe.data.heldout_windows(tok, num_sequences=3, seq_len=16,
+                                               calibration=depthprobe.make_windows(tok, num_sequences=2, seq_len=16))
+        base, losses = candidate_losses(state, depthprobe.make_windows(tok, num_sequences=2, seq_len=16), 2)
+        refused = rank(state, base, losses)[0][1]
+        assert state.scores_without(refused, held, 2).mean() - full > 0.004
+    assert r.heldout_after[0] - full <= 0.004
+
+
+def test_check_calibration_reports_the_overlap(tiny_dir, tmp_path, capsys, calibration_file):
+    other = tmp_path / "other.txt"
+    other.write_text(" ".join(reversed(open(calibration_file).read().split()))[:20000])
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["shrink", str(tiny_dir("llama")), "--out", str(out), "--num-sequences", "2",
+                                 "--seq-len", "16", "--heldout-windows", "2", "--quiet", "--target-params", "0.7",
+                                 "--no-baselines", "--check-calibration", str(other), "--device", "cpu"], capsys)
+    assert code == 0, err
+    check = json.loads((out / "shrink.json").read_text())["calibration_check"]
+    first, second = set(check["units_first"]), set(check["units_second"])
+    assert check["shared"] == len(first & second)
+    assert check["jaccard"] == pytest.approx(len(first & second) / len(first | second))
+    assert check["units_first"] == json.loads((out / "shrink.json").read_text())["removed"]
+    assert "calibration check" in stdout

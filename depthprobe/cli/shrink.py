@@ -12,6 +12,7 @@ from depthprobe.cli import preflight
 from depthprobe.cli.evaluate_options import PruneJudge, heldout_options, judge_options, quiet_harness
 from depthprobe.cli.interrupts import keeps
 from depthprobe.cli.options import (
+    checked_resume_options,
     common_options,
     data_options,
     load_from_options,
@@ -132,23 +133,10 @@ def _check(opts: dict) -> tuple[str, ...]:
 
 
 def _check_resume_options(opts: dict) -> dict:
-    recorded = {k: v for k, v in sorted(opts.items()) if k not in _NOT_RECORDED}
-    path = Path(opts["out_dir"]) / OPTIONS_JSON
-    if not opts["resume"] or not path.is_file():
-        return recorded
-    try:
-        before = json.loads(path.read_text())
-    except ValueError:
-        return recorded
+    """A --resume must search the same way (the target may change: the steps do not depend on it)."""
     search = ("model", "text_file", "dataset", "num_sequences", "seq_len", "batch_size", "units", "heldout_windows",
-              "remeasure",
-              "eval_text_file", "eval_dataset", "dtype", "layers_path", "gguf_file")
-    differ = [k for k in search if recorded.get(k) != before.get(k)]
-    if differ:
-        said = ", ".join(f"--{k.replace('_', '-')} {recorded.get(k)!r} (was {before.get(k)!r})" for k in differ)
-        raise DepthprobeError(f"--resume with options that differ from the interrupted run in {opts['out_dir']}: "
-                              f"{said}; rerun with its options, or without --resume to start over")
-    return recorded
+              "remeasure", "eval_text_file", "eval_dataset", "dtype", "layers_path", "gguf_file")
+    return checked_resume_options(opts, OPTIONS_JSON, _NOT_RECORDED, search)
 
 
 def _config(opts: dict, units, text_file=None):
