@@ -13,6 +13,7 @@ parameters left (the full model's minus the removed blocks').
 from __future__ import annotations
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from depthprobe.data import Windows
 from depthprobe.evaluate.heldout import mean_interval, per_window_loss
@@ -56,6 +57,7 @@ def baseline_curve(evaluator: Evaluator, heldout: Windows | None, removals: dict
     total = count_params(stack.model)
     cache: dict[tuple[int, ...], tuple] = {}
     rows = []
+    bar = tqdm(total=sum(len(v) for v in removals.values()), desc="baselines", disable=not progress, leave=False)
     for strategy, steps in removals.items():
         before: set[int] = set()
         for k, removed in enumerate(steps):
@@ -71,6 +73,8 @@ def baseline_curve(evaluator: Evaluator, heldout: Windows | None, removals: dict
                          "removed": ";".join(f"block:{i}" for i in key), "loss": loss, "heldout_loss": held,
                          "heldout_loss_low": low, "heldout_loss_high": high,
                          "params": total - sum(sizes[i] for i in key)})
+            bar.update()
+    bar.close()
     frame = pd.DataFrame(rows)
     frame["params_fraction"] = frame["params"] / total
     return frame
