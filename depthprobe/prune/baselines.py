@@ -80,12 +80,16 @@ def baseline_curve(evaluator: Evaluator, heldout: Windows | None, removals: dict
     return frame
 
 
-def best_block_only(curve: pd.DataFrame, params: int) -> dict | None:
-    """The block-only row with the lowest held-out loss at ``params`` parameters or more (K > 0)."""
+def best_block_only(curve: pd.DataFrame, params: int, target: int | None = None) -> dict | None:
+    """The block-only result to beat: for each baseline its row with the fewest parameters that
+    are still at least ``params`` (and, with a ``target``, reach it); the lowest held-out loss of those."""
     rows = curve[curve["strategy"].isin(BASELINES) & (curve["params"] >= params) & (curve["step"] > 0)]
+    if target is not None:
+        rows = rows[rows["params"] <= target]
     rows = rows.dropna(subset=["heldout_loss"])
     if rows.empty:
         return None
+    rows = rows.loc[rows.groupby("strategy")["params"].idxmin()]
     best = rows.loc[rows["heldout_loss"].idxmin()]
     return {"strategy": best["strategy"], "step": int(best["step"]), "removed": best["removed"],
             "params": int(best["params"]), "heldout_loss": float(best["heldout_loss"]), "loss": float(best["loss"])}

@@ -87,6 +87,9 @@ class SearchOptions:
     #: candidates whose last measured damage per parameter is smallest (lazy greedy; a full
     #: sweep at the first step), for models too large for a full sweep per step
     remeasure: int | None = None
+    #: the parameter count to reach: the last step, the one that reaches it, takes the unit with
+    #: the least damage among those that reach it (every candidate measured), not the least per parameter
+    target_params: int | None = None
 
 
 def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None, *, stop: Callable[[ShrinkState], bool],
@@ -110,8 +113,10 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
                 step = Step(**done)
                 state.remove(Unit.parse(step.unit))
             else:
-                only = _leading(state, stale, kinds, options.remeasure)
-                step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1, only, stale)
+                last = _last_step(state, kinds, options.target_params)
+                only = None if last else _leading(state, stale, kinds, options.remeasure)
+                step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1, only, stale,
+                                  options.target_params if last else None)
                 if step is None:
                     return steps, "exhausted"
                 if max_loss_increase is not None and step.heldout_loss - full_held > max_loss_increase:
@@ -136,10 +141,19 @@ def _leading(state: ShrinkState, stale: dict[Unit, float], kinds, remeasure: int
     return sorted(candidates, key=lambda u: (stale[u], u))[:remeasure]
 
 
+def _last_step(state: ShrinkState, kinds, target: int | None) -> bool:
+    """Whether one unit can reach the parameter target from here."""
+    if target is None:
+        return False
+    return any(state.params - state.unit_params(u) <= target for u in state.candidates(kinds))
+
+
 def _next_step(state: ShrinkState, windows: Windows, heldout: Windows | None, batch_size: int, kinds,
-               number: int, only: list[Unit] | None = None, stale: dict | None = None) -> Step | None:
+               number: int, only: list[Unit] | None = None, stale: dict | None = None,
+               reach: int | None = None) -> Step | None:
     """Measure the candidates (``only``, else all) on the model as it is now; the best one,
-    checked on held-out windows. ``stale`` gets every measured damage per parameter."""
+    checked on held-out windows. ``stale`` gets every measured damage per parameter. With
+    ``reach`` (a parameter count one unit can reach), the least damaging unit that reaches it."""
     base, losses = candidate_losses(state, windows, batch_size, kinds, only=only)
     ranked = rank(state, base, losses)
     if stale is not None:
@@ -147,6 +161,10 @@ def _next_step(state: ShrinkState, windows: Windows, heldout: Windows | None, ba
     if not ranked:
         return None
     score, unit = ranked[0]
+    reaching = [u for _, u in ranked if state.params - state.unit_params(u) <= reach] if reach is not None else []
+    if reaching:
+        unit = min(reaching, key=lambda u: (losses[u], u))
+        score = (losses[unit] - base) / state.unit_params(unit)
     heldout_loss = math.nan
     if heldout is not None:
         heldout_loss = float(np.mean(state.scores_without(unit, heldout, batch_size)))

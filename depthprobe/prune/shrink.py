@@ -175,7 +175,7 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     journal = Journal(journals.get(SHRINK_JOURNAL), f"{search_fingerprint(state, windows, held, bs, config.units)}:"
                       f"{config.remeasure}", what="shrink")
     stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
-    options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure)
+    options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure, target)
     steps, stopped = greedy_shrink(state, windows, held, stop=stop, options=options, journal=journal,
                                    progress=run.progress)
     loss_after = float(state.scores(windows, bs).mean())
@@ -187,7 +187,7 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     curve = _curve(state, steps, loss_before, held_before, baselines, speed)
     result = ShrinkResult([u.name for u in state.removed], steps, stopped, state.params_before, state.params,
                           loss_before, loss_after, held_before, held_after, curve,
-                          best_block_only(curve, state.params) if baselines is not None else None,
+                          best_block_only(curve, state.params, target) if baselines is not None else None,
                           export_info(state), num_layers, len(state.kept),
                           heldout_source=held.source if held is not None else None, model=model)
     if config.remeasure is not None:
