@@ -174,14 +174,16 @@ def test_shrink_reaches_the_target_and_writes_the_curve(tiny_dir, tmp_path):
     assert shrunk_rows["heldout_loss"].iloc[-1] == pytest.approx(r.heldout_after[0], abs=1e-6)
     summary = json.loads((tmp_path / "out" / "shrink.json").read_text())
     assert summary["params_after"] == r.params_after and summary["export"]["format"] in ("plain", "depthprobe_shrunk")
-    best = r.block_only  # per baseline: the fewest parameters still >= the shrink's (and <= the target)
-    rows = curve[curve.strategy.isin(["greedy-blocks", "block", "block-influence", "last-blocks"])
-                 & (curve.params >= r.params_after) & (curve.params <= 0.7 * r.params_before) & (curve.step > 0)]
-    if best is None:
-        assert rows.empty
-    else:
-        assert best["params"] >= r.params_after and best["params"] == rows["params"].min()
-        assert best["heldout_loss"] == pytest.approx(rows[rows.params == rows.params.min()]["heldout_loss"].min())
+    best = r.block_only  # per baseline: the fewest parameters still >= the shrink's
+    blocks_only = curve[curve.strategy.isin(["greedy-blocks", "block", "block-influence", "last-blocks"])
+                        & (curve.step > 0)]
+    rows = blocks_only[blocks_only.params >= r.params_after]
+    assert best["params"] >= r.params_after and best["params"] == rows["params"].min()
+    assert best["heldout_loss"] == pytest.approx(rows[rows.params == rows.params.min()]["heldout_loss"].min())
+    reach = blocks_only[blocks_only.params <= int(0.7 * r.params_before)]
+    at = r.block_only_at_target
+    assert at["params"] == reach["params"].max()
+    assert at["heldout_loss"] == pytest.approx(reach[reach.params == reach.params.max()]["heldout_loss"].min())
     # the last step reached the target with the least damage of the units that reach it
     twin, _ = _tiny(tiny_dir)
     state = ShrinkState(twin)

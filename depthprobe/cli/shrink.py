@@ -200,6 +200,10 @@ def _echo(result, quiet: bool) -> None:
         verdict = "at or below" if s["heldout_at_or_below_block_only"] else "ABOVE"
         click.echo(f"best block-only at >= {s['params_after']:,} parameters: {best['strategy']} K={best['step']} "
                    f"({best['params']:,} parameters) held-out {best['heldout_loss']:.6f}; shrink is {verdict} it")
+    at_target = s.get("block_only_at_target")
+    if at_target is not None and "heldout_loss_after" in s:
+        click.echo(f"best block-only that reaches the target: {at_target['strategy']} K={at_target['step']} "
+                   f"({at_target['params']:,} parameters) held-out {at_target['heldout_loss']:.6f}")
     speed = s.get("speed")
     if speed:
         click.echo(f"measured {speed['speedup_on']} speedup {speed['speedup']:.3f}x (target {speed['target']})")

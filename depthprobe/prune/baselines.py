@@ -80,19 +80,29 @@ def baseline_curve(evaluator: Evaluator, heldout: Windows | None, removals: dict
     return frame
 
 
-def best_block_only(curve: pd.DataFrame, params: int, target: int | None = None) -> dict | None:
-    """The block-only result to beat: for each baseline its row with the fewest parameters that
-    are still at least ``params`` (and, with a ``target``, reach it); the lowest held-out loss of those."""
-    rows = curve[curve["strategy"].isin(BASELINES) & (curve["params"] >= params) & (curve["step"] > 0)]
-    if target is not None:
-        rows = rows[rows["params"] <= target]
+def _best(rows: pd.DataFrame, pick: str) -> dict | None:
     rows = rows.dropna(subset=["heldout_loss"])
     if rows.empty:
         return None
-    rows = rows.loc[rows.groupby("strategy")["params"].idxmin()]
+    rows = rows.loc[getattr(rows.groupby("strategy")["params"], pick)()]
     best = rows.loc[rows["heldout_loss"].idxmin()]
     return {"strategy": best["strategy"], "step": int(best["step"]), "removed": best["removed"],
             "params": int(best["params"]), "heldout_loss": float(best["heldout_loss"]), "loss": float(best["loss"])}
 
 
-__all__ = ["BASELINES", "baseline_curve", "baseline_removals", "best_block_only", "blocks_for"]
+def best_block_only(curve: pd.DataFrame, params: int) -> dict | None:
+    """The block-only result to beat at the same or more parameters: for each baseline its row
+    with the fewest parameters that are still at least ``params``; the lowest held-out loss of those."""
+    rows = curve[curve["strategy"].isin(BASELINES) & (curve["params"] >= params) & (curve["step"] > 0)]
+    return _best(rows, "idxmin")
+
+
+def best_block_only_at_target(curve: pd.DataFrame, target: int) -> dict | None:
+    """The best block-only model that reaches ``target`` parameters: for each baseline its first
+    K at or below it; the lowest held-out loss of those."""
+    rows = curve[curve["strategy"].isin(BASELINES) & (curve["params"] <= target) & (curve["step"] > 0)]
+    return _best(rows, "idxmax")
+
+
+__all__ = ["BASELINES", "baseline_curve", "baseline_removals", "best_block_only", "best_block_only_at_target",
+           "blocks_for"]

@@ -23,7 +23,13 @@ from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import mean_interval
 from depthprobe.journal import Journal, resume_files
-from depthprobe.prune.baselines import baseline_curve, baseline_removals, best_block_only, blocks_for
+from depthprobe.prune.baselines import (
+    baseline_curve,
+    baseline_removals,
+    best_block_only,
+    best_block_only_at_target,
+    blocks_for,
+)
 from depthprobe.prune.export import save_model
 from depthprobe.prune.search import SearchOptions, Step, greedy_shrink, search_fingerprint
 from depthprobe.prune.select import Evaluator
@@ -119,6 +125,7 @@ class ShrinkResult:
     speed: dict | None = None  # --target-speedup: the exported model's measured speed against the original's
     calibration_check: dict | None = None
     search: str = "greedy, every candidate re-measured at every step"
+    block_only_at_target: dict | None = None  # the best block-only model that reaches the parameter target
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -141,7 +148,8 @@ class ShrinkResult:
                 "num_layers_after": self.num_layers_after, "loss_before": self.loss_before,
                 "loss_after": self.loss_after, "perplexity_before": math.exp(self.loss_before),
                 "perplexity_after": math.exp(self.loss_after), **held, "block_only_best": self.block_only,
-                "heldout_at_or_below_block_only": beats, "export": self.export, "speed": self.speed,
+                "heldout_at_or_below_block_only": beats, "block_only_at_target": self.block_only_at_target,
+                "export": self.export, "speed": self.speed,
                 "calibration_check": self.calibration_check}
 
 
@@ -187,12 +195,12 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     curve = _curve(state, steps, loss_before, held_before, baselines, speed)
     result = ShrinkResult([u.name for u in state.removed], steps, stopped, state.params_before, state.params,
                           loss_before, loss_after, held_before, held_after, curve,
-                          best_block_only(curve, state.params, target) if baselines is not None else None,
+                          best_block_only(curve, state.params) if baselines is not None else None,
                           export_info(state), num_layers, len(state.kept),
                           heldout_source=held.source if held is not None else None, model=model)
-    if config.remeasure is not None:
-        result.search = (f"lazy greedy: a full sweep at step 1, then the {config.remeasure} candidates with the least "
-                         "damage per parameter when last measured re-measured at each step")
+    result.search = search_note(config)
+    if baselines is not None and target is not None:
+        result.block_only_at_target = best_block_only_at_target(curve, target)
     if out_dir is not None:
         save(result, model, tokenizer, out_dir)
         if speed is not None:
@@ -204,6 +212,14 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
         for path in journals.values():
             path.unlink(missing_ok=True)
     return result
+
+
+def search_note(config: ShrinkConfig) -> str:
+    """How the search ran (``shrink.json`` ``search``)."""
+    if config.remeasure is None:
+        return "greedy, every candidate re-measured at every step"
+    return (f"lazy greedy: a full sweep at step 1, then the {config.remeasure} candidates with the least damage per "
+            "parameter when last measured re-measured at each step (every candidate at the step that reaches the target)")
 
 
 def _windows(model, tokenizer, probe: ProbeConfig) -> Windows:

@@ -58,6 +58,10 @@ def render_shrink(folder: str | Path) -> str:
         parts.append(_p(f"Best block-only strategy at the same or more parameters: {best['strategy']} with "
                         f"{best['step']} blocks removed ({best['params']:,} parameters), held-out loss "
                         f"{best['heldout_loss']:.4f}; the shrink is {verdict} it."))
+    at = s.get("block_only_at_target")
+    if at:
+        parts.append(_p(f"Best block-only strategy that reaches the target: {at['strategy']} with {at['step']} "
+                        f"blocks removed ({at['params']:,} parameters), held-out loss {at['heldout_loss']:.4f}."))
     export = s["export"]
     parts.append(_p(f"Export: {export['format']} ({export['model_type']}); loads with {export['loads_with']}; "
                     f"needs {export['needs']}."))
