@@ -355,3 +355,20 @@ def test_check_calibration_reports_the_overlap(tiny_dir, tmp_path, capsys, calib
     assert check["jaccard"] == pytest.approx(len(first & second) / len(first | second))
     assert check["units_first"] == json.loads((out / "shrink.json").read_text())["removed"]
     assert "calibration check" in stdout
+
+
+def test_speedup_target_stops_on_a_measured_speed(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["shrink", str(tiny_dir("llama")), "--out", str(out), "--num-sequences", "2",
+                                 "--seq-len", "16", "--heldout-windows", "2", "--quiet", "--no-baselines",
+                                 "--no-report", "--target-speedup", "1.05", "--device", "cpu"], capsys)
+    if code == 2:  # the shared machine's timings never reached the target: refused, steps kept
+        assert "unreachable" in err and (out / "shrink_progress.jsonl").is_file()
+        return
+    speed = json.loads((out / "shrink.json").read_text())["speed"]
+    curve = pd.read_csv(out / "shrink_curve.csv")
+    rows = curve[curve.strategy == "shrink"].set_index("step")["decode_tokens_per_s"]
+    assert rows.loc[0] == pytest.approx(speed["original_tokens_per_s"])
+    assert rows.iloc[-1] / rows.loc[0] >= 1.05  # the search stopped on a measurement, not an estimate
+    assert speed["measured_on"] == "the exported folder, reloaded" and speed["speedup"] == pytest.approx(
+        speed["shrunk_tokens_per_s"] / speed["original_tokens_per_s"])
