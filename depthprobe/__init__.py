@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 
+from depthprobe import autoregister
 from depthprobe._version import __version__  # noqa: F401  (the package version)
 from depthprobe.errors import DepthprobeError
 from depthprobe.views import register_html_view
@@ -50,6 +51,9 @@ def _notebook_view(result) -> str:
 
     return result_html(result)
 
+
+# shrunk folders (model_type depthprobe_shrunk) load with plain AutoModelForCausalLM once depthprobe is imported
+autoregister.install()
 
 # the package front wires the notebook view to the data type: results imports nothing of report
 register_html_view("AnalysisResult", _notebook_view)

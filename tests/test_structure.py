@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "depthprobe.views": 0,
     "depthprobe.safeio": 0,
     "depthprobe.journal": 0,
+    "depthprobe.autoregister": 0,
     "depthprobe.inputs": 0,
     "depthprobe.labels": 0,
     "depthprobe.caveats": 0,

@@ -20,6 +20,7 @@ from depthprobe.safeio import disk_full_error, is_disk_full
 COMMANDS = {
     "analyze": "analyze",
     "prune": "prune",
+    "shrink": "shrink",
     "train": "train",
     "compare": "compare",
     "convert": "convert",

@@ -204,3 +204,29 @@ def save_run(result, opts: dict) -> None:
     # the progress file is the drop sweep's own (a fresh sweep replaces an old one)
     clear_owned_outputs(out, opts.get("stale", set()) - written - {DROP_PROGRESS})
     click.echo(f"Results written to {out}/", err=True)
+
+
+def checked_resume_options(opts: dict, options_json: str, not_recorded: tuple[str, ...],
+                           compared: tuple[str, ...] | None = None) -> dict:
+    """The options a run records in ``--out``/``options_json``; with ``--resume``, refused in one
+    line when they (or just ``compared``) differ from the interrupted run's."""
+    import json
+    from pathlib import Path
+
+    from depthprobe.errors import DepthprobeError
+
+    recorded = {k: v for k, v in sorted(opts.items()) if k not in not_recorded}
+    path = Path(opts["out_dir"]) / options_json
+    if not opts["resume"] or not path.is_file():
+        return recorded
+    try:
+        before = json.loads(path.read_text())
+    except ValueError:
+        return recorded
+    keys = compared if compared is not None else sorted(set(recorded) | set(before))
+    differ = [k for k in keys if recorded.get(k) != before.get(k)]
+    if differ:
+        said = ", ".join(f"--{k.replace('_', '-')} {recorded.get(k)!r} (was {before.get(k)!r})" for k in differ)
+        raise DepthprobeError(f"--resume with options that differ from the interrupted run in {opts['out_dir']}: "
+                              f"{said}; rerun with its options, or without --resume to start over")
+    return recorded

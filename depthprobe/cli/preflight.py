@@ -180,3 +180,31 @@ def check_repair_budget(opts: dict, config) -> None:
     raise DepthprobeError(f"repair fits a {d}x{d} map and needs at least {d} fit tokens; {n} windows of "
                           f"{opts['seq_len']} give {repair_fit_tokens(n, opts['seq_len'])} (a fifth validates): "
                           f"pass --repair-windows {need} or a longer --seq-len")
+
+
+def check_shrink_config(opts: dict, config) -> None:
+    """``shrink --target-params`` against the config, before any weight is read: a fraction
+    below what the embeddings, head and norms alone take would remove every block."""
+    if opts.get("target_params") is None:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - no causal-LM class for this config: shrink refuses it after loading
+        return
+    from depthprobe.model.stack import LayerStack
+
+    try:
+        blocks = LayerStack.from_model(model, opts.get("layers_path")).blocks
+    except DepthprobeError:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    outside = total - sum(p.numel() for p in blocks.parameters())
+    if opts["target_params"] * total <= outside:
+        raise DepthprobeError(
+            f"--target-params {opts['target_params']} would remove every block: the embeddings, head and norms alone "
+            f"are {outside / total:.4f} of this model's {total:,} parameters and at least one block stays; "
+            "ask for a larger fraction")

@@ -19,6 +19,7 @@ from depthprobe.cli.evaluate_options import (
 from depthprobe.cli.interrupts import keeps
 from depthprobe.cli.options import (
     analysis_kwargs,
+    checked_resume_options,
     common_options,
     data_options,
     load_from_options,
@@ -28,7 +29,6 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.cli.parsing import parse_list
-from depthprobe.errors import DepthprobeError
 from depthprobe.runs import REPORT_HTML
 from depthprobe.safeio import atomic_write_text, locks_out
 
@@ -142,20 +142,7 @@ def _run(opts: dict, model, tokenizer, remove, windows, judge: PruneJudge):
 def _check_resume_options(opts: dict) -> dict:
     """The options this prune records; with ``--resume``, refused in one line when they differ
     from the interrupted run's (``prune_options.json``)."""
-    recorded = {k: v for k, v in sorted(opts.items()) if k not in _NOT_RECORDED}
-    path = Path(opts["out_dir"]) / OPTIONS_JSON
-    if not opts["resume"] or not path.is_file():
-        return recorded
-    try:
-        before = json.loads(path.read_text())
-    except ValueError:
-        return recorded
-    differ = [k for k in sorted(set(recorded) | set(before)) if recorded.get(k) != before.get(k)]
-    if differ:
-        said = ", ".join(f"--{k.replace('_', '-')} {recorded.get(k)!r} (was {before.get(k)!r})" for k in differ)
-        raise DepthprobeError(f"--resume with options that differ from the interrupted run in {opts['out_dir']}: "
-                              f"{said}; rerun with its options, or without --resume to start over")
-    return recorded
+    return checked_resume_options(opts, OPTIONS_JSON, _NOT_RECORDED)
 
 
 def _echo_result(result, quiet: bool) -> None:

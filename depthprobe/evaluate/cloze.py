@@ -89,6 +89,14 @@ def task_yaml(data_file: Path, name: str = TASK_NAME) -> str:
     ])
 
 
+def cache_root() -> Path:
+    """``$DEPTHPROBE_CACHE`` (default ``~/.cache/depthprobe``), or a temp folder when the cache is off."""
+    root = os.environ.get("DEPTHPROBE_CACHE", str(Path.home() / ".cache" / "depthprobe"))
+    if root.lower() in ("off", "0", "false", ""):
+        root = os.path.join(os.environ.get("TMPDIR", "/tmp"), "depthprobe-cache")
+    return Path(root).expanduser()
+
+
 def task_dir() -> Path:
     """Folder holding the built-in task's YAML and JSONL (written once, reused).
 
@@ -99,10 +107,7 @@ def task_dir() -> Path:
     items = cloze_items()
     blob = "\n".join(json.dumps(item, sort_keys=True) for item in items) + "\n"
     key = hashlib.sha256(blob.encode()).hexdigest()[:12]
-    root = os.environ.get("DEPTHPROBE_CACHE", str(Path.home() / ".cache" / "depthprobe"))
-    if root.lower() in ("off", "0", "false", ""):
-        root = os.path.join(os.environ.get("TMPDIR", "/tmp"), "depthprobe-cache")
-    folder = Path(root).expanduser() / "tasks" / f"{TASK_NAME}-{key}"
+    folder = cache_root() / "tasks" / f"{TASK_NAME}-{key}"
     if not (folder / f"{TASK_NAME}.yaml").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         data = folder / f"{TASK_NAME}.jsonl"

@@ -22,13 +22,17 @@ import pandas as pd
 import yaml
 
 from depthprobe.errors import DepthprobeError
+from depthprobe.evaluate import recall
 from depthprobe.evaluate.cloze import TASK_NAME, task_dir
 from depthprobe.model.load import load_model
 from depthprobe.stats import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 
 log = logging.getLogger(__name__)
 
-OFFLINE_TASK_HINT = (f"offline, use the built-in task ({TASK_NAME}) or a local task file "
+#: built-in offline tasks: name -> the folder of their lm-eval files (written on first use)
+BUILTIN_TASKS = {TASK_NAME: task_dir, recall.TASK_NAME: recall.task_dir}
+OFFLINE_TASK_HINT = (f"offline, use the built-in tasks ({TASK_NAME}: likelihood, {recall.TASK_NAME}: generation) "
+                     "or a local task file "
                      "(--tasks path/to/task.yaml with dataset_path: json and a local data file)")
 EVAL_COLUMNS = ["model", "task", "metric", "value", "stderr"]
 
@@ -76,8 +80,8 @@ def resolve_tasks(specs: str | list[str]) -> TaskSpec:
         raise DepthprobeError(f"--tasks needs at least one task, e.g. --tasks {TASK_NAME}")
     spec = TaskSpec([])
     for item in items:
-        if item == TASK_NAME:
-            folder = str(task_dir())
+        if item in BUILTIN_TASKS:
+            folder = str(BUILTIN_TASKS[item]())
             spec.names.append(item)
         elif item.endswith((".yaml", ".yml")):
             spec.names.append(read_task_yaml(item))
@@ -146,7 +150,7 @@ def evaluate_model(model, tokenizer, tasks: TaskSpec | str | list[str], *, label
     extra = {}
     if getattr(tokenizer, "bos_token_id", None) is None and getattr(tokenizer, "eos_token_id", None) is None:
         extra["prefix_token_id"] = getattr(tokenizer, "pad_token_id", None) or 0
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, **extra)
+    lm = HFLM(pretrained=model, tokenizer=_with_eos(tokenizer, model), batch_size=batch_size, device=device, **extra)
     try:
         results = simple_evaluate(lm, tasks=spec.names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                                   log_samples=True, bootstrap_iters=1000)
@@ -154,6 +158,24 @@ def evaluate_model(model, tokenizer, tasks: TaskSpec | str | list[str], *, label
         raise DepthprobeError(f"cannot run task(s) {', '.join(spec.names)}: {str(exc).splitlines()[0][:200]}; "
                               f"{OFFLINE_TASK_HINT}") from exc
     return EvalOutput(results_table(results, label), samples_tables(results))
+
+
+def _with_eos(tokenizer, model):
+    """lm-eval's ``generate_until`` stops at the tokenizer's EOS and fails without one: a tokenizer
+    that has none gets (in a copy) the model's ``eos_token_id``, else its pad token, as EOS."""
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        return tokenizer
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = eos if eos is not None else getattr(model.config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+    eos = eos if isinstance(eos, int) else getattr(tokenizer, "pad_token_id", None)
+    if eos is None:
+        return tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    return tokenizer
 
 
 def check_limit(limit: int | None) -> None:

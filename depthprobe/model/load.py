@@ -74,7 +74,9 @@ class LoadOptions:
 
 #: folders that plain transformers cannot load name the depthprobe package that can, in their
 #: config.json: (key, value or None for "present and true") -> package, imported only for them
-FOLDER_PLUGINS = {("model_type", "depthprobe_lm"): "depthprobe.train", ("depthprobe_norm", None): "depthprobe.convert"}
+FOLDER_PLUGINS = {("model_type", "depthprobe_lm"): "depthprobe.train",
+                  ("model_type", "depthprobe_shrunk"): "depthprobe.model.shrunk",
+                  ("depthprobe_norm", None): "depthprobe.convert"}
 
 
 def import_plugin_for(config: dict) -> None:

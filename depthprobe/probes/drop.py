@@ -45,7 +45,7 @@ from depthprobe.probes.sweep import DEFAULT_BLOCK_SIZES, ExecutionOptions, Sweep
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_BLOCK_SIZES", "BatchScorer", "DropPlan", "DropRecord", "DropSweepResult", "capture_states",
-           "drop_sweep", "run_drop_sweep", "run_drop_sweep_layer_major"]
+           "drop_sweep", "run_drop_plan", "run_drop_sweep", "run_drop_sweep_layer_major"]
 
 
 def drop_sweep(ctx: SweepContext) -> SweepOutput:
@@ -81,13 +81,23 @@ def run_drop_sweep(
     ``execution``: batch-major (default) or layer-major, and the layer-major store's budget.
     With ``progress_file`` finished work is journaled there and a rerun resumes from it.
     """
+    return run_drop_plan(stack, input_ids, DropPlan.of(stack, sublayers, block_sizes), batch_size=batch_size,
+                         progress_file=progress_file, progress=progress, execution=execution)
+
+
+def run_drop_plan(stack: LayerStack, input_ids, plan: DropPlan, *, batch_size: int = 4,
+                  progress_file: str | Path | None = None, progress: bool = True,
+                  execution: ExecutionOptions | None = None) -> DropSweepResult:
+    """The drops of ``plan`` (all of a sweep's, or a subset: ``plan.subset(variants)``; the
+    cells of drops not in it stay NaN), through the same schedules as :func:`run_drop_sweep`."""
     execution = execution or ExecutionOptions(order="batch")
     order = "layer" if use_layer_major(execution.order, stack.model) else "batch"
     objective = objective_for(stack)
     batches = batches_of(input_ids, batch_size)
-    plan = DropPlan.of(stack, sublayers, block_sizes)
     schedule = make_schedule(order, objective, batches, progress, execution.state_budget, execution.spill_dir)
     fingerprint = _fingerprint(stack, batches, plan.sublayers, plan.block_sizes)
+    if plan.is_subset:
+        fingerprint += ":" + hashlib.sha256(repr(plan.variants).encode()).hexdigest()[:8]
     journal = Journal(progress_file, fingerprint if order == "batch" else f"{fingerprint}:layer:{batch_size}",
                       what="sweep")
     tables = DropTables(plan.num_layers, num_windows(batches), plan.sublayers, plan.block_sizes)

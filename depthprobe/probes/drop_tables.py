@@ -58,6 +58,13 @@ class DropPlan:
     num_layers: int
     sublayers: bool
     block_sizes: list[int]
+    is_subset: bool = False  # some of the sweep's drops only (the others' cells stay NaN)
+
+    def subset(self, variants) -> DropPlan:
+        """This plan with only ``variants`` (in the plan's order)."""
+        wanted = set(variants)
+        return DropPlan([v for v in self.variants if v in wanted], self.num_layers, self.sublayers,
+                        self.block_sizes, True)
 
     @classmethod
     def of(cls, stack: LayerStack, sublayers: bool, block_sizes: Sequence[int]) -> DropPlan:
@@ -87,7 +94,7 @@ class DropRecord:
     @classmethod
     def empty(cls, num_layers: int, size: int, sublayers: bool, block_sizes: Sequence[int]) -> DropRecord:
         nan_rows = [[float("nan")] * size for _ in range(num_layers)]
-        return cls([], [None] * num_layers, list(nan_rows) if sublayers else None,
+        return cls([], list(nan_rows), list(nan_rows) if sublayers else None,
                    list(nan_rows) if sublayers else None,
                    {n: [None] * (num_layers - n + 1) for n in block_sizes},
                    {n: [0.0] * (num_layers - n + 1) for n in block_sizes})
