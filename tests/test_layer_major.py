@@ -27,9 +27,14 @@ METRICS = "angular,variance,lens,drop"
 
 
 def assert_same(got, ref, tol=1e-5):
-    """Every column, table, matrix and the base loss of two analyze results agree."""
+    """Every column, table, matrix and the base loss of two analyze results agree (mid-state
+    columns of an offloaded run are empty, with a note: finding them needs another read)."""
     assert list(got.layers.columns) == list(ref.layers.columns)
+    offloaded_mids = any("not computed on offloaded weights" in n for n in got.summary["notes"])
     for column in ref.layers.columns:
+        if offloaded_mids and column.endswith("_mid"):
+            assert got.layers[column].isna().all(), column
+            continue
         np.testing.assert_allclose(got.layers[column], ref.layers[column], rtol=tol, atol=tol, err_msg=column)
     assert set(got.tables) == set(ref.tables)
     for name, table in ref.tables.items():

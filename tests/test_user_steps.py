@@ -278,7 +278,8 @@ def test_interrupt_before_the_first_drop_batch(folders, tmp_path, capsys, monkey
         assert "before any metric finished; nothing was saved" in err
         assert not (out / "layers.csv").exists() and not (out / "report.html").exists()
     else:
-        assert pd.read_csv(out / "layers.csv").columns.tolist() == ["layer", "angular_distance", "block_influence"]
+        assert pd.read_csv(out / "layers.csv").columns.tolist() == ["layer", "angular_distance", "block_influence",
+                                                               "angular_distance_mid", "block_influence_mid"]
 
 
 def test_interrupt_after_a_drop_batch_offers_resume(folders, tmp_path, capsys, monkeypatch):

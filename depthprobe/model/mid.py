@@ -7,7 +7,8 @@ sandwich norms). It is read as the input of the MLP sublayer's first module (its
 in a Pre-LN block). Whether that input *is* x_l + a_l is checked once, on one traced forward
 of a few tokens: it is not in a parallel block (GPT-J, Phi, GPT-NeoX's parallel residual:
 the MLP reads x_l), in a Post-LN block (the stream is normalized in place) or where the
-contribution is scaled before it is added; those blocks have no mid state (not applicable).
+contribution is scaled before it is added; those blocks have no mid state (not applicable). Offloaded models get none either: the
+traced forward would read every offloaded block once more.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from depthprobe.hooking import hooked
+from depthprobe.model.offload import offloaded_modules
 
 #: relative mismatch ||m - (x + a)|| / ||a|| up to which the MLP's input is taken as x + a
 MID_TOLERANCE = 1e-3
@@ -45,6 +47,9 @@ def mid_modules(stack) -> dict[int, nn.Module]:
     cached = stack.__dict__.get("_mid_modules")
     if cached is not None:
         return cached
+    if offloaded_modules(stack.model):  # the traced forward would read every offloaded block once more
+        stack.__dict__["_mid_modules"] = {}
+        return {}
     candidates = {}
     for layer in range(len(stack)):
         out, mlp = stack.sublayer_output_module(layer, "attn"), stack.sublayer_modules(layer, "mlp")

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from depthprobe.model.mid import mid_modules
+from depthprobe.model.offload import offloaded_modules
 from depthprobe.model.stack import LayerStack
 
 
@@ -54,8 +55,10 @@ def not_applicable_notes(stack: LayerStack, columns: Iterable[str]) -> list[str]
             mask = not_applicable_mask(stack, column)
             if not mask.all():
                 layers = [int(i) for i in np.flatnonzero(~mask)]
-                notes.append(f"{column}: not applicable to blocks {layers} (no mid state: the MLP does not read the "
-                             "block input plus the attention output, as in parallel, Post-LN or attention-free blocks)")
+                why = ("not computed on offloaded weights: finding the mid state needs one more read of every block"
+                       if offloaded_modules(stack.model) else "no mid state: the MLP does not read the block input "
+                       "plus the attention output, as in parallel, Post-LN or attention-free blocks")
+                notes.append(f"{column}: not applicable to blocks {layers} ({why})")
             continue
         if kind == "router":
             mask = not_applicable_mask(stack, column)

@@ -100,9 +100,12 @@ def _check_blocks_after(stack: LayerStack, reloaded_config, keep: list[int]) -> 
     for new, old in enumerate(keep):
         if new == old or new >= len(fresh):
             continue
-        for (name, module), (_, rebuilt) in zip(stack.blocks[old].named_modules(), fresh.blocks[new].named_modules(),
-                                                strict=False):
-            if type(module) is not type(rebuilt) or type(module).__name__ in INDEX_CONSTANT_FOLDS:
+        rebuilt_modules = dict(fresh.blocks[new].named_modules())
+        for name, module in stack.blocks[old].named_modules():
+            rebuilt = rebuilt_modules.get(name)
+            # the model's own classes only: torch's layers hold shapes, which weights already carry
+            if (type(module) is not type(rebuilt) or type(module).__module__.startswith("torch.")
+                    or type(module).__name__ in INDEX_CONSTANT_FOLDS):
                 continue
             for attr, value in vars(module).items():
                 if attr.startswith("_") or attr in ("layer_idx", "training") or type(value) not in (int, float, bool):
