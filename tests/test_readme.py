@@ -86,6 +86,7 @@ ADD = {  # options a command gets when it does not give them, so defaults stay s
     "train": {"--max-tokens": "20000", "--val-windows": "2", "--batch-size": "2", "--seq-len": "32"},
     "compare": {"--max-tokens": "20000", "--val-windows": "2", "--batch-size": "2", "--seq-len": "32"},
     "lens": {"--steps": "2", "--num-sequences": "2", "--seq-len": "32"},
+    "shrink": {"--num-sequences": "2", "--seq-len": "32", "--heldout-windows": "4", "--remeasure": "4"},
 }
 
 

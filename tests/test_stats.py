@@ -296,7 +296,7 @@ def test_smollm2_proxies_csv(smollm2, calibration_file, tmp_path):
         tokenizer,
         metrics="angular,grad,lens,drop,attribution",
         num_sequences=4,
-        seq_len=256,
+        seq_len=128,
         text_file=calibration_file,
         options={"attribution_steps": 2, "block_sizes": [], "sublayers": False},  # single-block drops only
         progress=False,
