@@ -193,7 +193,8 @@ def _analyze(opts: dict, options: dict) -> None:
             click.echo(result.summary["proxy_verdict"])
     if main_rank and (measured or not opts["out_dir"]):  # a run cut before any metric leaves nothing to save
         save_run(result, opts)
-    for name, reason in result.summary.get("unsupported", {}).items():
+    if result.summary.get("unsupported"):  # the first refused sweep names the reason
+        name, reason = next(iter(result.summary["unsupported"].items()))
         saved = f"; the other metrics are saved in {opts['out_dir']}" if opts["out_dir"] and measured else ""
         raise DepthprobeError(f"--metrics {name} is {reason}; leave {name} out of --metrics{saved}")
     if result.summary["interrupted"]:

@@ -156,7 +156,8 @@ def prune(
                        run=dataclasses.replace(run, resume=False))
     if analysis.summary["interrupted"]:  # finished drop batches are journaled: the caller says how to resume
         raise KeyboardInterrupt
-    for name, reason in analysis.summary.get("unsupported", {}).items():
+    if analysis.summary.get("unsupported"):  # the first refused sweep names the reason
+        name, reason = next(iter(analysis.summary["unsupported"].items()))
         raise DepthprobeError(f"prune scores blocks by removing them, and the {name} sweep is {reason}")
     evaluator = Evaluator(stack, windows.input_ids, batch_size=analysis.summary["config"]["batch_size"])
     remove, table = _choose(evaluator, analysis, remove, k, config, run.progress, journals.get(GREEDY_JOURNAL))
