@@ -99,10 +99,11 @@ screenshot-vision:
 reliability: install
 	HF_HUB_OFFLINE=1 $(PY) -m tests.reliability reports/RELIABILITY.md
 
-# bench_7b builds a 13.8 GB checkpoint and needs ~17 GB free: run on its own with `make bench-7b`
+# bench_7b builds a 13.8 GB checkpoint and needs ~17 GB free: run it and the engine floors on it on their own
+# with `make bench-7b`
 bench: install
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
-	for b in $(filter-out benchmarks/bench_7b.py benchmarks/bench_lens_peers.py,$(wildcard benchmarks/bench_*.py)); do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
+	for b in $(filter-out benchmarks/bench_7b.py benchmarks/bench_drop_floor.py benchmarks/bench_lens_peers.py,$(wildcard benchmarks/bench_*.py)); do HF_HUB_OFFLINE=1 $(PY) $$b || exit 1; done
 
 # the lens peers in venvs of their own (tuned-lens 0.2 and TransformerLens 4.3 clash); torch first, pinned
 LENS_VENV ?= $(abspath ../venv-lens)
@@ -115,8 +116,12 @@ bench-lens-peers: install
 	  && $(TL_VENV)/bin/pip install -q transformer-lens==4.3.0 $(PEER_PINS))
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_lens_peers.py --venv-lens $(LENS_VENV) --venv-tl $(TL_VENV)
 
+BIG_MODEL ?= $(HOME)/.cache/depthprobe-bench/llama2-7b-shape
 bench-7b: install
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_7b.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_7b.py --model-dir $(BIG_MODEL)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_pass_speed.py --model $(BIG_MODEL) --dtype bfloat16 \
+	  --num-sequences 1 --seq-len 128 --batch-size 1 --repeats 1
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_drop_floor.py --model $(BIG_MODEL)
 
 # SmolLM2 analyzed and drop-swept on CUDA (float32, bfloat16) against the CPU numbers: < 5 minutes.
 gpu-check: install
