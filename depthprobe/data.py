@@ -10,6 +10,7 @@ The stream is tokenized without special tokens; windows are deterministic (the f
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,29 @@ def _tokenize_stream(tokenizer, text: str, need: int, chunk_chars: int | None = 
     return ids
 
 
+#: per tokenizer object, the ids of whole texts already read (see :func:`_whole_text_ids`)
+_WHOLE_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _whole_text_ids(tokenizer, text: str, chunk_chars: int) -> tuple[int, ...]:
+    """Every id of ``text`` (:func:`_tokenize_stream` with this chunking), cached per tokenizer.
+
+    The held-out tail is read from the whole text, and prune, shrink and their curves ask
+    for it several times in one run; the key holds the text's hash and the tokenizer's
+    size, so a tokenizer given new tokens reads the text again.
+    """
+    key = (hash(text), len(text), chunk_chars, len(tokenizer))
+    try:
+        cache = _WHOLE_TEXTS.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no cache
+        return tuple(_tokenize_stream(tokenizer, text, need=len(text) + 1, chunk_chars=chunk_chars))
+    if key not in cache:
+        if len(cache) >= 4:
+            cache.pop(next(iter(cache)))
+        cache[key] = tuple(_tokenize_stream(tokenizer, text, need=len(text) + 1, chunk_chars=chunk_chars))
+    return cache[key]
+
+
 def heldout_windows(
     tokenizer,
     *,
@@ -226,7 +250,7 @@ def _disjoint_tail(tokenizer, text: str, source: str, num_sequences: int, seq_le
     need = num_sequences * seq_len
     cal_need = calibration.input_ids.numel() if calibration is not None else 0
     # the calibration's own chunking, so the stream's first ``cal_need`` ids are exactly its ids
-    ids = _tokenize_stream(tokenizer, text, need=len(text) + 1, chunk_chars=_chunk_chars(cal_need))
+    ids = _whole_text_ids(tokenizer, text, _chunk_chars(cal_need))
     start = len(ids) - need
     if start < cal_need:
         raise DepthprobeError(

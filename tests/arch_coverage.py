@@ -295,7 +295,7 @@ def check(model_type: str, workdir: Path) -> Row:
         row.analyze_ok = True
         row.stage = "prune"
         out = workdir / f"{model_type}-pruned"
-        pruned = _prune_one(model, tok, windows, out, row)
+        pruned = _prune_one(model, tokenizer(), windows, out, row)  # the saved one; its text ids are cached
         row.stage = "reload"
         from transformers import AutoModelForCausalLM
 

@@ -135,3 +135,19 @@ def test_smollm2_pruned_heldout_loss_equals_plain_transformers(tmp_path):
     want, _, _ = _plain_heldout_loss(out, {}, 2, 64)
     assert info["heldout_loss_after"] == pytest.approx(want, abs=1e-5)
     assert info["heldout_loss_after"] > info["heldout_loss_before"]
+
+
+def test_the_whole_text_is_tokenized_once_per_tokenizer_and_again_after_new_tokens():
+    from depthprobe import data
+
+    tok = tiny_tokenizer()
+    text = builtin_text()
+    first = data._whole_text_ids(tok, text, chunk_chars=50_000)
+    assert list(first) == _stream(tok, text)  # chunked on blank lines: the same ids as one call
+    assert data._whole_text_ids(tok, text, chunk_chars=50_000) is first  # read once
+    held = heldout_windows(tok, num_sequences=2, seq_len=40)
+    assert held.input_ids.flatten().tolist() == list(first[-80:])
+    word = max(set(text.split()), key=text.split().count)  # the commonest word becomes one new token
+    tok.add_tokens([word])
+    again = data._whole_text_ids(tok, text, chunk_chars=50_000)
+    assert again is not first and list(again) == _stream(tok, text) and tok.convert_tokens_to_ids(word) in again
