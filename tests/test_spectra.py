@@ -264,6 +264,35 @@ def test_torch_path_and_parallel_pool_equal_the_serial_cpu_path():
     pd.testing.assert_frame_equal(parallel, serial, rtol=1e-10)
 
 
+def test_parallel_workers_are_capped_by_the_memory_their_gram_matrices_need(monkeypatch):
+    from depthprobe.probes import weight_spectra
+
+    model = build_tiny("llama", hidden_size=48, intermediate_size=64, num_hidden_layers=2)
+    matrices, _ = find_matrices(model)
+    largest = max(2 * m.M * m.M * 8 + esd.GRAM_CHUNK * 8 for m in matrices)  # Gram + LAPACK's copy + a chunk
+    assert max(esd.gram_working_bytes(m.M) for m in matrices) == largest
+    for room, workers in [(2 * largest - 1, 1), (2 * largest, 1), (6 * largest + 5, 3), (10 ** 15, 10 ** 15 // 2 // largest)]:
+        monkeypatch.setattr(weight_spectra, "available_memory", lambda room=room: {"cpu": room})
+        assert weight_spectra._workers_that_fit(matrices) == workers
+    monkeypatch.setattr(weight_spectra, "available_memory", lambda: {"cpu": largest})  # room for one: serial
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with weight_spectra._pool(matrices) as pool:
+            assert isinstance(pool, weight_spectra._Serial)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_gram_eigenvalues_equal_numpy_svd_squared_across_row_chunks(monkeypatch):
+    monkeypatch.setattr(esd, "GRAM_CHUNK", 7 * 5)  # 5 rows per chunk: 13 rows span three chunks
+    torch.manual_seed(3)
+    w = torch.randn(13, 7)
+    expected = np.sort(np.linalg.svd(w.double().numpy() * 0.5, compute_uv=False) ** 2)
+    np.testing.assert_allclose(esd.gram_eigenvalues(w, 0.5), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(esd.gram_eigenvalues(w.T.contiguous(), 0.5), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_non_finite_weights_are_a_status_not_a_crash():
     layer = nn.Linear(16, 12)
     with torch.no_grad():

@@ -36,9 +36,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
-from scipy.linalg import blas
 
 #: eigenvalues at or below this are left out of the fit (WW's ``EVALS_THRESH`` on CPU)
 EVALS_THRESH = 1e-5
@@ -47,6 +45,8 @@ SMALL_N_CUTOFF = 20
 #: Conv2d slices are scaled by this before their eigenvalues (WW's ``conv2d_norm``)
 CONV2D_SCALE = math.sqrt(0.5)
 _KS_BLOCK = 1 << 22  # candidate x tail cells per chunk of the vectorised KS scan
+#: float64 values per row chunk of the Gram accumulation (16 MB)
+GRAM_CHUNK = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,9 @@ def gram_eigenvalues(w: torch.Tensor, scale: float = 1.0) -> np.ndarray:
     ``(..., min(N, M))`` sorted ascending, float64, clamped at 0); batched over leading dims.
 
     The Gram matrix is accumulated in float64 a chunk of rows at a time, so a float32 matrix
-    never exists whole in float64: on CPU with BLAS ``dsyrk`` (one triangle, half a matmul's
-    work) and LAPACK ``syev`` (values only: the fastest driver here); on CUDA with torch. Non-finite weights give NaN eigenvalues."""
+    never exists whole in float64. On CPU with numpy (``C^T C`` and ``np.linalg.eigvalsh``, which
+    release the GIL, so matrices run in parallel threads; scipy's ``dsyrk`` / ``eigvalsh`` wrappers
+    hold it), on CUDA with torch. Non-finite weights give NaN eigenvalues."""
     if w.shape[-2] < w.shape[-1]:
         w = w.transpose(-1, -2)
     if w.device.type != "cpu":
@@ -78,23 +79,29 @@ def gram_eigenvalues(w: torch.Tensor, scale: float = 1.0) -> np.ndarray:
     return out.reshape(*w.shape[:-2], w.shape[-1])
 
 
+def gram_working_bytes(m: int) -> int:
+    """Bytes one :func:`gram_eigenvalues` call on an ``N x m`` matrix holds at its peak: the Gram
+    matrix, LAPACK's copy of it, and one float64 row chunk."""
+    return 2 * m * m * 8 + GRAM_CHUNK * 8
+
+
 def _row_chunks(w: torch.Tensor):
-    """``w`` (rows, m) in float64 pieces of about 2M values."""
-    rows = max(1, (1 << 21) // max(w.shape[-1], 1))
+    """``w`` (rows, m) in float64 pieces of about :data:`GRAM_CHUNK` values."""
+    rows = max(1, GRAM_CHUNK // max(w.shape[-1], 1))
     for start in range(0, w.shape[-2], rows):
         yield w[..., start:start + rows, :].to(torch.float64)
 
 
 def _gram_eigenvalues_cpu(w: torch.Tensor, scale: float) -> np.ndarray:
     m = w.shape[-1]
-    gram = np.zeros((m, m), dtype=np.float64, order="F")
+    gram = np.zeros((m, m), dtype=np.float64)
     for chunk in _row_chunks(w):
-        # dsyrk(alpha, A) = alpha A A^T on the upper triangle; A = chunk^T, a Fortran view (no copy)
-        gram = blas.dsyrk(scale * scale, chunk.numpy().T, beta=1.0, c=gram, overwrite_c=1)
+        c = chunk.numpy()
+        gram += c.T @ c
+    gram *= scale * scale
     if not np.isfinite(np.diagonal(gram)).all():  # G_kk = sum_i w_ik^2: non-finite iff a weight of column k is
         return np.full(m, np.nan)
-    evals = scipy.linalg.eigvalsh(gram, lower=False, driver="ev", overwrite_a=True, check_finite=False)
-    return np.clip(evals, 0, None)
+    return np.clip(np.linalg.eigvalsh(gram), 0, None)
 
 
 def _gram_eigenvalues_torch(w: torch.Tensor, scale: float) -> np.ndarray:

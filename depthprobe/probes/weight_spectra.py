@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.model.stack import LayerStack
+from depthprobe.model.system import available_memory
 from depthprobe.probes import esd
 from depthprobe.probes.offload import offload_hooks, resident
 from depthprobe.probes.sweep import SweepOutput
@@ -215,17 +216,28 @@ def spectra_table(model: nn.Module, blocks: Sequence[nn.Module] = (),
 
 @contextlib.contextmanager
 def _pool(matrices: Sequence[Matrix]):
-    """Matrices in parallel, one BLAS thread each, on ``torch.get_num_threads()`` workers: the
-    O(M^3) eigen-solve scales poorly inside LAPACK and well across matrices. Serial (one
-    matrix at a time) with one thread, on CUDA, and for offloaded weights (read one at a time)."""
-    workers = torch.get_num_threads()
+    """Matrices in parallel, one BLAS thread each, on up to ``torch.get_num_threads()`` workers:
+    the O(M^3) eigen-solve scales poorly inside LAPACK and well across matrices (numpy's
+    matmul and ``eigvalsh`` release the GIL). Fewer workers when the largest matrices' working
+    sets would not fit in the memory available now. Serial (one matrix at a time, BLAS on all
+    threads) with one thread, on CUDA, and for offloaded weights (read one at a time)."""
+    workers = min(torch.get_num_threads(), _workers_that_fit(matrices))
     serial = workers <= 1 or any(offload_hooks(m.module) or m.module.weight.device.type != "cpu" for m in matrices)
     if serial:  # BLAS threads follow torch's setting, as everywhere else in a run
-        with threadpool_limits(max(workers, 1)):
+        with threadpool_limits(max(torch.get_num_threads(), 1)):
             yield _Serial()
         return
     with threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
         yield pool
+
+
+def _workers_that_fit(matrices: Sequence[Matrix]) -> int:
+    """How many of the largest matrices' Gram working sets fit in half the CPU memory available now."""
+    room = available_memory().get("cpu")
+    if room is None or not matrices:
+        return len(matrices) or 1
+    largest = max(esd.gram_working_bytes(m.M) for m in matrices)
+    return max(1, (room // 2) // largest)
 
 
 class _Serial:
