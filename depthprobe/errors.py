@@ -9,3 +9,9 @@ from __future__ import annotations
 
 class DepthprobeError(Exception):
     """A user-facing error: the message says what went wrong and what to do."""
+
+
+def one_line(exc: BaseException, width: int = 160) -> str:
+    """``"ValueError: first line of the message"`` (cut at ``width`` characters)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {(text[0] if text else '')[:width]}".rstrip(": ")

@@ -208,8 +208,8 @@ def _save(model, folder):
 #: refusal, never a traceback (docs/coverage.md). Any other failure fails the test.
 KNOWN_FAILURES = {
     "xlm": "keeps each block's parts in parallel lists (attentions, ffns, ...), not one module per block",
-    "gemma4_text": "later layers read the KV an earlier layer stored: skipping blocks breaks its forward (drop)",
-    "hy_v4": "shared DSA layers need top-k indices from an earlier indexer layer (drop)",
+    "gemma4_text": "per-layer input embeddings indexed by block position: analyze passes, removing blocks for "
+                   "good is refused in one line (prune)",
 }
 #: the catalogue in shards, so the two test workers share it (one test was the suite's longest)
 COVERAGE_SHARDS = 8
@@ -232,3 +232,62 @@ def test_every_tiny_buildable_causal_lm_architecture(shard):
         if row.model_type in NAMED_FAMILIES:
             assert row.stage == "ok", (row.model_type, row.reason)
             assert row.metrics.get("grad_norm_attn") and row.metrics.get("drop_delta_loss_mlp"), row.model_type
+
+
+def _skip_by_hook(block, hands_on=()):
+    """A forward hook that makes ``block`` return its own input (plus the kwargs ``hands_on`` it
+    was given, for blocks that pass extra state down the loop): the block, removed."""
+    def hook(module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *(kwargs.get(k) for k in hands_on)) if hands_on else hidden
+    return block.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("model_type, hands_on", [("hy_v4", ("prev_topk_indices",)), ("gemma4_text", ())])
+def test_drops_of_blocks_that_share_state_equal_the_model_with_that_block_skipped(model_type, hands_on):
+    """hy_v4: a 'shared' indexer layer reuses the top-k of the last full one that ran (so a drop
+    reruns the prefix); gemma4_text: per-layer inputs are picked by block position (so skipped
+    blocks pass their input on). Each drop's loss equals the model's own forward with that block
+    made the identity by a hook, and each sublayer drop the forward with that output zeroed."""
+    model = cov.build_tiny(model_type)
+    stack = LayerStack.from_model(model)
+    ids = cov.calibration_windows().input_ids[:2]
+    result = depthprobe.analyze(model, windows=ids, metrics="drop", progress=False, batch_size=2,
+                                options={"block_sizes": (2,), "bootstrap_samples": 10})
+    layers = result.layers
+    with torch.no_grad():
+        base = float(_mean_loss(model, ids))
+        for layer, block in enumerate(stack.blocks):
+            handle = _skip_by_hook(block, hands_on)
+            try:
+                want = float(_mean_loss(model, ids)) - base
+            finally:
+                handle.remove()
+            assert layers["drop_delta_loss"][layer] == pytest.approx(want, abs=1e-5), layer
+            for kind in ("attn", "mlp"):
+                out = stack.sublayer_output_module(layer, kind)
+                if out is None:
+                    continue
+                handle = out.register_forward_hook(lambda m, a, o: tuple(torch.zeros_like(t) if isinstance(t, torch.Tensor) else t for t in o) if isinstance(o, tuple) else torch.zeros_like(o))
+                try:
+                    want = float(_mean_loss(model, ids)) - base
+                finally:
+                    handle.remove()
+                assert layers[f"drop_delta_loss_{kind}"][layer] == pytest.approx(want, abs=1e-5), (layer, kind)
+        for row in result.tables["block_drop"].itertuples():
+            handles = [_skip_by_hook(stack.blocks[i], hands_on) for i in range(row.start, row.end + 1)]
+            try:
+                want = float(_mean_loss(model, ids)) - base
+            except ValueError:  # no full indexer layer left before a shared one: refused, NaN, said
+                want = math.nan
+            finally:
+                for handle in handles:
+                    handle.remove()
+            if math.isnan(want):
+                assert math.isnan(row.delta_loss)
+                notes = " ".join(result.summary["notes"])
+                assert f"block_drop: not computed for blocks {row.start}-{row.end}" in notes
+            else:
+                assert row.delta_loss == pytest.approx(want, abs=1e-5), row
+    assert np.isfinite(layers["drop_delta_loss"]).all()
+    assert stack.reads_earlier_state if model_type == "hy_v4" else stack.positional_inputs

@@ -210,3 +210,25 @@ FAMILIES["depthprobe_lm"] = Family(
 
 #: model types that are encoders (no causal LM objective): drop and lens use cosine drift
 ENCODER_TYPES = frozenset({"bert", "roberta", "distilbert", "xlm-roberta", "electra", "mpnet"})
+
+
+# ---------------------------------------------------------------- state blocks share
+# Config settings (of families found by discovery) under which a block reads more than the
+# hidden state its predecessor hands on. The engine asks these two questions only.
+
+def earlier_state_reader(config) -> str | None:
+    """Why some block of ``config`` reads state an earlier block left besides the hidden state
+    (then a drop cannot start from a cached block input: the prefix must run), or None."""
+    if "shared" in (getattr(config, "indexer_types", None) or ()):
+        return "its 'shared' sparse-attention layers reuse the top-k indices of the previous full indexer layer"
+    if "reuse" in (getattr(config, "kv_sharing_modes", None) or ()):
+        return "its KV-shared layers reuse the keys and values an earlier layer stored"
+    return None
+
+
+def positional_block_inputs(config) -> str | None:
+    """Why the model's own forward feeds each block an input picked by the block's position in
+    the list (so a block list cannot be shortened without re-slicing it), or None."""
+    if getattr(config, "hidden_size_per_layer_input", None):
+        return "per-layer input embeddings (hidden_size_per_layer_input) are indexed by block position"
+    return None

@@ -31,7 +31,14 @@ from depthprobe.model.discover import (
     discover_sublayers,
     router_of,
 )
-from depthprobe.model.families import ENCODER_TYPES, FAMILIES, Family, StreamSpec
+from depthprobe.model.families import (
+    ENCODER_TYPES,
+    FAMILIES,
+    Family,
+    StreamSpec,
+    earlier_state_reader,
+    positional_block_inputs,
+)
 from depthprobe.model.locate import (  # noqa: F401  (num_experts, experts_per_token re-exported)
     experts_per_token,
     find_final_norm,
@@ -330,6 +337,21 @@ class LayerStack:
                 return c
         return config
 
+    @property
+    def reads_earlier_state(self) -> str | None:
+        """Why some block reads state an earlier block left besides the hidden state (shared
+        indexers, shared KV), or None: then a drop must rerun the prefix instead of starting
+        from a cached block input."""
+        config = self.layer_config
+        return earlier_state_reader(config) if config is not None else None
+
+    @property
+    def positional_inputs(self) -> str | None:
+        """Why the forward picks each block's extra input by list position (per-layer input
+        embeddings), or None: then skipped blocks are replaced by pass-throughs, not removed."""
+        config = self.layer_config
+        return positional_block_inputs(config) if config is not None else None
+
     @contextlib.contextmanager
     def keep_blocks(self, keep: Sequence[int]) -> Iterator[None]:
         """Run the model's own forward with only blocks ``keep`` (in order), then restore.
@@ -337,8 +359,14 @@ class LayerStack:
         The block list, ``num_hidden_layers``, every per-layer config entry and every
         ``layer_idx`` follow the kept blocks by the same rule as a permanent removal
         (:meth:`remove_blocks`), so sliding-window / full attention stays with its block.
+        Where the forward picks per-block inputs by position (:attr:`positional_inputs`) the
+        list keeps its length and the other blocks hand their input on unchanged.
         """
         keep = list(keep)
+        if self.positional_inputs:
+            with self._pass_through_except(keep):
+                yield
+            return
         saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
         config = self.layer_config
         saved_maps = remap_layer_maps(self.blocks, keep)
@@ -355,12 +383,28 @@ class LayerStack:
             for name, value in reversed(saved_config.items()):  # reversed: aliases (n_layer) end right
                 setattr(config, name, value)
 
+    @contextlib.contextmanager
+    def _pass_through_except(self, keep: list[int]) -> Iterator[None]:
+        parent, attr = self._parent_and_attr()
+        kept = set(keep)
+        swapped = nn.ModuleList([block if i in kept else PassThrough() for i, block in enumerate(self.blocks)])
+        swapped.training = self.blocks.training
+        setattr(parent, attr, swapped)
+        try:
+            yield
+        finally:
+            setattr(parent, attr, self.blocks)
+
     def remove_blocks(self, remove: Sequence[int]) -> LayerStack:
         """Delete blocks ``remove`` for good (same rule as :meth:`keep_blocks`); the new stack."""
         drop = set(remove)
         keep = [i for i in range(len(self)) if i not in drop]
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
+        if drop and self.positional_inputs:
+            raise DepthprobeError(f"cannot remove blocks of {type(self.model).__name__} for good: its "
+                                  f"{self.positional_inputs}, and depthprobe does not re-slice those weights yet; "
+                                  "analyze and drop sweeps work (skipped blocks pass their input on)")
         remap_layer_maps(self.blocks, keep)
         fold_index_constants(nn.ModuleList([self.blocks[i] for i in keep]), keep)
         self._apply_keep(keep, self.layer_config)
@@ -404,6 +448,15 @@ class LayerStack:
             parent_path, attr = self.blocks_path.rsplit(".", 1)
             return self.model.get_submodule(parent_path), attr
         return self.model, self.blocks_path
+
+
+class PassThrough(nn.Module):
+    """A skipped block where the list keeps its length: returns its hidden-state input (the
+    families that need it, :func:`~depthprobe.model.families.positional_block_inputs`, have
+    blocks that return a tensor)."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
 
 
 def block_output(output) -> torch.Tensor:

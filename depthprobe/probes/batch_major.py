@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from depthprobe.errors import one_line
 from depthprobe.journal import Journal
 from depthprobe.probes import metrics as M
 from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
@@ -32,6 +33,7 @@ class BatchMajor:
     def __init__(self, objective: Objective, batches: list[Batch], progress: bool = True):
         self.objective, self.batches, self.progress = objective, batches, progress
         self.stack = objective.stack
+        self.refused: dict[Variant, str] = {}  # drops the model's forward refused -> why
 
     def _bar(self, total: int, desc: str, **kwargs):
         return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, delay=0.5, **kwargs)
@@ -84,14 +86,31 @@ class BatchMajor:
         record = plan.record(batch.size)
         record.base = scorer.from_output(out).tolist()
         for v in plan.variants:
-            record.set(v, self._score(scorer, v, states))
+            try:
+                record.set(v, self._score(scorer, v, states))
+            except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+                if not self._refusable(exc):
+                    raise
+                self.refused.setdefault(v, one_line(exc))
+                record.set(v, [float("nan")] * batch.size)
             if v.kind == "run":
                 record.set_angle(v, M.angular_sum(states[v.layer], states[v.start]))
             bar.update()
         return record
 
+    def _refusable(self, exc: BaseException) -> bool:
+        """A drop the model's own forward refuses (a block left without the state an earlier,
+        removed one would have stored) on stacks whose blocks share state; any other error
+        propagates (run_sweeps turns a model's into a note, depthprobe's own is a bug)."""
+        from depthprobe.analysis import raised_by_depthprobe
+
+        return bool(self.stack.reads_earlier_state) and not raised_by_depthprobe(exc)
+
     def _score(self, scorer: BatchScorer, v: Variant, states) -> list[float]:
-        if v.kind in ("attn", "mlp"):
-            with zero_output(self.stack.sublayer_output_module(v.layer, v.kind)):
-                return scorer.run(v.start, states[v.layer]).tolist()
-        return scorer.run(v.start, states[v.layer]).tolist()
+        zeroed = (zero_output(self.stack.sublayer_output_module(v.layer, v.kind)) if v.kind in ("attn", "mlp")
+                  else contextlib.nullcontext())
+        with zeroed:
+            if self.stack.reads_earlier_state:  # later blocks need what the prefix leaves: rerun it
+                keep = [i for i in range(len(self.stack)) if not v.layer <= i < v.start]
+                return scorer.run(0, states[0], keep=keep).tolist()
+            return scorer.run(v.start, states[v.layer]).tolist()

@@ -61,7 +61,7 @@ def drop_sweep(ctx: SweepContext) -> SweepOutput:
     if result.block_sizes:
         tables["block_drop"] = result.block_table()
     return SweepOutput(columns=result.columns(), tables=tables, summary={"drop_base_loss": float(result.base.mean())},
-                       seconds=result.seconds)
+                       seconds=result.seconds, not_applicable=result.refused_notes())
 
 
 def run_drop_sweep(
@@ -105,7 +105,9 @@ def run_drop_plan(stack: LayerStack, input_ids, plan: DropPlan, *, batch_size: i
     with evaluating(stack.model), torch.no_grad():
         for batch, record in schedule.drop_sweep(plan, journal):
             tables.put(batch.rows, record)
-    return tables.result(sum(objective.tokens(b) for b in batches), time.perf_counter() - t0)
+    result = tables.result(sum(objective.tokens(b) for b in batches), time.perf_counter() - t0)
+    result.refused = dict(getattr(schedule, "refused", {}))
+    return result
 
 
 def run_drop_sweep_layer_major(stack: LayerStack, input_ids: torch.Tensor, *, batch_size: int = 4,

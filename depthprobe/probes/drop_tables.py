@@ -131,6 +131,19 @@ class DropSweepResult:
     runs: dict[int, np.ndarray]  # n -> (L-n+1, N) objective with blocks l..l+n-1 removed
     run_angles: dict[int, np.ndarray]  # n -> (L-n+1,) mean angular distance d(x_l, x_{l+n})
     seconds: float
+    #: drops the model's own forward refused (their cells NaN) -> the one-line reason
+    refused: dict[Variant, str] = field(default_factory=dict)
+
+    def refused_notes(self) -> dict[str, str]:
+        """``column -> why`` for the columns with refused drops (``block_drop``: runs)."""
+        by_column: dict[str, list[Variant]] = {}
+        for v in self.refused:
+            column = {"block": "drop_delta_loss", "run": "block_drop"}.get(v.kind, f"drop_delta_loss_{v.kind}")
+            by_column.setdefault(column, []).append(v)
+        return {column: ("not computed for " + ", ".join(
+                    f"blocks {v.layer}-{v.layer + v.size - 1}" if v.kind == "run" else f"block {v.layer}" for v in vs)
+                    + f": the model's forward fails without them ({self.refused[vs[0]]})")
+                for column, vs in by_column.items()}
 
     def columns(self) -> dict[str, np.ndarray]:
         cols = {"drop_delta_loss": (self.block - self.base).mean(1)}

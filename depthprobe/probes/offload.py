@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 
 from torch import nn
 
+from depthprobe.errors import DepthprobeError
+from depthprobe.model.families import earlier_state_reader
 from depthprobe.model.memory import offloaded_modules
 from depthprobe.model.stack import LayerStack
 
@@ -55,8 +57,22 @@ def is_offloaded(model: nn.Module) -> bool:
 
 
 def use_layer_major(order: str, model: nn.Module) -> bool:
-    """``layer`` always, ``batch`` never, ``auto`` when accelerate offloads some weights."""
-    return order == "layer" or (order == "auto" and is_offloaded(model))
+    """``layer`` always, ``batch`` never, ``auto`` when accelerate offloads some weights, except
+    where blocks read state an earlier block left (layer-major runs each block on its own):
+    batch-major then, and ``layer`` is refused in one line."""
+    reader = _earlier_state_reader(model)
+    if order == "layer" and reader:
+        raise DepthprobeError(f"--order layer cannot run {type(model).__name__}: {reader}, so its blocks cannot "
+                              "run one at a time; use --order batch (or auto)")
+    return not reader and (order == "layer" or (order == "auto" and is_offloaded(model)))
+
+
+def _earlier_state_reader(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return earlier_state_reader(config) or earlier_state_reader(text)
 
 
 @contextlib.contextmanager
