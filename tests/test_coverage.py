@@ -169,7 +169,7 @@ def test_router_load_entropy_equals_hand_count():
 
 @pytest.mark.parametrize("model_type, removed", [("qwen2_moe", 1), ("jamba", 1), ("gemma3", 1), ("deepseek_v3", 1),
                                                 ("lfm2", 1), ("diffllama", 1), ("afmoe", 0), ("deepseek_v3", 0),
-                                                ("beam", 0)])
+                                                ("beam", 0), ("gemma4_text", 0), ("gemma4_text", 2)])
 def test_export_config_follows_kept_blocks(model_type, removed, tmp_path):
     """Pruned export reloads with plain AutoModelForCausalLM and reproduces the pruned loss
     (DiffLlama: its index-derived lambda_init is folded into the weights of renumbered blocks;
@@ -208,8 +208,6 @@ def _save(model, folder):
 #: refusal, never a traceback (docs/coverage.md). Any other failure fails the test.
 KNOWN_FAILURES = {
     "xlm": "keeps each block's parts in parallel lists (attentions, ffns, ...), not one module per block",
-    "gemma4_text": "per-layer input embeddings indexed by block position: analyze passes, removing blocks for "
-                   "good is refused in one line (prune)",
 }
 #: the catalogue in shards, so the two test workers share it (one test was the suite's longest)
 COVERAGE_SHARDS = 8

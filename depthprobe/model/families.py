@@ -226,6 +226,11 @@ def earlier_state_reader(config) -> str | None:
     return None
 
 
+#: per-layer input modules (Gemma 3n / 4 "PLE") whose weights pack one slice per block along
+#: one axis: (attribute of the base model, weight axis); sliced with the blocks on removal
+PER_LAYER_INPUT_WEIGHTS = (("embed_tokens_per_layer", 1), ("per_layer_model_projection", 0))
+
+
 def positional_block_inputs(config) -> str | None:
     """Why the model's own forward feeds each block an input picked by the block's position in
     the list (so a block list cannot be shortened without re-slicing it), or None."""

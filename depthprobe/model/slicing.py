@@ -68,6 +68,30 @@ def _fold_diff_attention(attn: nn.Module, new_index: int) -> None:
 INDEX_CONSTANT_FOLDS: dict[str, Callable[[nn.Module, int], None]] = {"DiffLlamaAttention": _fold_diff_attention}
 
 
+def slice_per_layer_inputs(base: nn.Module, keep: Sequence[int], num_blocks: int, per_layer: int) -> None:
+    """Keep the slices of blocks ``keep`` in the packed per-layer input weights of ``base``
+    (:data:`~depthprobe.model.families.PER_LAYER_INPUT_WEIGHTS`: ``num_blocks`` slices of
+    ``per_layer`` along one axis), so block ``i`` of the result reads what block ``keep[i]`` read."""
+    from depthprobe.model.families import PER_LAYER_INPUT_WEIGHTS
+
+    for attr, axis in PER_LAYER_INPUT_WEIGHTS:
+        module = getattr(base, attr, None)
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.shape[axis] != num_blocks * per_layer:
+            raise DepthprobeError(f"cannot slice {type(base).__name__}.{attr} to the kept blocks: expected "
+                                  f"{num_blocks} x {per_layer} along axis {axis}, found shape {tuple(weight.shape) if weight is not None else None}")
+        shape = list(weight.shape)
+        packed = weight.detach().unflatten(axis, (num_blocks, per_layer))
+        kept = packed.index_select(axis, torch.tensor(list(keep), device=weight.device))
+        shape[axis] = len(keep) * per_layer
+        module.weight = nn.Parameter(kept.reshape(shape).contiguous(), requires_grad=weight.requires_grad)
+        for name in ("num_embeddings", "out_features"):
+            if hasattr(module, name) and getattr(module, name) == num_blocks * per_layer:
+                setattr(module, name, len(keep) * per_layer)
+        if isinstance(module, nn.Embedding):
+            module.embedding_dim = len(keep) * per_layer
+
+
 def remap_layer_maps(blocks: nn.ModuleList, keep: Sequence[int]) -> list[tuple[nn.Module, str, dict]]:
     """Modules that look things up by block index in a dict built at init (Zamba 2's shared
     blocks: ``layer_dic``) get the keys of kept blocks renumbered; returns the old dicts."""

@@ -53,6 +53,7 @@ from depthprobe.model.slicing import (  # noqa: F401  (slice_layer_config re-exp
     remap_layer_maps,
     renumber_layer_idx,
     slice_layer_config,
+    slice_per_layer_inputs,
 )
 
 __all__ = ["ENCODER_TYPES", "FAMILIES", "Family", "LayerStack", "StreamSpec", "Sublayer", "block_output"]
@@ -401,10 +402,9 @@ class LayerStack:
         keep = [i for i in range(len(self)) if i not in drop]
         if not keep:
             raise DepthprobeError("cannot remove every block; keep at least one")
-        if drop and self.positional_inputs:
-            raise DepthprobeError(f"cannot remove blocks of {type(self.model).__name__} for good: its "
-                                  f"{self.positional_inputs}, and depthprobe does not re-slice those weights yet; "
-                                  "analyze and drop sweeps work (skipped blocks pass their input on)")
+        if drop and self.positional_inputs:  # the packed per-layer input weights follow the blocks
+            slice_per_layer_inputs(self._parent_and_attr()[0], keep, len(self),
+                                   self.layer_config.hidden_size_per_layer_input)
         remap_layer_maps(self.blocks, keep)
         fold_index_constants(nn.ModuleList([self.blocks[i] for i in keep]), keep)
         self._apply_keep(keep, self.layer_config)
