@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
+
+if TYPE_CHECKING:  # scikit-learn is imported by the probes that fit (a second's import for every other run)
+    from sklearn.linear_model import LogisticRegression
 
 __all__ = ["SPARSE_FRACTION", "probe_layers", "probe_split", "sparse_units"]
 
@@ -32,16 +31,23 @@ _L1_PATH = np.logspace(-3, 1, 14)  # inverse L1 strengths, weakest model first
 
 def probe_split(targets: np.ndarray, test_fraction: float = 0.3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Train and held-out indices: stratified by class for class targets."""
+    from sklearn.model_selection import train_test_split
+
     index = np.arange(len(targets))
     stratify = targets if targets.ndim == 1 and np.bincount(targets).min(initial=2) >= 2 else None
     return train_test_split(index, test_size=test_fraction, random_state=seed, stratify=stratify)
 
 
 def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else math.nan
 
 
 def _fit(x: np.ndarray, y: np.ndarray, **kwargs) -> LogisticRegression:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.8 renames penalty="l1" to l1_ratio=1
@@ -90,6 +96,8 @@ def probe_layers(features: list[np.ndarray], targets: np.ndarray, names: list[st
     train, test = probe_split(targets if not multilabel else np.zeros(len(targets), int))
     columns: dict[str, list[float]] = {"probe_accuracy" if not multilabel else "probe_auc": [],
                                        "sparse_probe_units": []}
+    from sklearn.preprocessing import StandardScaler
+
     rows = []
     for layer, x in enumerate(features):
         scaler = StandardScaler().fit(x[train])
