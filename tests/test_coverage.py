@@ -289,3 +289,34 @@ def test_drops_of_blocks_that_share_state_equal_the_model_with_that_block_skippe
                 assert row.delta_loss == pytest.approx(want, abs=1e-5), row
     assert np.isfinite(layers["drop_delta_loss"]).all()
     assert stack.reads_earlier_state if model_type == "hy_v4" else stack.positional_inputs
+
+
+def test_greedy_prune_of_blocks_that_share_state_scores_the_model_without_them():
+    """hy_v4 ([full, full, shared] indexers): prune's greedy scores each candidate by the model's
+    own forward without it (no cached block input), equal to the model with those blocks made the
+    identity by hooks, and never picks a removal its forward cannot run (block 1 after block 0:
+    the shared layer would have no full indexer before it)."""
+    from depthprobe.prune.select import Evaluator, greedy
+
+    model = cov.build_tiny("hy_v4")
+    stack = LayerStack.from_model(model)
+    ids = cov.calibration_windows().input_ids[:2]
+    evaluator = Evaluator(stack, ids, batch_size=2)
+
+    def hooked_loss(removed):
+        handles = [_skip_by_hook(stack.blocks[i], ("prev_topk_indices",)) for i in removed]
+        try:
+            with torch.no_grad():
+                return float(_mean_loss(model, ids))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    for c, loss in evaluator.removal_losses([], [0, 1, 2]).items():
+        assert loss == pytest.approx(hooked_loss([c]), abs=1e-5), c
+    after_0 = evaluator.removal_losses([0], [1, 2])
+    assert math.isnan(after_0[1]) and after_0[2] == pytest.approx(hooked_loss([0, 2]), abs=1e-5)
+    steps = greedy(evaluator, 2, progress=False)
+    assert steps[2].removed != [0, 1]
+    for step in steps[1:]:
+        assert step.loss == pytest.approx(hooked_loss(step.removed), abs=1e-5), step

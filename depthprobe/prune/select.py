@@ -73,10 +73,23 @@ class Evaluator(WindowScorer):
         """Objective of the model without blocks ``removed`` (mean over windows)."""
         return float(self.scores(removed).mean())
 
+    def _loss_or_nan(self, removed: list[int]) -> float:
+        """:meth:`loss`, or NaN where the model's own forward cannot run without ``removed``."""
+        try:
+            return self.loss(removed)
+        except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+            from depthprobe.analysis import raised_by_depthprobe
+
+            if raised_by_depthprobe(exc):
+                raise
+            return math.nan
+
     @torch.no_grad()
     def removal_losses(self, removed: Sequence[int], candidates: Sequence[int]) -> dict[int, float]:
         """Objective after removing ``removed`` plus each one of ``candidates``, using one
         prefix pass of the current model per batch (cached block inputs)."""
+        if self.stack.reads_earlier_state:  # no cached block inputs: later blocks need what the prefix leaves
+            return {c: self._loss_or_nan([*removed, c]) for c in candidates}
         removed = set(removed)
         keep = [i for i in range(len(self.stack)) if i not in removed]
         sums = {c: [] for c in candidates}
@@ -115,7 +128,11 @@ def greedy(evaluator: Evaluator, k: int, progress: bool = True,
         if done is None:
             candidates = [c for c in range(len(evaluator.stack)) if c not in removed]
             losses = evaluator.removal_losses(removed, candidates)
-            best = min(losses, key=losses.get)
+            finite = {c: v for c, v in losses.items() if math.isfinite(v)}
+            if not finite:
+                raise DepthprobeError(f"greedy step {i}: the model's own forward fails without any one more block "
+                                      f"(after removing {sorted(removed)}); remove fewer blocks")
+            best = min(finite, key=finite.get)
             done = [best, losses[best]]
             journal.append(i, done)
         removed.append(int(done[0]))
