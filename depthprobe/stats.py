@@ -100,12 +100,13 @@ def logit_lens_gain(lens_loss: Sequence[float]) -> np.ndarray:
 
 def window_matrix(table: pd.DataFrame, value: str) -> np.ndarray:
     """A long ``(layer, window, value)`` table as a ``(L, N)`` matrix, rows by layer, columns
-    by window (both sorted). Raises if a (layer, window) pair is missing."""
+    by window (both sorted). Raises if a (layer, window) pair is missing; a NaN value (a drop
+    the model's forward refused) stays NaN."""
     missing = {"layer", "window", value} - set(table.columns)
     if missing:
         raise DepthprobeError(f"per-window table lacks column(s) {', '.join(sorted(missing))}")
-    wide = table.pivot_table(index="layer", columns="window", values=value, aggfunc="mean").sort_index()
-    if wide.isna().to_numpy().any():
+    wide = table.pivot_table(index="layer", columns="window", values=value, aggfunc="mean", dropna=False).sort_index()
+    if table.groupby(["layer", "window"]).ngroups != wide.size:
         raise DepthprobeError(f"per-window table has missing (layer, window) values of {value}")
     return wide.to_numpy(float)
 

@@ -320,3 +320,37 @@ def test_greedy_prune_of_blocks_that_share_state_scores_the_model_without_them()
     assert steps[2].removed != [0, 1]
     for step in steps[1:]:
         assert step.loss == pytest.approx(hooked_loss(step.removed), abs=1e-5), step
+
+
+def test_kv_reuse_refuses_only_the_drops_of_the_blocks_that_store_and_keeps_the_rest():
+    """Gemma 4 with KV-shared layers (``kv_sharing_modes`` store, store, reuse, reuse): dropping a
+    block that stores KV leaves a reusing layer without it, so those cells are NaN with the reason
+    and the intervals still come out for the others, each equal to the hook-skipped model's loss."""
+    config = cov.tiny_config("gemma4_text")
+    config.num_hidden_layers = 4
+    config.layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    config.num_kv_shared_layers = 2
+    config.__post_init__()  # derives kv_sharing_modes from the two settings above
+    assert config.kv_sharing_modes == ["store", "store", "reuse", "reuse"]
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    stack = LayerStack.from_model(model)
+    ids = cov.calibration_windows().input_ids[:2]
+    result = depthprobe.analyze(model, windows=ids, metrics="drop", progress=False, batch_size=2,
+                                options={"block_sizes": (), "bootstrap_samples": 10})
+    layers = result.layers
+    assert stack.reads_earlier_state
+    assert np.isnan(layers["drop_delta_loss"][:2]).all() and np.isnan(layers["drop_delta_loss_lo"][:2]).all()
+    assert "drop_delta_loss: not computed for block 0, block 1" in " ".join(result.summary["notes"])
+    with torch.no_grad():
+        base = float(_mean_loss(model, ids))
+        for layer in (2, 3):
+            handle = _skip_by_hook(stack.blocks[layer])
+            try:
+                want = float(_mean_loss(model, ids)) - base
+            finally:
+                handle.remove()
+            assert layers["drop_delta_loss"][layer] == pytest.approx(want, abs=1e-5)
+            assert layers["drop_delta_loss_lo"][layer] <= layers["drop_delta_loss"][layer] + 1e-9
