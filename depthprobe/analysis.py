@@ -20,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import platform
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ from depthprobe.config import (
     parse_metrics,
 )
 from depthprobe.data import Windows, make_windows
-from depthprobe.errors import DepthprobeError
+from depthprobe.errors import DepthprobeError, raised_by_depthprobe  # noqa: F401 - also its home before
 from depthprobe.inputs import nonfinite_weight_blocks
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
@@ -264,14 +262,6 @@ def run_sweeps(ctx: SweepContext, metrics: Sequence[str]) -> tuple[dict[str, Swe
         out.seconds = out.seconds or (time.perf_counter() - t0)
         done[name] = out
     return done, None
-
-
-def raised_by_depthprobe(exc: BaseException) -> bool:
-    """Whether the innermost Python frame of ``exc`` is depthprobe's own code (not the model's,
-    transformers' or torch's)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    package = str(Path(__file__).resolve().parent)
-    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package + os.sep)
 
 
 def sweep_unsupported(ctx: SweepContext, name: str, exc: Exception) -> str:

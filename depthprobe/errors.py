@@ -6,6 +6,10 @@ else is a bug in depthprobe and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import traceback
+from pathlib import Path
+
 
 class DepthprobeError(Exception):
     """A user-facing error: the message says what went wrong and what to do."""
@@ -15,3 +19,11 @@ def one_line(exc: BaseException, width: int = 160) -> str:
     """``"ValueError: first line of the message"`` (cut at ``width`` characters)."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {(text[0] if text else '')[:width]}".rstrip(": ")
+
+
+def raised_by_depthprobe(exc: BaseException) -> bool:
+    """Whether the innermost Python frame of ``exc`` is depthprobe's own code (not the model's,
+    transformers' or torch's)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    package = str(Path(__file__).resolve().parent)  # this file is depthprobe/errors.py
+    return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package + os.sep)

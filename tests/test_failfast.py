@@ -385,27 +385,43 @@ def test_an_interrupted_prune_names_its_resume_command_and_it_finishes(tiny_dir,
     assert json.loads((out / "prune.json").read_text())["removed"]
 
 
-def test_a_sweep_the_model_refuses_keeps_the_rest(tmp_path):
-    """Gemma 4 text layers read KV a previous layer shared: skipping blocks breaks its forward.
-    The API leaves the sweep out with its reason; the CLI saves the other metrics, then one line."""
-    from tests import arch_coverage as cov
+#: a stand-in for an architecture whose layers refuse to run anywhere but at their own index (they
+#: read state stored under it): Llama decoder layers that raise once ``layer_idx`` was renumbered.
+#: Loaded as ``sitecustomize`` in the CLI's process; its frames are not depthprobe's.
+REFUSING_LAYERS = """
+import transformers.models.llama.modeling_llama as llama
+_forward = llama.LlamaDecoderLayer.forward
+def forward(self, *args, **kwargs):
+    if self.__dict__.setdefault("first_layer_idx", self.self_attn.layer_idx) != self.self_attn.layer_idx:
+        raise RuntimeError("this layer reads the state stored under its own index")
+    return _forward(self, *args, **kwargs)
+llama.LlamaDecoderLayer.forward = forward
+"""
 
-    try:
-        model = cov.build_tiny("gemma4_text")
-    except cov.Unsupported as exc:
-        pytest.skip(str(exc))
-    windows = cov.calibration_windows()
-    result = depthprobe.analyze(model, windows=windows, metrics="angular,drop", progress=False,
-                                batch_size=windows.num_sequences, options={"block_sizes": ()})
+
+def test_a_sweep_the_model_refuses_keeps_the_rest(tiny_dir, tmp_path, monkeypatch):
+    """A model whose layers break when blocks are skipped (renumbered): the API leaves the drop
+    sweep out with its reason; the CLI saves the other metrics, then one line."""
+    import transformers.models.llama.modeling_llama as llama
+
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(REFUSING_LAYERS)
+    namespace: dict = {}
+    monkeypatch.setattr(llama.LlamaDecoderLayer, "forward", llama.LlamaDecoderLayer.forward)  # restored after
+    exec(compile(REFUSING_LAYERS, str(patch / "sitecustomize.py"), "exec"), namespace)
+    folder = tiny_dir("llama")
+    model, tok = depthprobe.load_model(folder, device="cpu")
+    result = depthprobe.analyze(model, tok, config=depthprobe.ProbeConfig(metrics="angular,drop", num_sequences=2,
+                                                                          seq_len=16), progress=False,
+                                options={"block_sizes": ()})
     reason = result.summary["unsupported"]["drop"]
-    assert reason.startswith("not supported for") and "\n" not in reason
+    assert reason.startswith("not supported for") and "\n" not in reason and "its own index" in reason
     assert "drop_delta_loss" not in result.layers and np.isfinite(result.layers["angular_distance"]).all()
     assert any(n.startswith("drop: not supported") for n in result.summary["notes"])
-    folder, out = tmp_path / "tiny", tmp_path / "run"
-    model.save_pretrained(folder)
-    cov.tokenizer().save_pretrained(folder)
-    code, _, err = run(["analyze", str(folder), "--metrics", "angular,drop", "--num-sequences", "2",
-                        "--seq-len", "16", "--block-sizes", "", "--out", str(out)])
+    out = tmp_path / "run"
+    code, _, err = run(["analyze", folder, "--metrics", "angular,drop", "--num-sequences", "2", "--seq-len", "16",
+                        "--block-sizes", "", "--out", str(out)], env={"PYTHONPATH": f"{patch}{os.pathsep}{ROOT}"})
     assert code == 2 and "Traceback" not in err
     (line,) = error_lines(err)
     assert line.startswith("Error: --metrics drop is not supported for") and f"saved in {out}" in line

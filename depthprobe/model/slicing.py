@@ -9,11 +9,12 @@ per-segment counts stay with their blocks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +67,29 @@ def _fold_diff_attention(attn: nn.Module, new_index: int) -> None:
 
 #: module class name -> fold of its index-derived constants (:func:`fold_index_constants`)
 INDEX_CONSTANT_FOLDS: dict[str, Callable[[nn.Module, int], None]] = {"DiffLlamaAttention": _fold_diff_attention}
+
+
+class PassThrough(nn.Module):
+    """A skipped block where the list keeps its length: returns its hidden-state input (the
+    families that need it, :func:`~depthprobe.model.families.positional_block_inputs`, have
+    blocks that return a tensor)."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def passed_through(parent: nn.Module, attr: str, blocks: nn.ModuleList, keep: Sequence[int]) -> Iterator[None]:
+    """``parent.attr`` holds ``blocks`` with every block not in ``keep`` a :class:`PassThrough`
+    (same length, same indices, config untouched), then ``blocks`` again."""
+    kept = set(keep)
+    swapped = nn.ModuleList([block if i in kept else PassThrough() for i, block in enumerate(blocks)])
+    swapped.training = blocks.training
+    setattr(parent, attr, swapped)
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
 
 
 def slice_per_layer_inputs(base: nn.Module, keep: Sequence[int], num_blocks: int, per_layer: int) -> None:

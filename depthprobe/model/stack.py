@@ -25,12 +25,7 @@ from torch import nn
 
 from depthprobe.errors import DepthprobeError
 from depthprobe.hooking import hooked
-from depthprobe.model.discover import (
-    Sublayer,
-    bert_style_sublayers,
-    discover_sublayers,
-    router_of,
-)
+from depthprobe.model.discover import Sublayer, bert_style_sublayers, discover_sublayers, router_of
 from depthprobe.model.families import (
     ENCODER_TYPES,
     FAMILIES,
@@ -48,8 +43,10 @@ from depthprobe.model.locate import (  # noqa: F401  (num_experts, experts_per_t
     num_experts,
     refuse_parallel_lists,
 )
+from depthprobe.model.outputs import block_output, lm_logits  # noqa: F401 - re-exported, their home before
 from depthprobe.model.slicing import (  # noqa: F401  (slice_layer_config re-exported)
     fold_index_constants,
+    passed_through,
     remap_layer_maps,
     renumber_layer_idx,
     slice_layer_config,
@@ -340,18 +337,13 @@ class LayerStack:
 
     @property
     def reads_earlier_state(self) -> str | None:
-        """Why some block reads state an earlier block left besides the hidden state (shared
-        indexers, shared KV), or None: then a drop must rerun the prefix instead of starting
-        from a cached block input."""
-        config = self.layer_config
-        return earlier_state_reader(config) if config is not None else None
+        """Why a block reads state an earlier one left (shared indexers / KV), or None: drops rerun the prefix."""
+        return earlier_state_reader(self.layer_config) if self.layer_config is not None else None
 
     @property
     def positional_inputs(self) -> str | None:
-        """Why the forward picks each block's extra input by list position (per-layer input
-        embeddings), or None: then skipped blocks are replaced by pass-throughs, not removed."""
-        config = self.layer_config
-        return positional_block_inputs(config) if config is not None else None
+        """Why blocks get extra inputs by list position (per-layer embeddings), or None: skips pass through."""
+        return positional_block_inputs(self.layer_config) if self.layer_config is not None else None
 
     @contextlib.contextmanager
     def keep_blocks(self, keep: Sequence[int]) -> Iterator[None]:
@@ -365,7 +357,7 @@ class LayerStack:
         """
         keep = list(keep)
         if self.positional_inputs:
-            with self._pass_through_except(keep):
+            with passed_through(*self._parent_and_attr(), self.blocks, keep):
                 yield
             return
         saved_idx = [(m, m.layer_idx) for m in self.blocks.modules() if isinstance(getattr(m, "layer_idx", None), int)]
@@ -383,18 +375,6 @@ class LayerStack:
                 setattr(module, name, value)
             for name, value in reversed(saved_config.items()):  # reversed: aliases (n_layer) end right
                 setattr(config, name, value)
-
-    @contextlib.contextmanager
-    def _pass_through_except(self, keep: list[int]) -> Iterator[None]:
-        parent, attr = self._parent_and_attr()
-        kept = set(keep)
-        swapped = nn.ModuleList([block if i in kept else PassThrough() for i, block in enumerate(self.blocks)])
-        swapped.training = self.blocks.training
-        setattr(parent, attr, swapped)
-        try:
-            yield
-        finally:
-            setattr(parent, attr, self.blocks)
 
     def remove_blocks(self, remove: Sequence[int]) -> LayerStack:
         """Delete blocks ``remove`` for good (same rule as :meth:`keep_blocks`); the new stack."""
@@ -450,20 +430,6 @@ class LayerStack:
         return self.model, self.blocks_path
 
 
-class PassThrough(nn.Module):
-    """A skipped block where the list keeps its length: returns its hidden-state input (the
-    families that need it, :func:`~depthprobe.model.families.positional_block_inputs`, have
-    blocks that return a tensor)."""
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return args[0] if args else kwargs["hidden_states"]
-
-
-def block_output(output) -> torch.Tensor:
-    """A block's hidden-state output, whether it returns a tensor or a tuple."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def _ranges(layers: list[int]) -> str:
     """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
     parts, start = [], None
@@ -474,18 +440,6 @@ def _ranges(layers: list[int]) -> str:
             parts.append(str(start) if start == layer else f"{start}-{layer}")
             start = None
     return ", ".join(parts)
-
-
-def lm_logits(output) -> torch.Tensor:
-    """The next-token logits ``(B, T, V)`` of a causal-LM output.
-
-    Multi-head outputs (several prediction heads stacked on a leading or trailing axis, or a
-    list of them) give the first head: the next-token one.
-    """
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return logits
 
 
 def _path_matches(model: nn.Module, path: str, spec: Family) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.errors import one_line
+from depthprobe.errors import one_line, raised_by_depthprobe
 from depthprobe.journal import Journal
 from depthprobe.probes import metrics as M
 from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
@@ -102,8 +102,6 @@ class BatchMajor:
         """A drop the model's own forward refuses (a block left without the state an earlier,
         removed one would have stored) on stacks whose blocks share state; any other error
         propagates (run_sweeps turns a model's into a note, depthprobe's own is a bug)."""
-        from depthprobe.analysis import raised_by_depthprobe
-
         return bool(self.stack.reads_earlier_state) and not raised_by_depthprobe(exc)
 
     def _score(self, scorer: BatchScorer, v: Variant, states) -> list[float]:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.errors import DepthprobeError
+from depthprobe.errors import DepthprobeError, raised_by_depthprobe
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
@@ -78,8 +78,6 @@ class Evaluator(WindowScorer):
         try:
             return self.loss(removed)
         except (RuntimeError, ValueError, IndexError, KeyError) as exc:
-            from depthprobe.analysis import raised_by_depthprobe
-
             if raised_by_depthprobe(exc):
                 raise
             return math.nan
