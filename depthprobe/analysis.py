@@ -47,7 +47,7 @@ from depthprobe.config import (
     parse_metrics,
 )
 from depthprobe.data import Windows, make_windows
-from depthprobe.errors import DepthprobeError, raised_by_depthprobe  # noqa: F401 - also its home before
+from depthprobe.errors import DepthprobeError, one_line, raised_by_depthprobe  # noqa: F401 - also its home before
 from depthprobe.inputs import nonfinite_weight_blocks
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.applicable import not_applicable_mask, not_applicable_notes
@@ -268,10 +268,9 @@ def sweep_unsupported(ctx: SweepContext, name: str, exc: Exception) -> str:
     """The reason, in one line, for an architecture whose forward breaks when a sweep skips or
     replaces blocks (layers that read state an earlier layer left: shared KV caches, shared indexers)."""
     model_type = getattr(getattr(ctx.stack.model, "config", None), "model_type", None)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
     log.debug("the %s sweep failed", name, exc_info=exc)
     return (f"not supported for {type(ctx.stack.model).__name__} (model_type={model_type!r}): its forward fails "
-            f"when blocks are skipped ({type(exc).__name__}: {first}); its blocks likely share state across layers")
+            f"when blocks are skipped ({one_line(exc)}); its blocks likely share state across layers")
 
 
 @dataclass

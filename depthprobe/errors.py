@@ -16,9 +16,14 @@ class DepthprobeError(Exception):
 
 
 def one_line(exc: BaseException, width: int = 160) -> str:
-    """``"ValueError: first line of the message"`` (cut at ``width`` characters)."""
+    """``"ValueError: first line of the message"`` (cut at ``width`` characters; the type's name
+    stands in for an empty message)."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {(text[0] if text else '')[:width]}".rstrip(": ")
+    return f"{type(exc).__name__}: {(text[0] if text else type(exc).__name__)[:width]}"
+
+
+#: what a model's own forward raises when it cannot run with some blocks skipped
+MODEL_FORWARD_ERRORS = (RuntimeError, ValueError, IndexError, KeyError)
 
 
 def raised_by_depthprobe(exc: BaseException) -> bool:
@@ -27,3 +32,9 @@ def raised_by_depthprobe(exc: BaseException) -> bool:
     frames = traceback.extract_tb(exc.__traceback__)
     package = str(Path(__file__).resolve().parent)  # this file is depthprobe/errors.py
     return bool(frames) and str(Path(frames[-1].filename).resolve()).startswith(package + os.sep)
+
+
+def refused_by_model(exc: BaseException) -> bool:
+    """Whether ``exc`` is the model's own forward refusing to run (one of
+    :data:`MODEL_FORWARD_ERRORS`, raised outside depthprobe), not a depthprobe bug."""
+    return isinstance(exc, MODEL_FORWARD_ERRORS) and not raised_by_depthprobe(exc)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 import depthprobe
+from depthprobe.errors import one_line as _one_line
 from depthprobe.model.stack import LayerStack
 from depthprobe.prune import prune
 
@@ -243,12 +244,6 @@ def calibration_windows():
 
         _WINDOWS = make_windows(tokenizer(), num_sequences=SEQS, seq_len=SEQ_LEN)
     return _WINDOWS
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else type(exc).__name__
-    return f"{type(exc).__name__}: {msg[:160]}"
 
 
 def _loss(model, ids: torch.Tensor) -> float:

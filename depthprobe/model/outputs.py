@@ -10,7 +10,6 @@ def block_output(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-
 def lm_logits(output) -> torch.Tensor:
     """The next-token logits ``(B, T, V)`` of a causal-LM output.
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.errors import one_line, raised_by_depthprobe
+from depthprobe.errors import MODEL_FORWARD_ERRORS, one_line, refused_by_model
 from depthprobe.journal import Journal
 from depthprobe.probes import metrics as M
 from depthprobe.probes.accumulator import BaseLoss, GradOutput, PassAccumulator
@@ -33,6 +33,8 @@ class BatchMajor:
     def __init__(self, objective: Objective, batches: list[Batch], progress: bool = True):
         self.objective, self.batches, self.progress = objective, batches, progress
         self.stack = objective.stack
+        #: blocks read state an earlier one left: each drop reruns the prefix, and one its forward refuses is NaN
+        self.rerun_prefix = bool(self.stack.reads_earlier_state)
         self.refused: dict[Variant, str] = {}  # drops the model's forward refused -> why
 
     def _bar(self, total: int, desc: str, **kwargs):
@@ -88,8 +90,8 @@ class BatchMajor:
         for v in plan.variants:
             try:
                 record.set(v, self._score(scorer, v, states))
-            except (RuntimeError, ValueError, IndexError, KeyError) as exc:
-                if not self._refusable(exc):
+            except MODEL_FORWARD_ERRORS as exc:
+                if not (self.rerun_prefix and refused_by_model(exc)):  # a model's other refusals: run_sweeps
                     raise
                 self.refused.setdefault(v, one_line(exc))
                 record.set(v, [float("nan")] * batch.size)
@@ -98,17 +100,11 @@ class BatchMajor:
             bar.update()
         return record
 
-    def _refusable(self, exc: BaseException) -> bool:
-        """A drop the model's own forward refuses (a block left without the state an earlier,
-        removed one would have stored) on stacks whose blocks share state; any other error
-        propagates (run_sweeps turns a model's into a note, depthprobe's own is a bug)."""
-        return bool(self.stack.reads_earlier_state) and not raised_by_depthprobe(exc)
-
     def _score(self, scorer: BatchScorer, v: Variant, states) -> list[float]:
         zeroed = (zero_output(self.stack.sublayer_output_module(v.layer, v.kind)) if v.kind in ("attn", "mlp")
                   else contextlib.nullcontext())
         with zeroed:
-            if self.stack.reads_earlier_state:  # later blocks need what the prefix leaves: rerun it
+            if self.rerun_prefix:  # later blocks need what the prefix leaves
                 keep = [i for i in range(len(self.stack)) if not v.layer <= i < v.start]
                 return scorer.run(0, states[0], keep=keep).tolist()
             return scorer.run(v.start, states[v.layer]).tolist()

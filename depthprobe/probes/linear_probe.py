@@ -92,12 +92,12 @@ def probe_layers(features: list[np.ndarray], targets: np.ndarray, names: list[st
         targets: ``(N,)`` class indices or ``(N, A)`` {0, 1} attributes.
         names: class or attribute names.
     """
+    from sklearn.preprocessing import StandardScaler
+
     targets = np.asarray(targets)
     train, test = probe_split(targets if not multilabel else np.zeros(len(targets), int))
     columns: dict[str, list[float]] = {"probe_accuracy" if not multilabel else "probe_auc": [],
                                        "sparse_probe_units": []}
-    from sklearn.preprocessing import StandardScaler
-
     rows = []
     for layer, x in enumerate(features):
         scaler = StandardScaler().fit(x[train])

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from depthprobe.errors import DepthprobeError, raised_by_depthprobe
+from depthprobe.errors import MODEL_FORWARD_ERRORS, DepthprobeError, refused_by_model
 from depthprobe.journal import Journal
 from depthprobe.model.stack import LayerStack
 from depthprobe.probes.drop import _fingerprint as sweep_fingerprint
@@ -77,8 +77,8 @@ class Evaluator(WindowScorer):
         """:meth:`loss`, or NaN where the model's own forward cannot run without ``removed``."""
         try:
             return self.loss(removed)
-        except (RuntimeError, ValueError, IndexError, KeyError) as exc:
-            if raised_by_depthprobe(exc):
+        except MODEL_FORWARD_ERRORS as exc:
+            if not refused_by_model(exc):
                 raise
             return math.nan
 
