@@ -442,3 +442,24 @@ def test_a_sweep_failing_in_depthprobe_code_is_a_bug_not_a_refusal(monkeypatch, 
     model, _ = depthprobe.load_model(str(tiny_dir("llama")), device="cpu")
     with pytest.raises(IndexError):
         depthprobe.analyze(model, windows=torch.randint(0, 64, (2, 16)), metrics="angular,drop", progress=False)
+
+
+def test_layer_major_execution_of_blocks_that_share_state_is_refused_before_the_weights(tmp_path):
+    """HY-V4's shared indexer layers read the top-k an earlier layer left, so its blocks cannot run
+    one at a time: ``--execution layer`` is refused from the config, in one line, nothing loaded."""
+    from depthprobe.probes.offload import use_layer_major
+    from tests import arch_coverage as cov
+
+    model = cov.build_tiny("hy_v4")
+    folder = tmp_path / "hy_v4"
+    model.save_pretrained(folder)
+    cov.tokenizer().save_pretrained(folder)
+    code, _, err = run(["analyze", folder, "--metrics", "drop", "--execution", "layer", "--num-sequences", "2",
+                        "--seq-len", "16", "--out", tmp_path / "run", "-v"])
+    assert code == 2 and "Traceback" not in err and not loaded_weights(err)
+    (line,) = error_lines(err)
+    assert line.startswith("Error: --execution layer cannot run HYV4ForCausalLM: its 'shared'")
+    with pytest.raises(depthprobe.DepthprobeError) as refused:  # the API says the same, after the load
+        use_layer_major("layer", model)
+    assert line == f"Error: {refused.value}"
+    assert not use_layer_major("auto", model)  # batch-major, where every drop reruns its prefix

@@ -102,11 +102,19 @@ def max_positions(config) -> int | None:
 
 
 def check_config(opts: dict, config) -> None:
-    """Options against the model's config: windows no longer than its positions."""
+    """Options against the model's config: windows no longer than its positions; ``--execution
+    layer`` only for blocks that can run one at a time."""
     limit = max_positions(config)
     if limit is not None and opts.get("seq_len", 0) > limit:
         raise DepthprobeError(f"--seq-len {opts['seq_len']} is longer than this model allows ({limit} positions); "
                               "lower it")
+    if opts.get("execution") == "layer":
+        from depthprobe.probes.offload import layer_major_refusal
+
+        name = (getattr(config, "architectures", None) or [getattr(config, "model_type", "this model")])[0]
+        refusal = layer_major_refusal(config, name)
+        if refusal:
+            raise DepthprobeError(refusal)
 
 
 def calibration_windows(opts: dict, tokenizer, config):

@@ -60,19 +60,23 @@ def use_layer_major(order: str, model: nn.Module) -> bool:
     """``layer`` always, ``batch`` never, ``auto`` when accelerate offloads some weights, except
     where blocks read state an earlier block left (layer-major runs each block on its own):
     batch-major then, and ``layer`` is refused in one line."""
-    reader = _earlier_state_reader(model)
-    if order == "layer" and reader:
-        raise DepthprobeError(f"--order layer cannot run {type(model).__name__}: {reader}, so its blocks cannot "
-                              "run one at a time; use --order batch (or auto)")
-    return not reader and (order == "layer" or (order == "auto" and is_offloaded(model)))
+    refusal = layer_major_refusal(getattr(model, "config", None), type(model).__name__)
+    if order == "layer" and refusal:
+        raise DepthprobeError(refusal)
+    return not refusal and (order == "layer" or (order == "auto" and is_offloaded(model)))
 
 
-def _earlier_state_reader(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
+def layer_major_refusal(config, name: str) -> str | None:
+    """Why ``--execution layer`` cannot run the model ``name`` of ``config`` (its blocks read state
+    an earlier block left, so they cannot run one at a time), in one line; None if it can."""
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return earlier_state_reader(config) or earlier_state_reader(text)
+    reader = earlier_state_reader(config) or earlier_state_reader(text)
+    if reader is None:
+        return None
+    return (f"--execution layer cannot run {name}: {reader}, so its blocks cannot run one at a time; "
+            "use --execution batch (or auto)")
 
 
 @contextlib.contextmanager
