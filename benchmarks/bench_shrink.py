@@ -10,7 +10,7 @@ each a fresh process, timed end to end (model load included) in the same run; sh
 of it (its search, the block-only baselines, held-out checks, the export, both evaluations).
 
     .venv/bin/python benchmarks/bench_shrink.py [--model smollm2] [--target-params 0.9]
-        [--num-sequences 2] [--seq-len 32] [--eval-limit 10] [--tasks depthprobe_cloze] [--remeasure N]
+        [--num-sequences 2] [--seq-len 32] [--eval-limit 10] [--tasks depthprobe_cloze] [--remeasure N|all]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--heldout-windows", type=int, default=4)
     ap.add_argument("--tasks", default="depthprobe_cloze")
     ap.add_argument("--eval-limit", type=int, default=10)
-    ap.add_argument("--remeasure", type=int, default=None)
+    ap.add_argument("--remeasure", default=None, help="passed to shrink (N or all; default: shrink's own)")
     a = ap.parse_args()
     data = ["--num-sequences", str(a.num_sequences), "--seq-len", str(a.seq_len), "--device", "cpu"]
     k = blocks_for_fraction(a.model, a.target_params)
@@ -86,6 +86,7 @@ def main() -> None:
     print(f"  {'chain total':<40s} {total:8.1f} s")
     print(f"  {'shrink':<40s} {t_shrink:8.1f} s  ({summary['num_removed']} units, "
           f"{summary['params_fraction']:.3f} of the parameters kept)")
+    print(f"  search: {summary['search']}")
     print(f"  ratio shrink / chain: {t_shrink / total:.3f}x   goal: <= 1.0x")
 
 

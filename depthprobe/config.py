@@ -23,6 +23,8 @@ from depthprobe.errors import DepthprobeError
 DEFAULT_NUM_SEQUENCES = 8  # windows of calibration text
 DEFAULT_SEQ_LEN = 256  # tokens per window
 DEFAULT_BATCH_SIZE = 4  # windows per forward pass: the memory knob
+#: shrink's lazy greedy: candidates re-measured per step (None in the API: every candidate)
+DEFAULT_REMEASURE = 8
 
 #: what the streaming main pass measures (one forward, + backward for ``grad``)
 PASS_METRICS = ("angular", "variance", "grad", "lens")

@@ -194,6 +194,45 @@ def test_shrink_reaches_the_target_and_writes_the_curve(tiny_dir, tmp_path):
     assert r.steps[-1].unit == min(reaching, key=lambda u: (reaching[u], u)).name
 
 
+def _final_sets(removed: list[str]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Blocks gone and sublayers gone (original numbering) after removing ``removed`` in order."""
+    units = [Unit.parse(u) for u in removed]
+    blocks = {u.layer for u in units if u.kind == "block"}
+    return sorted(blocks), [(u.layer, u.kind) for u in units if u.kind != "block" and u.layer not in blocks]
+
+
+def test_two_starts_keep_the_lower_calibration_loss_and_the_model_is_the_chosen_one(tiny_dir, monkeypatch):
+    config = ShrinkConfig(target_params=0.55, heldout_windows=3, probe=ProbeConfig(num_sequences=2, seq_len=16,
+                                                                                     batch_size=2))
+    model, tok = _tiny(tiny_dir)
+    r = shrink(model, tok, config, run=RunOptions(progress=False))
+    target = int(0.55 * r.params_before)
+    assert [s["start"] for s in r.starts] == ["full model", "greedy-blocks"]
+    greedy = r.curve[r.curve.strategy == "greedy-blocks"].set_index("step")
+    k_star = int(greedy[(greedy.params <= target) & (greedy.index > 0)].index.min())
+    assert k_star >= 2
+    full, block = r.starts
+    # the block start is the block-only greedy's first K* - 1 blocks in its order, then the unit search
+    assert block["seed"] == [greedy.loc[k, "unit"] for k in range(1, k_star)] == block["removed"][:k_star - 1]
+    assert full["seed"] == []
+    ids = depthprobe.make_windows(tok, num_sequences=2, seq_len=16).input_ids
+    for start in r.starts:  # each start's calibration loss, by the plain route on a fresh model
+        blocks, zeroed = _final_sets(start["removed"])
+        assert start["loss"] == pytest.approx(naive_loss(_tiny(tiny_dir)[0], ids, blocks, zeroed), abs=1e-5)
+        assert start["params"] <= target and start["stopped"] == "target"
+    chosen = min(r.starts, key=lambda s: s["loss"])
+    assert [s.unit for s in r.steps] == chosen["removed"] and r.loss_after == pytest.approx(chosen["loss"], abs=1e-5)
+    assert r.params_after == chosen["params"] == sum(p.numel() for p in model.parameters())
+    # the block start's last step could take the block-only greedy's K*-th block: never worse than it
+    assert block["loss"] <= greedy.loc[k_star, "loss"] + 1e-6 and r.loss_after <= greedy.loc[k_star, "loss"] + 1e-6
+    # where no copy fits, the full-model start runs in place: the same search as that start
+    monkeypatch.setattr("depthprobe.prune.shrink.copies_fit", lambda m: False)
+    model, tok = _tiny(tiny_dir)
+    alone = shrink(model, tok, config, run=RunOptions(progress=False))
+    assert alone.starts == [] and [s.unit for s in alone.steps] == full["removed"]
+    assert alone.loss_after == pytest.approx(full["loss"], abs=1e-6)
+
+
 def test_interrupted_shrink_resumes_from_its_journal(tiny_dir, tmp_path, monkeypatch):
     config = ShrinkConfig(target_params=0.6, baselines=False, heldout_windows=2,
                           probe=ProbeConfig(num_sequences=2, seq_len=16, batch_size=2))
@@ -219,6 +258,32 @@ def test_interrupted_shrink_resumes_from_its_journal(tiny_dir, tmp_path, monkeyp
     assert resumed.removed == plain.removed and resumed.loss_after == pytest.approx(plain.loss_after, abs=1e-9)
     assert len(calls) == len(plain.steps) - 2  # the two journaled steps were replayed, not measured
     assert not (tmp_path / "o" / "shrink_progress.jsonl").exists()
+
+
+def test_shrink_interrupted_in_its_second_start_replays_the_first(tiny_dir, tmp_path, monkeypatch):
+    config = ShrinkConfig(target_params=0.55, heldout_windows=2, probe=ProbeConfig(num_sequences=2, seq_len=16,
+                                                                                     batch_size=2))
+    model, tok = _tiny(tiny_dir)
+    plain = shrink(model, tok, config, run=RunOptions(progress=False))
+    full, block = plain.starts
+    real, calls = search._next_step, []
+
+    def dies_in_the_second_start(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == len(full["removed"]) + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "_next_step", dies_in_the_second_start)
+    model, tok = _tiny(tiny_dir)
+    with pytest.raises(KeyboardInterrupt):
+        shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False))
+    calls.clear()
+    monkeypatch.setattr(search, "_next_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    model, tok = _tiny(tiny_dir)
+    resumed = shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False, resume=True))
+    assert resumed.removed == plain.removed and resumed.starts == plain.starts
+    assert len(calls) == len(block["removed"]) - len(block["seed"])  # the first start came from its journal
 
 
 @pytest.mark.parametrize("args, message", [
@@ -251,15 +316,19 @@ def test_cli_shrink_prints_the_loss_the_export_gives(tiny_dir, tmp_path, capsys)
     out = tmp_path / "out"
     code, stdout, err = run_cli(["shrink", str(tiny_dir("gemma2")), "--out", str(out), "--num-sequences", "2",
                                  "--seq-len", "16", "--heldout-windows", "2", "--quiet", "--target-params", "0.6",
-                                 "--device", "cpu"], capsys)
+                                 "--device", "cpu", "--remeasure", "all"], capsys)
     assert code == 0, err
+    summary = json.loads((out / "shrink.json").read_text())
+    assert summary["search"].startswith("greedy, every candidate re-measured at every step")
+    assert [s["start"] for s in summary["starts"]] == ["full model", "greedy-blocks"]
     printed = float(stdout.split("loss ", 1)[1].split("->")[1].split()[0])
     model, tok = depthprobe.load_model(str(out), dtype="float32", device="cpu")
     ids = depthprobe.make_windows(tok, num_sequences=2, seq_len=16).input_ids
     with torch.no_grad():
         loss = np.mean([ref.lm_loss(model(input_ids=ids[w: w + 1]).logits, ids[w: w + 1]) for w in range(2)])
     assert loss == pytest.approx(printed, abs=1e-4)
-    assert (out / "report.html").is_file() and "Why each unit was removed" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "Why each unit was removed" in report and "Where the search started" in report
     code, _, err = run_cli(["shrink", str(tiny_dir("gemma2")), "--out", str(out), "--num-sequences", "2",
                             "--seq-len", "8", "--quiet", "--target-params", "0.5", "--resume"], capsys)
     assert code == 2 and "--seq-len 8 (was 16)" in err and len(err.strip().splitlines()) == 1

@@ -22,6 +22,7 @@ from depthprobe.cli.options import (
     setup_logging,
 )
 from depthprobe.cli.parsing import parse_list
+from depthprobe.config import DEFAULT_REMEASURE
 from depthprobe.errors import DepthprobeError
 from depthprobe.runs import REPORT_HTML
 from depthprobe.safeio import atomic_write_text, locks_out
@@ -43,8 +44,10 @@ _NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run", 
               help="Stop before the held-out loss rises more than X nats above the full model's.")
 @click.option("--units", default="block,attn,mlp", show_default=True,
               help="What may be removed: block (whole blocks), attn (attention-only), mlp (MLP-only).")
-@click.option("--remeasure", type=int, default=None,
-              help="Re-measure only the N leading candidates per step (lazy greedy; default: every candidate).")
+@click.option("--remeasure", default=str(DEFAULT_REMEASURE), show_default=True,
+              help="Re-measure the N candidates with the least damage per parameter when last measured at each step "
+                   "(lazy greedy: a full sweep at the first step and at the step that reaches the target); "
+                   "'all' re-measures every candidate at every step (exact greedy, about 90/N times the search time).")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Measure the block-only baselines (greedy, Gromov block, ShortGPT, last blocks) into shrink_curve.csv.")
 @click.option("--check-calibration", type=click.Path(dir_okay=False), default=None,
@@ -60,9 +63,11 @@ _NOT_RECORDED = ("quiet", "verbose", "resume", "force", "no_report", "dry_run", 
 def command(**opts) -> None:
     """Shrink MODEL to a target by removing whole blocks, attention-only and MLP-only sublayers.
 
-    Greedy, one unit at a time: every step re-measures each remaining unit's damage (the
-    calibration loss without it, from the prefix-cached drop sweep of the model as it is now),
-    removes the one with the least damage per parameter, and checks it on held-out windows.
+    Greedy, one unit at a time: every step re-measures the leading units' damage (the
+    calibration loss without it, from the prefix-cached drop sweep of the model as it is now;
+    every unit with --remeasure all), removes the one with the least damage per parameter, and
+    checks it on held-out windows. With --target-params it also starts from the block-only
+    greedy's blocks but its last and keeps the start with the lower calibration loss.
     --out holds the model (it loads with AutoModelForCausalLM.from_pretrained, no remote code;
     with a sublayer removed, once depthprobe is imported), shrink.json, shrink_curve.csv (every
     step of the shrink and of each block-only baseline: loss, held-out loss, parameters, speed
@@ -118,6 +123,7 @@ def _check(opts: dict) -> tuple[str, ...]:
         raise DepthprobeError("--target-speedup cannot be measured with weights offloaded (--device-map / "
                               "--offload-folder): the timings would be of the transfers; drop those or use --target-params")
     preflight.check_options(opts)
+    opts["remeasure"] = parse_remeasure(opts["remeasure"])
     preflight.at_least(opts, {"heldout_windows": 1, "remeasure": 1, "eval_limit": 1, "bench_new_tokens": 1, "bench_repeats": 1})
     if not opts["heldout"] and opts["max_loss_increase"] is not None:
         raise DepthprobeError("--max-loss-increase is judged on held-out windows; drop --no-heldout")
@@ -130,6 +136,17 @@ def _check(opts: dict) -> tuple[str, ...]:
     if bad or not units:
         raise DepthprobeError(f"--units takes block, attn and mlp (got {opts['units']!r})")
     return units
+
+
+def parse_remeasure(value) -> int | None:
+    """``--remeasure``: a count of candidates, or ``all`` (None: every candidate, exact greedy)."""
+    text = str(value).strip().lower()
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise DepthprobeError(f"--remeasure takes a number of candidates or 'all' (got {value!r})") from None
 
 
 def _check_resume_options(opts: dict) -> dict:

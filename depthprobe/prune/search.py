@@ -94,20 +94,26 @@ class SearchOptions:
 
 def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None, *, stop: Callable[[ShrinkState], bool],
                   options: SearchOptions = SearchOptions(), journal: Journal | None = None,
-                  progress: bool = True) -> tuple[list[Step], str]:
+                  progress: bool = True, done_steps: int = 0,
+                  full_heldout: float | None = None) -> tuple[list[Step], str]:
     """Remove units until ``stop(state)`` (or no candidate is left, or the held-out guard).
 
+    ``done_steps``: removals made before this search (its steps are numbered after them);
+    ``full_heldout``: the unpruned model's held-out loss, which the guard measures from (by
+    default the held-out loss of ``state`` as it is now).
     Returns the steps and why the search ended: ``target``, ``max_loss_increase`` or ``exhausted``.
     """
     batch_size, kinds, max_loss_increase = options.batch_size, options.kinds, options.max_loss_increase
     stale: dict[Unit, float] = {}
     journal = journal or Journal(None, "")
-    full_held = float(state.scores(heldout, batch_size).mean()) if heldout is not None else math.nan
+    full_held = full_heldout if full_heldout is not None else (
+        float(state.scores(heldout, batch_size).mean()) if heldout is not None else math.nan)
     steps: list[Step] = []
     bar = tqdm(desc="shrink", unit="unit", disable=not progress, leave=False)
     try:
         while not stop(state):
-            done = journal.get(len(steps) + 1)
+            number = done_steps + len(steps) + 1
+            done = journal.get(number)
             if done is not None:  # a finished step of an interrupted run: replay it
                 stale = {Unit.parse(k): v for k, v in done.pop("scores", {}).items()}
                 step = Step(**done)
@@ -115,7 +121,7 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
             else:
                 last = _last_step(state, kinds, options.target_params)
                 only = None if last else _leading(state, stale, kinds, options.remeasure)
-                step = _next_step(state, windows, heldout, batch_size, kinds, len(steps) + 1, only, stale,
+                step = _next_step(state, windows, heldout, batch_size, kinds, number, only, stale,
                                   options.target_params if last else None)
                 if step is None:
                     return steps, "exhausted"

@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from depthprobe.analysis import analyze, max_positions
-from depthprobe.config import ProbeConfig, RunOptions
+from depthprobe.config import DEFAULT_REMEASURE, ProbeConfig, RunOptions
 from depthprobe.data import Windows, heldout_windows, make_windows
 from depthprobe.errors import DepthprobeError
 from depthprobe.evaluate.heldout import mean_interval
@@ -34,6 +34,16 @@ from depthprobe.prune.export import save_model
 from depthprobe.prune.search import SearchOptions, Step, greedy_shrink, search_fingerprint
 from depthprobe.prune.select import Evaluator
 from depthprobe.prune.speed import SpeedTarget
+from depthprobe.prune.starts import (
+    BLOCK_START,
+    FULL_START,
+    StartResult,
+    block_seed,
+    choose,
+    copies_fit,
+    copy_state,
+    replay,
+)
 from depthprobe.prune.units import KINDS, ShrinkState, count_params
 from depthprobe.results import write_json
 from depthprobe.safeio import atomic_to_csv
@@ -43,6 +53,7 @@ SHRINK_CURVE_CSV = "shrink_curve.csv"
 SHRINK_STEPS_CSV = "shrink_steps.csv"
 SHRINK_JOURNAL = "shrink_progress.jsonl"
 BASELINE_JOURNAL = "shrink_greedy_blocks.jsonl"
+BLOCK_START_JOURNAL = "shrink_progress_block_start.jsonl"
 CURVE_COLUMNS = ("strategy", "step", "unit", "removed", "loss", "heldout_loss", "heldout_loss_low",
                  "heldout_loss_high", "params", "params_fraction", "prefill_tokens_per_s", "decode_tokens_per_s")
 
@@ -57,7 +68,7 @@ class ShrinkConfig:
     max_loss_increase: float | None = None  # stop before held-out loss rises more than this (nats)
     units: tuple[str, ...] = KINDS  # block, attn, mlp
     #: re-measure only the N leading candidates per step (lazy greedy); None: all (exact greedy)
-    remeasure: int | None = None
+    remeasure: int | None = DEFAULT_REMEASURE
     baselines: bool = True
     #: the baselines' largest K without a parameter target (default: half the blocks)
     baseline_max: int | None = None
@@ -126,6 +137,7 @@ class ShrinkResult:
     calibration_check: dict | None = None
     search: str = "greedy, every candidate re-measured at every step"
     block_only_at_target: dict | None = None  # the best block-only model that reaches the parameter target
+    starts: list[dict] = field(default_factory=list)  # each start's search (``starts.py``), when there were two
     model: torch.nn.Module | None = field(default=None, repr=False)
 
     @property
@@ -149,7 +161,7 @@ class ShrinkResult:
                 "loss_after": self.loss_after, "perplexity_before": math.exp(self.loss_before),
                 "perplexity_after": math.exp(self.loss_after), **held, "block_only_best": self.block_only,
                 "heldout_at_or_below_block_only": beats, "block_only_at_target": self.block_only_at_target,
-                "export": self.export, "speed": self.speed,
+                "starts": self.starts, "export": self.export, "speed": self.speed,
                 "calibration_check": self.calibration_check}
 
 
@@ -173,19 +185,15 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     speed = SpeedTarget(config.target_speedup, config.speedup_on) if config.target_speedup is not None else None
     if speed is not None:
         speed.start(state)
-    journals = resume_files(out_dir, (SHRINK_JOURNAL, BASELINE_JOURNAL), run.resume)
+    journals = resume_files(out_dir, (SHRINK_JOURNAL, BLOCK_START_JOURNAL, BASELINE_JOURNAL), run.resume)
     bs = config.probe.batch_size
     num_layers = state.num_layers
     evaluator = Evaluator(state.stack, windows.input_ids, bs)
     loss_before = evaluator.loss()
     held_before = mean_interval(state.scores(held, bs)) if held is not None else None
     baselines = _baselines(model, state, evaluator, windows, held, config, target, journals, run.progress)
-    journal = Journal(journals.get(SHRINK_JOURNAL), f"{search_fingerprint(state, windows, held, bs, config.units)}:"
-                      f"{config.remeasure}", what="shrink")
-    stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
-    options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure, target)
-    steps, stopped = greedy_shrink(state, windows, held, stop=stop, options=options, journal=journal,
-                                   progress=run.progress)
+    steps, stopped, starts = _search(model, state, windows, held, config, target, baselines, speed,
+                                     held_before[0] if held_before else None, journals, run.progress)
     loss_after = float(state.scores(windows, bs).mean())
     held_after = mean_interval(state.scores(held, bs)) if held is not None else None
     if speed is not None and stopped != "target":
@@ -198,7 +206,8 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
                           best_block_only(curve, state.params) if baselines is not None else None,
                           export_info(state), num_layers, len(state.kept),
                           heldout_source=held.source if held is not None else None, model=model)
-    result.search = search_note(config)
+    result.search = search_note(config, starts)
+    result.starts = [s.summary() for s in starts]
     if baselines is not None and target is not None:
         result.block_only_at_target = best_block_only_at_target(curve, target)
     if out_dir is not None:
@@ -214,12 +223,55 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     return result
 
 
-def search_note(config: ShrinkConfig) -> str:
+def search_note(config: ShrinkConfig, starts: list[StartResult] = ()) -> str:
     """How the search ran (``shrink.json`` ``search``)."""
     if config.remeasure is None:
-        return "greedy, every candidate re-measured at every step"
-    return (f"lazy greedy: a full sweep at step 1, then the {config.remeasure} candidates with the least damage per "
-            "parameter when last measured re-measured at each step (every candidate at the step that reaches the target)")
+        note = "greedy, every candidate re-measured at every step"
+    else:
+        note = (f"lazy greedy: a full sweep at step 1, then the {config.remeasure} candidates with the least damage "
+                "per parameter when last measured re-measured at each step (every candidate at the step that reaches "
+                "the target)")
+    if starts:
+        chosen = choose(list(starts)).name
+        note += (f"; from two starts (the full model, and the block-only greedy's blocks but its last), the one with "
+                 f"the lower calibration loss kept: {chosen}")
+    return note
+
+
+def _search(model, state: ShrinkState, windows: Windows, held: Windows | None, config: ShrinkConfig,
+            target: int | None, baselines: pd.DataFrame | None, speed: SpeedTarget | None,
+            full_held: float | None, journals: dict, progress: bool) -> tuple[list[Step], str, list[StartResult]]:
+    """The unit greedy to the target (``starts.py``): from the full model and, with a parameter
+    target, from the block-only greedy's first K* − 1 blocks, each on a copy, the better one
+    replayed on ``state``; in place from the full model alone where no second start applies."""
+    bs = config.probe.batch_size
+    options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure, target)
+    stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
+    fingerprint = f"{search_fingerprint(state, windows, held, bs, config.units)}:{config.remeasure}"
+    seed = block_seed(baselines, target) if baselines is not None and target is not None and speed is None else []
+    guard = config.max_loss_increase
+    if guard is not None and full_held is not None and any(s.heldout_loss - full_held > guard for s in seed):
+        seed = []  # the block start would already break the held-out guard
+    if not seed or not copies_fit(model):
+        journal = Journal(journals.get(SHRINK_JOURNAL), fingerprint, what="shrink")
+        steps, stopped = greedy_shrink(state, windows, held, stop=stop, options=options, journal=journal,
+                                       progress=progress)
+        return steps, stopped, []
+    results = []
+    for name, seeded, journal_name in ((FULL_START, [], SHRINK_JOURNAL), (BLOCK_START, seed, BLOCK_START_JOURNAL)):
+        trial = copy_state(model, config.probe.layers_path, seeded)
+        journal = Journal(journals.get(journal_name), f"{fingerprint}:{','.join(s.unit for s in seeded)}",
+                          what="shrink")
+        found, stopped = greedy_shrink(trial, windows, held, stop=stop, options=options, journal=journal,
+                                       progress=progress, done_steps=len(seeded), full_heldout=full_held)
+        steps = seeded + found
+        last = steps[-1] if steps else None
+        results.append(StartResult(name, steps, stopped, last.loss if last else math.nan,
+                                   last.heldout_loss if last else math.nan, trial.params, [s.unit for s in seeded]))
+        del trial
+    best = choose(results)
+    replay(state, [s.unit for s in best.steps])
+    return best.steps, best.stopped, results
 
 
 def _windows(model, tokenizer, probe: ProbeConfig) -> Windows:

@@ -65,9 +65,17 @@ def render_shrink(folder: str | Path) -> str:
     export = s["export"]
     parts.append(_p(f"Export: {export['format']} ({export['model_type']}); loads with {export['loads_with']}; "
                     f"needs {export['needs']}."))
+    if s.get("starts"):
+        parts.append("<h2>Where the search started</h2>")
+        parts.append(_p(f"Search: {s['search']}. Each start's search to the target, on the same calibration "
+                        "windows (the lower calibration loss is kept; held-out only checks):"))
+        parts.append(table_html(pd.DataFrame([{**st, "seed": ";".join(st["seed"]), "removed": ";".join(st["removed"])}
+                                              for st in s["starts"]])))
     parts.append("<h2>Why each unit was removed</h2>")
     parts.append(_p("damage = calibration loss without the unit minus the loss before it, measured on the model as it "
-                    "was at that step; the unit with the least damage per parameter went; heldout_loss is the "
+                    "was at that step; the unit with the least damage per parameter went (at the step that "
+                    "reaches the target, the least damage among the units that reach it; a start's seed blocks, "
+                    "the block-only greedy's choices, the least damage among blocks); heldout_loss is the "
                     "model after the step on held-out windows."))
     parts.append(table_html(steps))
     parts.append(figure_html(plot_shrink_curve(curve), "Loss against parameters kept: the shrink and every "
