@@ -233,28 +233,34 @@ def test_two_starts_keep_the_lower_calibration_loss_and_the_model_is_the_chosen_
     assert alone.loss_after == pytest.approx(full["loss"], abs=1e-6)
 
 
+def _interrupt_then_resume(tiny_dir, config, out, monkeypatch, die_at: int):
+    """Shrink into ``out`` killed at the ``die_at``-th measured step, then ``--resume``d; the
+    resumed result and one entry per step the resumed run measured."""
+    real, calls = search._next_step, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == die_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "_next_step", dies)
+    model, tok = _tiny(tiny_dir)
+    with pytest.raises(KeyboardInterrupt):
+        shrink(model, tok, config, out_dir=out, run=RunOptions(progress=False))
+    calls.clear()
+    monkeypatch.setattr(search, "_next_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    model, tok = _tiny(tiny_dir)
+    return shrink(model, tok, config, out_dir=out, run=RunOptions(progress=False, resume=True)), calls
+
+
 def test_interrupted_shrink_resumes_from_its_journal(tiny_dir, tmp_path, monkeypatch):
     config = ShrinkConfig(target_params=0.6, baselines=False, heldout_windows=2,
                           probe=ProbeConfig(num_sequences=2, seq_len=16, batch_size=2))
     model, tok = _tiny(tiny_dir)
     plain = shrink(model, tok, config, run=RunOptions(progress=False))
     assert len(plain.steps) >= 3
-    real, calls = search._next_step, []
-
-    def dies_on_third(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(search, "_next_step", dies_on_third)
-    model, tok = _tiny(tiny_dir)
-    with pytest.raises(KeyboardInterrupt):
-        shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False))
-    calls.clear()
-    monkeypatch.setattr(search, "_next_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    model, tok = _tiny(tiny_dir)
-    resumed = shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False, resume=True))
+    resumed, calls = _interrupt_then_resume(tiny_dir, config, tmp_path / "o", monkeypatch, die_at=3)
     assert resumed.removed == plain.removed and resumed.loss_after == pytest.approx(plain.loss_after, abs=1e-9)
     assert len(calls) == len(plain.steps) - 2  # the two journaled steps were replayed, not measured
     assert not (tmp_path / "o" / "shrink_progress.jsonl").exists()
@@ -266,22 +272,8 @@ def test_shrink_interrupted_in_its_second_start_replays_the_first(tiny_dir, tmp_
     model, tok = _tiny(tiny_dir)
     plain = shrink(model, tok, config, run=RunOptions(progress=False))
     full, block = plain.starts
-    real, calls = search._next_step, []
-
-    def dies_in_the_second_start(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == len(full["removed"]) + 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(search, "_next_step", dies_in_the_second_start)
-    model, tok = _tiny(tiny_dir)
-    with pytest.raises(KeyboardInterrupt):
-        shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False))
-    calls.clear()
-    monkeypatch.setattr(search, "_next_step", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    model, tok = _tiny(tiny_dir)
-    resumed = shrink(model, tok, config, out_dir=tmp_path / "o", run=RunOptions(progress=False, resume=True))
+    resumed, calls = _interrupt_then_resume(tiny_dir, config, tmp_path / "o", monkeypatch,
+                                            die_at=len(full["removed"]) + 1)  # the second start's first step
     assert resumed.removed == plain.removed and resumed.starts == plain.starts
     assert len(calls) == len(block["removed"]) - len(block["seed"])  # the first start came from its journal
 
