@@ -184,6 +184,9 @@ def test_shrink_reaches_the_target_and_writes_the_curve(tiny_dir, tmp_path):
     at = r.block_only_at_target
     assert at["params"] == reach["params"].max()
     assert at["heldout_loss"] == pytest.approx(reach[reach.params == reach.params.max()]["heldout_loss"].min())
+    assert summary["target_params"] == int(0.7 * r.params_before)
+    assert summary["heldout_at_or_below_block_only_at_target"] == (summary["heldout_loss_after"] <= at["heldout_loss"])
+    assert summary["heldout_at_or_below_block_only"] == (summary["heldout_loss_after"] <= best["heldout_loss"])
     # the last step reached the target with the least damage of the units that reach it
     twin, _ = _tiny(tiny_dir)
     state = ShrinkState(twin)

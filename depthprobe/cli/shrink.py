@@ -215,12 +215,16 @@ def _echo(result, quiet: bool) -> None:
     best = s["block_only_best"]
     if best is not None and "heldout_loss_after" in s:
         verdict = "at or below" if s["heldout_at_or_below_block_only"] else "ABOVE"
+        misses = s.get("target_params") is not None and best["params"] > s["target_params"]
         click.echo(f"best block-only at >= {s['params_after']:,} parameters: {best['strategy']} K={best['step']} "
-                   f"({best['params']:,} parameters) held-out {best['heldout_loss']:.6f}; shrink is {verdict} it")
+                   f"({best['params']:,} parameters{', misses the target' if misses else ''}) held-out "
+                   f"{best['heldout_loss']:.6f}; shrink is {verdict} it")
     at_target = s.get("block_only_at_target")
     if at_target is not None and "heldout_loss_after" in s:
+        verdict = "at or below" if s["heldout_at_or_below_block_only_at_target"] else "ABOVE"
         click.echo(f"best block-only that reaches the target: {at_target['strategy']} K={at_target['step']} "
-                   f"({at_target['params']:,} parameters) held-out {at_target['heldout_loss']:.6f}")
+                   f"({at_target['params']:,} parameters) held-out {at_target['heldout_loss']:.6f}; "
+                   f"shrink is {verdict} it")
     speed = s.get("speed")
     if speed:
         click.echo(f"measured {speed['speedup_on']} speedup {speed['speedup']:.3f}x (target {speed['target']})")

@@ -137,6 +137,7 @@ class ShrinkResult:
     calibration_check: dict | None = None
     search: str = "greedy, every candidate re-measured at every step"
     block_only_at_target: dict | None = None  # the best block-only model that reaches the parameter target
+    target_params: int | None = None  # the parameter count asked for (--target-params), if any
     starts: list[dict] = field(default_factory=list)  # each start's search (``starts.py``), when there were two
     model: torch.nn.Module | None = field(default=None, repr=False)
 
@@ -151,16 +152,20 @@ class ShrinkResult:
                     "heldout_loss_before_interval": list(self.heldout_before[1:]),
                     "heldout_loss_after": self.heldout_after[0],
                     "heldout_loss_after_interval": list(self.heldout_after[1:])}
-        beats = None
+        beats = beats_at_target = None
         if self.block_only is not None and self.heldout_after is not None:
             beats = bool(self.heldout_after[0] <= self.block_only["heldout_loss"])
+        if self.block_only_at_target is not None and self.heldout_after is not None:
+            beats_at_target = bool(self.heldout_after[0] <= self.block_only_at_target["heldout_loss"])
         return {"removed": self.removed, "search": self.search, "num_removed": len(self.removed), "stopped": self.stopped,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "params_fraction": self.params_fraction, "num_layers_before": self.num_layers_before,
                 "num_layers_after": self.num_layers_after, "loss_before": self.loss_before,
                 "loss_after": self.loss_after, "perplexity_before": math.exp(self.loss_before),
                 "perplexity_after": math.exp(self.loss_after), **held, "block_only_best": self.block_only,
-                "heldout_at_or_below_block_only": beats, "block_only_at_target": self.block_only_at_target,
+                "heldout_at_or_below_block_only": beats, "target_params": self.target_params,
+                "block_only_at_target": self.block_only_at_target,
+                "heldout_at_or_below_block_only_at_target": beats_at_target,
                 "starts": self.starts, "export": self.export, "speed": self.speed,
                 "calibration_check": self.calibration_check}
 
@@ -208,6 +213,7 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
                           heldout_source=held.source if held is not None else None, model=model)
     result.search = search_note(config, starts)
     result.starts = [s.summary() for s in starts]
+    result.target_params = target
     if baselines is not None and target is not None:
         result.block_only_at_target = best_block_only_at_target(curve, target)
     if out_dir is not None:

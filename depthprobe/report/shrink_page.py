@@ -60,8 +60,10 @@ def render_shrink(folder: str | Path) -> str:
                         f"{best['heldout_loss']:.4f}; the shrink is {verdict} it."))
     at = s.get("block_only_at_target")
     if at:
+        verdict = "at or below" if s.get("heldout_at_or_below_block_only_at_target") else "above"
         parts.append(_p(f"Best block-only strategy that reaches the target: {at['strategy']} with {at['step']} "
-                        f"blocks removed ({at['params']:,} parameters), held-out loss {at['heldout_loss']:.4f}."))
+                        f"blocks removed ({at['params']:,} parameters), held-out loss {at['heldout_loss']:.4f}; "
+                        f"the shrink is {verdict} it."))
     export = s["export"]
     parts.append(_p(f"Export: {export['format']} ({export['model_type']}); loads with {export['loads_with']}; "
                     f"needs {export['needs']}."))
