@@ -92,21 +92,29 @@ class SearchOptions:
     target_params: int | None = None
 
 
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a search starts when ``state`` is not the full model (a seeded start)."""
+
+    #: removals made before this search (its steps are numbered after them)
+    done_steps: int = 0
+    #: the unpruned model's held-out loss, which the guard measures from (None: the held-out
+    #: loss of ``state`` as it is now)
+    full_heldout: float | None = None
+
+
 def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None, *, stop: Callable[[ShrinkState], bool],
                   options: SearchOptions = SearchOptions(), journal: Journal | None = None,
-                  progress: bool = True, done_steps: int = 0,
-                  full_heldout: float | None = None) -> tuple[list[Step], str]:
+                  progress: bool = True, start: StartPoint = StartPoint()) -> tuple[list[Step], str]:
     """Remove units until ``stop(state)`` (or no candidate is left, or the held-out guard).
 
-    ``done_steps``: removals made before this search (its steps are numbered after them);
-    ``full_heldout``: the unpruned model's held-out loss, which the guard measures from (by
-    default the held-out loss of ``state`` as it is now).
     Returns the steps and why the search ended: ``target``, ``max_loss_increase`` or ``exhausted``.
     """
     batch_size, kinds, max_loss_increase = options.batch_size, options.kinds, options.max_loss_increase
     stale: dict[Unit, float] = {}
     journal = journal or Journal(None, "")
-    full_held = full_heldout if full_heldout is not None else (
+    done_steps, full_held = start.done_steps, start.full_heldout
+    full_held = full_held if full_held is not None else (
         float(state.scores(heldout, batch_size).mean()) if heldout is not None else math.nan)
     steps: list[Step] = []
     bar = tqdm(desc="shrink", unit="unit", disable=not progress, leave=False)
@@ -121,8 +129,7 @@ def greedy_shrink(state: ShrinkState, windows: Windows, heldout: Windows | None,
             else:
                 last = _last_step(state, kinds, options.target_params)
                 only = None if last else _leading(state, stale, kinds, options.remeasure)
-                step = _next_step(state, windows, heldout, batch_size, kinds, number, only, stale,
-                                  options.target_params if last else None)
+                step = _next_step(state, windows, heldout, options, number, only, stale, last)
                 if step is None:
                     return steps, "exhausted"
                 if max_loss_increase is not None and step.heldout_loss - full_held > max_loss_increase:
@@ -154,12 +161,14 @@ def _last_step(state: ShrinkState, kinds, target: int | None) -> bool:
     return any(state.params - state.unit_params(u) <= target for u in state.candidates(kinds))
 
 
-def _next_step(state: ShrinkState, windows: Windows, heldout: Windows | None, batch_size: int, kinds,
+def _next_step(state: ShrinkState, windows: Windows, heldout: Windows | None, options: SearchOptions,
                number: int, only: list[Unit] | None = None, stale: dict | None = None,
-               reach: int | None = None) -> Step | None:
+               last: bool = False) -> Step | None:
     """Measure the candidates (``only``, else all) on the model as it is now; the best one,
-    checked on held-out windows. ``stale`` gets every measured damage per parameter. With
-    ``reach`` (a parameter count one unit can reach), the least damaging unit that reaches it."""
+    checked on held-out windows. ``stale`` gets every measured damage per parameter. On the
+    ``last`` step (one unit reaches ``options.target_params``), the least damaging unit that reaches it."""
+    batch_size, kinds = options.batch_size, options.kinds
+    reach = options.target_params if last else None
     base, losses = candidate_losses(state, windows, batch_size, kinds, only=only)
     ranked = rank(state, base, losses)
     if stale is not None:

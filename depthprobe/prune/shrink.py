@@ -31,7 +31,7 @@ from depthprobe.prune.baselines import (
     blocks_for,
 )
 from depthprobe.prune.export import save_model
-from depthprobe.prune.search import SearchOptions, Step, greedy_shrink, search_fingerprint
+from depthprobe.prune.search import SearchOptions, StartPoint, Step, greedy_shrink, search_fingerprint
 from depthprobe.prune.select import Evaluator
 from depthprobe.prune.speed import SpeedTarget
 from depthprobe.prune.starts import (
@@ -196,9 +196,9 @@ def shrink(model: torch.nn.Module, tokenizer, config: ShrinkConfig, *, windows: 
     evaluator = Evaluator(state.stack, windows.input_ids, bs)
     loss_before = evaluator.loss()
     held_before = mean_interval(state.scores(held, bs)) if held is not None else None
-    baselines = _baselines(model, state, evaluator, windows, held, config, target, journals, run.progress)
-    steps, stopped, starts = _search(model, state, windows, held, config, target, baselines, speed,
-                                     held_before[0] if held_before else None, journals, run.progress)
+    task = _Task(model, state, windows, held, config, target, journals, run.progress)
+    baselines = _baselines(task, evaluator)
+    steps, stopped, starts = _search(task, baselines, speed, held_before[0] if held_before else None)
     loss_after = float(state.scores(windows, bs).mean())
     held_after = mean_interval(state.scores(held, bs)) if held is not None else None
     if speed is not None and stopped != "target":
@@ -244,12 +244,27 @@ def search_note(config: ShrinkConfig, starts: list[StartResult] = ()) -> str:
     return note
 
 
-def _search(model, state: ShrinkState, windows: Windows, held: Windows | None, config: ShrinkConfig,
-            target: int | None, baselines: pd.DataFrame | None, speed: SpeedTarget | None,
-            full_held: float | None, journals: dict, progress: bool) -> tuple[list[Step], str, list[StartResult]]:
+@dataclass
+class _Task:
+    """What the baselines and the search of one ``shrink`` call share."""
+
+    model: torch.nn.Module
+    state: ShrinkState
+    windows: Windows
+    held: Windows | None
+    config: ShrinkConfig
+    target: int | None  # parameters
+    journals: dict  # journal name -> path
+    progress: bool
+
+
+def _search(task: _Task, baselines: pd.DataFrame | None, speed: SpeedTarget | None,
+            full_held: float | None) -> tuple[list[Step], str, list[StartResult]]:
     """The unit greedy to the target (``starts.py``): from the full model and, with a parameter
     target, from the block-only greedy's first K* − 1 blocks, each on a copy, the better one
     replayed on ``state``; in place from the full model alone where no second start applies."""
+    model, state, windows, held, config = task.model, task.state, task.windows, task.held, task.config
+    target, journals, progress = task.target, task.journals, task.progress
     bs = config.probe.batch_size
     options = SearchOptions(bs, config.units, config.max_loss_increase, config.remeasure, target)
     stop = speed or ((lambda s: s.params <= target) if target is not None else (lambda s: False))
@@ -269,7 +284,7 @@ def _search(model, state: ShrinkState, windows: Windows, held: Windows | None, c
         journal = Journal(journals.get(journal_name), f"{fingerprint}:{','.join(s.unit for s in seeded)}",
                           what="shrink")
         found, stopped = greedy_shrink(trial, windows, held, stop=stop, options=options, journal=journal,
-                                       progress=progress, done_steps=len(seeded), full_heldout=full_held)
+                                       progress=progress, start=StartPoint(len(seeded), full_held))
         steps = seeded + found
         last = steps[-1] if steps else None
         results.append(StartResult(name, steps, stopped, last.loss if last else math.nan,
@@ -308,9 +323,9 @@ def _target_params(state: ShrinkState, config: ShrinkConfig) -> int | None:
     return target
 
 
-def _baselines(model, state: ShrinkState, evaluator: Evaluator, windows: Windows, held, config: ShrinkConfig,
-               target: int | None, journals: dict, progress: bool) -> pd.DataFrame | None:
+def _baselines(task: _Task, evaluator: Evaluator) -> pd.DataFrame | None:
     """Every block-only baseline's curve, on the full model (before the search changes it)."""
+    state, config, target, journals, progress = task.state, task.config, task.target, task.journals, task.progress
     if not config.baselines:
         return None
     blocks = [count_params(b) for b in state.stack.blocks]
@@ -318,11 +333,11 @@ def _baselines(model, state: ShrinkState, evaluator: Evaluator, windows: Windows
              else config.baseline_max or max(1, len(blocks) // 2))
     max_k = min(max(max_k, 1), len(blocks) - 1)
     probe = ProbeConfig(metrics="angular", batch_size=config.probe.batch_size, layers_path=config.probe.layers_path)
-    analysis = analyze(model, config=probe, windows=windows, stack=state.stack,
+    analysis = analyze(task.model, config=probe, windows=task.windows, stack=state.stack,
                        run=RunOptions(progress=progress, loss=False))
     removals = baseline_removals(evaluator, analysis.layers, analysis.angular_distance, max_k,
                                  journals.get(BASELINE_JOURNAL), progress)
-    return baseline_curve(evaluator, held, removals, progress)
+    return baseline_curve(evaluator, task.held, removals, progress)
 
 
 def _curve(state: ShrinkState, steps: list[Step], loss_before: float, held_before, baselines,
